@@ -1,0 +1,289 @@
+//! Map layouts shared by the kernel programs and the agent: one definition of every key and value.
+//!
+//! Every type is `#[repr(C)]` with explicit padding and no `bool`/`Option`, so the kernel and
+//! userspace agree on the bytes. Addresses are `[u32; 4]` holding the raw network-order words as
+//! they appear on the wire: an IPv4 address sits in word 0 with words 1..3 zero, an IPv6 address
+//! fills all four. Ports are network byte order (`*_be` fields).
+#![no_std]
+
+/// The nightly toolchain used to build `proxy-ebpf` (kept in one place; `cargo xtask setup`
+/// installs it and bpf-linker is built against its LLVM).
+pub const EBPF_TOOLCHAIN: &str = "nightly-2026-05-20";
+
+/// Map names (at most 15 characters: the kernel truncates longer ones). The `_v1` suffix is the
+/// layout version: a changed layout gets a new name instead of being migrated in place.
+pub mod names {
+    pub const SERVICES: &str = "svc_v1";
+    pub const SLOTS: &str = "svc_slots_v1";
+    pub const BACKENDS: &str = "backends_v1";
+    pub const CONNTRACK: &str = "ct_v1";
+    pub const FRAGMENTS: &str = "frag_v1";
+    pub const COUNTERS: &str = "counters_v1";
+    pub const SVC_NAMES: &str = "svc_names_v1";
+    /// Every map the agent pins, in the order `status` reports them.
+    pub const ALL: [&str; 7] = [
+        SERVICES, SLOTS, BACKENDS, CONNTRACK, FRAGMENTS, COUNTERS, SVC_NAMES,
+    ];
+}
+
+/// Program names in the object file.
+pub mod programs {
+    pub const TC_INGRESS: &str = "tc_ingress";
+}
+
+/// Default capacities (overridable at load time by the agent).
+pub mod limits {
+    pub const SERVICES: u32 = 65_536;
+    pub const SLOTS: u32 = 262_144;
+    pub const BACKENDS: u32 = 262_144;
+    pub const CONNTRACK: u32 = 131_072;
+    pub const FRAGMENTS: u32 = 8_192;
+    pub const SVC_NAMES: u32 = 65_536;
+    /// Backends of one Service port (one slot each).
+    pub const MAX_BACKENDS_PER_SERVICE: u32 = 4_096;
+}
+
+pub const AF_INET: u8 = 2;
+pub const AF_INET6: u8 = 10;
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// Frontend: a Service address, port and protocol as clients dial it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    pub addr: [u32; 4],
+    pub port_be: u16,
+    pub proto: u8,
+    /// Reserved for traffic-policy scopes (0: cluster-wide).
+    pub scope: u8,
+}
+
+/// What a frontend maps to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceValue {
+    pub svc_id: u32,
+    /// Number of backend slots (0..count) in the slots map; 0 means "no endpoints".
+    pub count: u32,
+    pub affinity_timeout_s: u32,
+    pub flags: u16,
+    /// [`ServiceKind`] as u8.
+    pub kind: u8,
+    pub family: u8,
+}
+
+/// Service types, as reported by `status`.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServiceKind {
+    ClusterIp = 1,
+    NodePort = 2,
+    LoadBalancer = 3,
+    ExternalIp = 4,
+}
+
+impl ServiceKind {
+    pub fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            1 => Self::ClusterIp,
+            2 => Self::NodePort,
+            3 => Self::LoadBalancer,
+            4 => Self::ExternalIp,
+            _ => return None,
+        })
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ClusterIp => "ClusterIP",
+            Self::NodePort => "NodePort",
+            Self::LoadBalancer => "LoadBalancer",
+            Self::ExternalIp => "ExternalIP",
+        }
+    }
+}
+
+/// (service, slot) -> backend id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SlotKey {
+    pub svc_id: u32,
+    pub slot: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SlotValue {
+    pub backend_id: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct BackendKey {
+    pub backend_id: u32,
+}
+
+/// A backend: the address and port a flow is translated to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Backend {
+    pub addr: [u32; 4],
+    pub port_be: u16,
+    pub family: u8,
+    /// [`BackendState`] as u8.
+    pub state: u8,
+}
+
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendState {
+    Active = 0,
+    Terminating = 1,
+}
+
+/// Conntrack direction: the client's flow towards the frontend, or the backend's replies.
+pub const CT_FORWARD: u8 = 0;
+pub const CT_REVERSE: u8 = 1;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtKey {
+    pub saddr: [u32; 4],
+    pub daddr: [u32; 4],
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub dir: u8,
+    pub _pad: u8,
+}
+
+/// Forward entries hold the chosen backend (and its address, to notice a replaced backend);
+/// reverse entries hold the frontend to restore as the reply's source.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtValue {
+    pub nat_addr: [u32; 4],
+    pub nat_port_be: u16,
+    pub flags: u16,
+    pub backend_id: u32,
+    pub svc_id: u32,
+    pub _pad: u32,
+    pub last_seen_ns: u64,
+}
+
+/// IPv4 fragments after the first carry no ports; the first fragment records them here.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub id_be: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragValue {
+    pub sport_be: u16,
+    pub dport_be: u16,
+}
+
+/// Human-readable name of a programmed frontend ("namespace/name:port"), for `status` only.
+pub const SVC_NAME_LEN: usize = 124;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SvcName {
+    pub len: u32,
+    pub name: [u8; SVC_NAME_LEN],
+}
+
+impl Default for SvcName {
+    fn default() -> Self {
+        Self {
+            len: 0,
+            name: [0; SVC_NAME_LEN],
+        }
+    }
+}
+
+/// Per-CPU counters, one slot per outcome.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// New flow to a frontend: backend chosen, packet translated.
+    TranslatedNew = 0,
+    /// Packet of an established flow translated to its recorded backend.
+    TranslatedEstablished = 1,
+    /// Reply translated back to the frontend address.
+    ReverseTranslated = 2,
+    /// IP packet that matched no frontend and no reply flow.
+    PassedNoMatch = 3,
+    /// Not IPv4/IPv6 (ARP, ...).
+    PassedNotIp = 4,
+    /// Not TCP/UDP (ICMP, ...).
+    PassedOtherProtocol = 5,
+    /// Headers too short or malformed to parse.
+    PassedMalformed = 6,
+    /// A later fragment whose first fragment was not seen.
+    PassedFragmentUnknown = 7,
+    /// IPv6 (not yet translated by this datapath).
+    PassedIpv6 = 8,
+    /// Frontend without any endpoint (kube-proxy rejects these too).
+    DroppedNoBackend = 9,
+    /// The slot or backend entry was missing (mid-update); fail closed.
+    DroppedBackendMissing = 10,
+    /// Conntrack insert failed; fail closed rather than lose the reply path.
+    DroppedConntrackFull = 11,
+    /// Rewriting the packet failed.
+    DroppedRewriteFailed = 12,
+    /// An established flow whose backend was removed picked a new one.
+    Reselected = 13,
+}
+
+pub const COUNTER_COUNT: u32 = 14;
+
+pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
+    "translated_new",
+    "translated_established",
+    "reverse_translated",
+    "passed_no_match",
+    "passed_not_ip",
+    "passed_other_protocol",
+    "passed_malformed",
+    "passed_fragment_unknown",
+    "passed_ipv6",
+    "dropped_no_backend",
+    "dropped_backend_missing",
+    "dropped_conntrack_full",
+    "dropped_rewrite_failed",
+    "reselected",
+];
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for SlotKey {}
+    unsafe impl aya::Pod for SlotValue {}
+    unsafe impl aya::Pod for BackendKey {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtValue {}
+    unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for FragValue {}
+    unsafe impl aya::Pod for SvcName {}
+}
+
+// Layout checks: both sides compile these, so a size change fails the build, not the kernel.
+const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
+const _: () = assert!(core::mem::size_of::<ServiceValue>() == 16);
+const _: () = assert!(core::mem::size_of::<Backend>() == 20);
+const _: () = assert!(core::mem::size_of::<CtKey>() == 40);
+const _: () = assert!(core::mem::size_of::<CtValue>() == 40);
+const _: () = assert!(core::mem::size_of::<FragKey>() == 12);
+const _: () = assert!(core::mem::size_of::<SvcName>() == 128);

@@ -1,0 +1,43 @@
+//! The BPF maps (BTF-defined so `bpftool map dump` shows field names), pinned by the agent.
+use aya_ebpf::{
+    btf_maps::{HashMap, LruHashMap, PerCpuArray},
+    macros::btf_map,
+};
+use proxy_common::{
+    Backend, BackendKey, COUNTER_COUNT, Counter, CtKey, CtValue, FragKey, FragValue, ServiceKey,
+    ServiceValue, SlotKey, SlotValue, SvcName, limits,
+};
+
+#[btf_map(name = "svc_v1")]
+pub static SERVICES: HashMap<ServiceKey, ServiceValue, { limits::SERVICES as usize }> =
+    HashMap::new();
+
+#[btf_map(name = "svc_slots_v1")]
+pub static SLOTS: HashMap<SlotKey, SlotValue, { limits::SLOTS as usize }> = HashMap::new();
+
+#[btf_map(name = "backends_v1")]
+pub static BACKENDS: HashMap<BackendKey, Backend, { limits::BACKENDS as usize }> = HashMap::new();
+
+#[btf_map(name = "ct_v1")]
+pub static CONNTRACK: LruHashMap<CtKey, CtValue, { limits::CONNTRACK as usize }> =
+    LruHashMap::new();
+
+#[btf_map(name = "frag_v1")]
+pub static FRAGMENTS: LruHashMap<FragKey, FragValue, { limits::FRAGMENTS as usize }> =
+    LruHashMap::new();
+
+#[btf_map(name = "counters_v1")]
+pub static COUNTERS: PerCpuArray<u64, { COUNTER_COUNT as usize }> = PerCpuArray::new();
+
+/// Written and read by the agent only; defined here so it is created and pinned with the rest.
+#[btf_map(name = "svc_names_v1")]
+pub static SVC_NAMES: HashMap<u32, SvcName, { limits::SVC_NAMES as usize }> = HashMap::new();
+
+#[inline(always)]
+pub fn count(c: Counter) {
+    if let Some(p) = COUNTERS.get_ptr_mut(c as u32) {
+        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+        unsafe { *p += 1 };
+    }
+}
+

@@ -1,0 +1,99 @@
+//! Header parsing shared by every hook: one `Flow` per packet, or the reason it has none.
+use aya_ebpf::programs::TcContext;
+use proxy_common::{Counter, FragKey, FragValue, IPPROTO_TCP, IPPROTO_UDP};
+
+use crate::maps::FRAGMENTS;
+
+pub const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
+const IP_MF: u16 = 0x2000;
+const IP_OFFSET: u16 = 0x1fff;
+
+/// An IPv4 TCP/UDP packet's addressing, with the offsets needed to rewrite it.
+#[derive(Clone, Copy)]
+pub struct Flow {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub proto: u8,
+    pub l3_off: usize,
+    pub l4_off: usize,
+    /// False for non-first fragments: they carry no L4 header to rewrite.
+    pub has_l4: bool,
+}
+
+/// Parses an Ethernet frame; `Err` carries the counter that says why the packet is passed.
+#[inline(always)]
+pub fn parse(ctx: &TcContext) -> Result<Flow, Counter> {
+    let ethertype = u16::from_be(ctx.load::<u16>(12).map_err(|_| Counter::PassedMalformed)?);
+    match ethertype {
+        ETH_P_IP => {}
+        ETH_P_IPV6 => return Err(Counter::PassedIpv6),
+        _ => return Err(Counter::PassedNotIp),
+    }
+    let l3_off = ETH_HLEN;
+    let vihl: u8 = ctx.load(l3_off).map_err(|_| Counter::PassedMalformed)?;
+    let ihl = (vihl & 0x0f) as usize * 4;
+    if vihl >> 4 != 4 || ihl < 20 {
+        return Err(Counter::PassedMalformed);
+    }
+    let total_len = u16::from_be(ctx.load::<u16>(l3_off + 2).map_err(|_| Counter::PassedMalformed)?) as usize;
+    if total_len < ihl || (ctx.len() as usize) < l3_off + ihl {
+        return Err(Counter::PassedMalformed);
+    }
+    let proto: u8 = ctx.load(l3_off + 9).map_err(|_| Counter::PassedMalformed)?;
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        return Err(Counter::PassedOtherProtocol);
+    }
+    let frag = u16::from_be(ctx.load::<u16>(l3_off + 6).map_err(|_| Counter::PassedMalformed)?);
+    let saddr: u32 = ctx.load(l3_off + 12).map_err(|_| Counter::PassedMalformed)?;
+    let daddr: u32 = ctx.load(l3_off + 16).map_err(|_| Counter::PassedMalformed)?;
+    let l4_off = l3_off + ihl;
+
+    let mut flow = Flow {
+        saddr,
+        daddr,
+        sport_be: 0,
+        dport_be: 0,
+        proto,
+        l3_off,
+        l4_off,
+        has_l4: true,
+    };
+    let fkey = || -> Result<FragKey, Counter> {
+        Ok(FragKey {
+            saddr,
+            daddr,
+            id_be: ctx.load::<u16>(l3_off + 4).map_err(|_| Counter::PassedMalformed)?,
+            proto,
+            _pad: 0,
+        })
+    };
+    if frag & IP_OFFSET != 0 {
+        // A later fragment: the ports come from what its first fragment recorded.
+        flow.has_l4 = false;
+        // SAFETY: plain-data value copied out at once.
+        let ports = unsafe { FRAGMENTS.get(fkey()?) }.ok_or(Counter::PassedFragmentUnknown)?;
+        flow.sport_be = ports.sport_be;
+        flow.dport_be = ports.dport_be;
+        return Ok(flow);
+    }
+    // TCP needs its checksum field (offset 16) in the packet, UDP its whole 8-byte header.
+    let l4_min = if proto == IPPROTO_TCP { 20 } else { 8 };
+    if total_len < ihl + l4_min || (ctx.len() as usize) < l4_off + l4_min {
+        return Err(Counter::PassedMalformed);
+    }
+    flow.sport_be = ctx.load(l4_off).map_err(|_| Counter::PassedMalformed)?;
+    flow.dport_be = ctx.load(l4_off + 2).map_err(|_| Counter::PassedMalformed)?;
+    if frag & IP_MF != 0 {
+        let v = FragValue {
+            sport_be: flow.sport_be,
+            dport_be: flow.dport_be,
+        };
+        // Best effort: if it fails, later fragments are passed and counted.
+        let _ = FRAGMENTS.insert(fkey()?, v, 0);
+    }
+    Ok(flow)
+}
