@@ -1,1 +1,152 @@
-fn main() {}
+//! The proxy-agent command line.
+use std::{io::IsTerminal as _, path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use proxy_agent::{cleanup, run, status};
+
+#[derive(Parser)]
+#[command(name = "proxy-agent", version, about = "eBPF Kubernetes Service proxy")]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
+    /// Log level filter (tracing syntax, e.g. info or proxy_agent=debug).
+    #[arg(long, global = true, default_value = "info")]
+    log_level: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Kubernetes manifest files or directories (Service, EndpointSlice, Endpoints).
+    #[arg(long)]
+    manifests: Vec<PathBuf>,
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    #[arg(long, env = "NODE_NAME", default_value = "")]
+    node_name: String,
+    /// External (node) interfaces.
+    #[arg(long, value_delimiter = ',')]
+    interfaces: Vec<String>,
+    /// Pod-facing interfaces, as globs (e.g. 'veth*,lxc*').
+    #[arg(long, value_delimiter = ',')]
+    pod_interfaces: Vec<String>,
+    /// NodePort addresses (CIDRs); not used by the ClusterIP datapath yet.
+    #[arg(long, value_delimiter = ',')]
+    nodeport_addresses: Vec<String>,
+    /// cgroup v2 directory for socket load balancing (not built yet).
+    #[arg(long)]
+    cgroup: Option<PathBuf>,
+    #[arg(long, default_value = DEFAULT_BPFFS)]
+    bpffs: PathBuf,
+    #[arg(long, default_value = "127.0.0.1:10249")]
+    metrics_bind_address: String,
+    #[arg(long, default_value = "0.0.0.0:10256")]
+    healthz_bind_address: String,
+    /// How often manifests and interfaces are checked, in milliseconds.
+    #[arg(long, default_value_t = 200)]
+    poll_interval_ms: u64,
+    /// How often the maps are re-read and repaired, in seconds.
+    #[arg(long, default_value_t = 60)]
+    resync_period_s: u64,
+}
+
+const DEFAULT_BPFFS: &str = "/sys/fs/bpf/proxy-agent";
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Program the datapath and keep it in step with the cluster.
+    Run(Box<RunArgs>),
+    /// Show what is programmed: services, map usage, counters, attachments.
+    Status {
+        #[arg(long, default_value = DEFAULT_BPFFS)]
+        bpffs: PathBuf,
+        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Detach every program and remove every pin the agent made.
+    Cleanup {
+        #[arg(long, default_value = DEFAULT_BPFFS)]
+        bpffs: PathBuf,
+    },
+}
+
+fn init_logging(format: LogFormat, level: &str) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(level)?;
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        // Plain text when logs go to a file or a collector, so they stay greppable.
+        .with_ansi(std::io::stderr().is_terminal());
+    match format {
+        LogFormat::Text => b.init(),
+        LogFormat::Json => b.json().init(),
+    }
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.log_format, &cli.log_level)?;
+    match cli.cmd {
+        Cmd::Run(args) => {
+            let RunArgs {
+                manifests,
+                kubeconfig,
+                node_name,
+                interfaces,
+                pod_interfaces,
+                nodeport_addresses: _,
+                cgroup: _,
+                bpffs,
+                metrics_bind_address: _,
+                healthz_bind_address: _,
+                poll_interval_ms,
+                resync_period_s,
+            } = *args;
+            let pod_interfaces = pod_interfaces
+                .iter()
+                .map(|g| {
+                    glob::Pattern::new(g)
+                        .map_err(|e| anyhow::anyhow!("--pod-interfaces {g:?}: {e}"))
+                })
+                .collect::<anyhow::Result<_>>()?;
+            let cfg = run::RunConfig {
+                manifests,
+                kubeconfig,
+                node_name,
+                interfaces,
+                pod_interfaces,
+                bpffs,
+                poll_interval: Duration::from_millis(poll_interval_ms.max(10)),
+                resync_period: Duration::from_secs(resync_period_s.max(1)),
+            };
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(run::run(cfg))
+        }
+        Cmd::Status { bpffs, output } => {
+            let s = status::collect(&bpffs)?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&s)?),
+                Output::Table => status::print_table(&s),
+            }
+            Ok(())
+        }
+        Cmd::Cleanup { bpffs } => cleanup::cleanup(&bpffs),
+    }
+}

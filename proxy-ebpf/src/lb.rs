@@ -60,7 +60,7 @@ pub fn decide(flow: &Flow) -> Verdict {
         scope: 0,
     };
     // SAFETY: plain-data value copied out at once.
-    match unsafe { SERVICES.get(&skey) } {
+    match unsafe { SERVICES.get(skey) } {
         Some(svc) => forward(flow, svc.svc_id, svc.count),
         None => reverse(flow),
     }
@@ -74,20 +74,22 @@ fn forward(flow: &Flow, svc_id: u32, count: u32) -> Verdict {
     let now = unsafe { bpf_ktime_get_ns() };
     let fkey = ct_key(flow.saddr, flow.daddr, flow.sport_be, flow.dport_be, flow.proto, CT_FORWARD);
     let mut reselected = false;
-    if let Some(ct) = CONNTRACK.get_ptr_mut(&fkey) {
+    if let Some(ct) = CONNTRACK.get_ptr_mut(fkey) {
         // SAFETY: pointer from a successful lookup; fields copied out.
         let (backend_id, nat_addr, nat_port, ct_svc) =
             unsafe { ((*ct).backend_id, (*ct).nat_addr[0], (*ct).nat_port_be, (*ct).svc_id) };
         // The backend must still exist with the same address: ids of removed backends are gone.
-        if let Some(b) = unsafe { BACKENDS.get(BackendKey { backend_id }) } {
-            if ct_svc == svc_id && b.addr[0] == nat_addr && b.port_be == nat_port {
-                touch(ct, now);
-                return Verdict::Dnat {
-                    addr: nat_addr,
-                    port_be: nat_port,
-                    counter: Counter::TranslatedEstablished,
-                };
-            }
+        if let Some(b) = unsafe { BACKENDS.get(BackendKey { backend_id }) }
+            && ct_svc == svc_id
+            && b.addr[0] == nat_addr
+            && b.port_be == nat_port
+        {
+            touch(ct, now);
+            return Verdict::Dnat {
+                addr: nat_addr,
+                port_be: nat_port,
+                counter: Counter::TranslatedEstablished,
+            };
         }
         reselected = true;
     }
@@ -122,7 +124,7 @@ fn forward(flow: &Flow, svc_id: u32, count: u32) -> Verdict {
         last_seen_ns: now,
     };
     // Reverse entry first: a reply must never find a forward entry without its way back.
-    if CONNTRACK.insert(&rkey, &rval, 0).is_err() || CONNTRACK.insert(&fkey, &fval, 0).is_err() {
+    if CONNTRACK.insert(rkey, rval, 0).is_err() || CONNTRACK.insert(fkey, fval, 0).is_err() {
         return Verdict::Drop(Counter::DroppedConntrackFull);
     }
     Verdict::Dnat {
@@ -135,7 +137,7 @@ fn forward(flow: &Flow, svc_id: u32, count: u32) -> Verdict {
 #[inline(always)]
 fn reverse(flow: &Flow) -> Verdict {
     let rkey = ct_key(flow.saddr, flow.daddr, flow.sport_be, flow.dport_be, flow.proto, CT_REVERSE);
-    match CONNTRACK.get_ptr_mut(&rkey) {
+    match CONNTRACK.get_ptr_mut(rkey) {
         Some(ct) => {
             touch(ct, unsafe { bpf_ktime_get_ns() });
             // SAFETY: pointer from a successful lookup; fields copied out.

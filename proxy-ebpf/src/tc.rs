@@ -19,7 +19,7 @@ pub fn tc_ingress(ctx: TcContext) -> i32 {
         Ok(f) => f,
         Err(c) => {
             count(c);
-            return TC_ACT_OK as i32;
+            return TC_ACT_OK;
         }
     };
     let (side, addr, port_be, counter) = match decide(&flow) {
@@ -29,17 +29,17 @@ pub fn tc_ingress(ctx: TcContext) -> i32 {
         }
         Verdict::Pass(c) => {
             count(c);
-            return TC_ACT_OK as i32;
+            return TC_ACT_OK;
         }
         Verdict::Drop(c) => {
             count(c);
-            return TC_ACT_SHOT as i32;
+            return TC_ACT_SHOT;
         }
     };
     if rewrite(&ctx, &flow, side, addr, port_be).is_err() {
         count(Counter::DroppedRewriteFailed);
-        return TC_ACT_SHOT as i32;
+        return TC_ACT_SHOT;
     }
     count(counter);
-    TC_ACT_OK as i32
+    TC_ACT_OK
 }

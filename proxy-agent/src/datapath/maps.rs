@@ -1,0 +1,103 @@
+//! Typed handles on the pinned maps, opened by path so the writer, `status` and tests share them.
+use std::path::{Path, PathBuf};
+
+use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray};
+use proxy_common::{
+    Backend, BackendKey, COUNTER_COUNT, COUNTER_NAMES, CtKey, FragKey, ServiceKey, ServiceValue,
+    SlotKey, SlotValue, SvcName, names,
+};
+
+use super::DatapathError;
+
+pub struct Maps {
+    pub services: HashMap<MapData, ServiceKey, ServiceValue>,
+    pub slots: HashMap<MapData, SlotKey, SlotValue>,
+    pub backends: HashMap<MapData, BackendKey, Backend>,
+    pub names: HashMap<MapData, u32, SvcName>,
+}
+
+pub fn pin_path(bpffs: &Path, name: &str) -> PathBuf {
+    bpffs.join(name)
+}
+
+fn open(bpffs: &Path, name: &'static str) -> Result<Map, DatapathError> {
+    let data = MapData::from_pin(pin_path(bpffs, name))
+        .map_err(|source| DatapathError::Map { name, source })?;
+    Map::from_map_data(data).map_err(|source| DatapathError::Map { name, source })
+}
+
+fn typed<T: TryFrom<Map, Error = MapError>>(
+    bpffs: &Path,
+    name: &'static str,
+) -> Result<T, DatapathError> {
+    T::try_from(open(bpffs, name)?).map_err(|source| DatapathError::Map { name, source })
+}
+
+impl Maps {
+    pub fn open(bpffs: &Path) -> Result<Self, DatapathError> {
+        Ok(Self {
+            services: typed(bpffs, names::SERVICES)?,
+            slots: typed(bpffs, names::SLOTS)?,
+            backends: typed(bpffs, names::BACKENDS)?,
+            names: typed(bpffs, names::SVC_NAMES)?,
+        })
+    }
+}
+
+/// Sum of each per-CPU counter, in `COUNTER_NAMES` order.
+pub fn read_counters(bpffs: &Path) -> Result<Vec<(&'static str, u64)>, DatapathError> {
+    let name = names::COUNTERS;
+    let arr: PerCpuArray<MapData, u64> = typed(bpffs, name)?;
+    (0..COUNTER_COUNT)
+        .map(|i| {
+            let v = arr
+                .get(&i, 0)
+                .map_err(|source| DatapathError::Map { name, source })?;
+            Ok((COUNTER_NAMES[i as usize], v.iter().sum()))
+        })
+        .collect()
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MapUsage {
+    pub name: &'static str,
+    pub entries: u64,
+    pub max_entries: u32,
+}
+
+fn count_keys<K: aya::Pod, V: aya::Pod>(
+    bpffs: &Path,
+    name: &'static str,
+) -> Result<u64, DatapathError> {
+    let m: HashMap<MapData, K, V> = typed(bpffs, name)?;
+    Ok(m.keys().filter(|k| k.is_ok()).count() as u64)
+}
+
+/// Entries and capacity of every pinned map.
+pub fn usage(bpffs: &Path) -> Result<Vec<MapUsage>, DatapathError> {
+    let mut out = Vec::new();
+    for name in names::ALL {
+        let data = MapData::from_pin(pin_path(bpffs, name))
+            .map_err(|source| DatapathError::Map { name, source })?;
+        let max_entries = data
+            .info()
+            .map_err(|source| DatapathError::Map { name, source })?
+            .max_entries();
+        let entries = match name {
+            names::SERVICES => count_keys::<ServiceKey, ServiceValue>(bpffs, name)?,
+            names::SLOTS => count_keys::<SlotKey, SlotValue>(bpffs, name)?,
+            names::BACKENDS => count_keys::<BackendKey, Backend>(bpffs, name)?,
+            names::CONNTRACK => count_keys::<CtKey, proxy_common::CtValue>(bpffs, name)?,
+            names::FRAGMENTS => count_keys::<FragKey, proxy_common::FragValue>(bpffs, name)?,
+            names::SVC_NAMES => count_keys::<u32, SvcName>(bpffs, name)?,
+            // An array: every slot always exists.
+            _ => max_entries as u64,
+        };
+        out.push(MapUsage {
+            name,
+            entries,
+            max_entries,
+        });
+    }
+    Ok(out)
+}

@@ -1,0 +1,400 @@
+//! Diffs the desired state against what the maps hold and writes only the difference, in an order
+//! where a packet never sees a half-written Service: new backends, then slots, then the frontend;
+//! stale slots and backends are removed last.
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    net::IpAddr,
+};
+
+use aya::maps::MapError;
+use proxy_common::{
+    Backend, BackendKey, BackendState, SVC_NAME_LEN, ServiceKey, ServiceKind, ServiceValue,
+    SlotKey, SlotValue, SvcName,
+};
+
+use super::{
+    DatapathError,
+    addr::{family, from_words, to_words},
+    maps::Maps,
+};
+use crate::model::{DesiredService, DesiredState, Endpoint, EndpointState, Frontend, Protocol};
+
+/// One frontend as it is programmed in the maps.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProgrammedService {
+    pub svc_id: u32,
+    pub value: ServiceValue,
+    pub name: String,
+    /// Backend id per slot.
+    pub slots: Vec<u32>,
+}
+
+/// What the maps hold, read back into plain Rust (also what `status` shows).
+#[derive(Clone, Debug, Default)]
+pub struct Programmed {
+    pub services: BTreeMap<Frontend, ProgrammedService>,
+    pub backends: HashMap<u32, Backend>,
+}
+
+impl Programmed {
+    /// Reads the maps. Entries that do not parse (unknown protocol) are skipped.
+    pub fn read(maps: &Maps) -> Result<Self, DatapathError> {
+        let mut out = Programmed::default();
+        for item in maps.services.iter() {
+            let (k, v) = item.map_err(map_err("svc_v1"))?;
+            let Some(protocol) = Protocol::from_number(k.proto) else {
+                continue;
+            };
+            let fe = Frontend {
+                addr: from_words(k.addr, v.family),
+                port: u16::from_be(k.port_be),
+                protocol,
+            };
+            let slots = (0..v.count)
+                .map(|slot| {
+                    maps.slots
+                        .get(
+                            &SlotKey {
+                                svc_id: v.svc_id,
+                                slot,
+                            },
+                            0,
+                        )
+                        .map(|s| s.backend_id)
+                        .unwrap_or(0)
+                })
+                .collect();
+            let name = maps
+                .names
+                .get(&v.svc_id, 0)
+                .map(|n| {
+                    String::from_utf8_lossy(&n.name[..(n.len as usize).min(SVC_NAME_LEN)])
+                        .into_owned()
+                })
+                .unwrap_or_default();
+            out.services.insert(
+                fe,
+                ProgrammedService {
+                    svc_id: v.svc_id,
+                    value: v,
+                    name,
+                    slots,
+                },
+            );
+        }
+        for item in maps.backends.iter() {
+            let (k, v) = item.map_err(map_err("backends_v1"))?;
+            out.backends.insert(k.backend_id, v);
+        }
+        Ok(out)
+    }
+
+    pub fn endpoint(&self, backend_id: u32) -> Option<Endpoint> {
+        let b = self.backends.get(&backend_id)?;
+        Some(Endpoint {
+            addr: from_words(b.addr, b.family),
+            port: u16::from_be(b.port_be),
+            state: if b.state == BackendState::Terminating as u8 {
+                EndpointState::Terminating
+            } else {
+                EndpointState::Active
+            },
+        })
+    }
+}
+
+fn map_err(name: &'static str) -> impl Fn(MapError) -> DatapathError {
+    move |source| DatapathError::Map { name, source }
+}
+
+fn service_key(fe: &Frontend) -> ServiceKey {
+    ServiceKey {
+        addr: to_words(fe.addr),
+        port_be: fe.port.to_be(),
+        proto: fe.protocol.number(),
+        scope: 0,
+    }
+}
+
+fn backend_value(ep: &Endpoint) -> Backend {
+    Backend {
+        addr: to_words(ep.addr),
+        port_be: ep.port.to_be(),
+        family: family(ep.addr),
+        state: match ep.state {
+            EndpointState::Active => BackendState::Active as u8,
+            EndpointState::Terminating => BackendState::Terminating as u8,
+        },
+    }
+}
+
+fn svc_name(name: &str) -> SvcName {
+    let mut n = SvcName::default();
+    let bytes = name.as_bytes();
+    let len = bytes.len().min(SVC_NAME_LEN);
+    n.name[..len].copy_from_slice(&bytes[..len]);
+    n.len = len as u32;
+    n
+}
+
+/// Result of one sync.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SyncReport {
+    pub services: usize,
+    pub backends: usize,
+    pub writes: usize,
+    pub deletes: usize,
+    /// Frontends that could not be programmed, with the reason.
+    pub failed: Vec<(Frontend, String)>,
+}
+
+pub struct Writer {
+    maps: Maps,
+    programmed: Programmed,
+    next_svc_id: u32,
+    next_backend_id: u32,
+}
+
+impl Writer {
+    /// Adopts whatever the maps already hold (after an agent restart), so the first sync
+    /// only writes the difference and ids stay stable.
+    pub fn adopt(maps: Maps) -> Result<Self, DatapathError> {
+        let programmed = Programmed::read(&maps)?;
+        let next_svc_id = programmed
+            .services
+            .values()
+            .map(|s| s.svc_id)
+            .max()
+            .unwrap_or(0)
+            + 1;
+        let next_backend_id = programmed.backends.keys().copied().max().unwrap_or(0) + 1;
+        Ok(Self {
+            maps,
+            programmed,
+            next_svc_id,
+            next_backend_id,
+        })
+    }
+
+    pub fn programmed(&self) -> &Programmed {
+        &self.programmed
+    }
+
+    /// Re-reads the maps, so the next sync repairs anything changed behind the agent's back.
+    pub fn reread(&mut self) -> Result<(), DatapathError> {
+        self.programmed = Programmed::read(&self.maps)?;
+        Ok(())
+    }
+
+    fn alloc_svc_id(&mut self) -> u32 {
+        let id = self.next_svc_id;
+        self.next_svc_id = self.next_svc_id.wrapping_add(1).max(1);
+        id
+    }
+
+    fn alloc_backend_id(&mut self) -> u32 {
+        let id = self.next_backend_id;
+        self.next_backend_id = self.next_backend_id.wrapping_add(1).max(1);
+        id
+    }
+
+    /// Brings the maps to `desired`. A frontend whose writes fail is reported and left as it
+    /// was (or absent, if new); the others are still programmed.
+    pub fn sync(&mut self, desired: &DesiredState) -> SyncReport {
+        let mut report = SyncReport::default();
+        for (fe, ds) in &desired.services {
+            if let Err(e) = self.sync_service(fe, ds, &mut report) {
+                report.failed.push((*fe, e.to_string()));
+            }
+        }
+        let stale: Vec<Frontend> = self
+            .programmed
+            .services
+            .keys()
+            .filter(|fe| !desired.services.contains_key(fe))
+            .copied()
+            .collect();
+        for fe in stale {
+            if let Err(e) = self.remove_service(&fe, &mut report) {
+                report.failed.push((fe, e.to_string()));
+            }
+        }
+        // Backends no frontend references (left by a crash or a hand edit).
+        let used: HashSet<u32> = self
+            .programmed
+            .services
+            .values()
+            .flat_map(|s| s.slots.iter().copied())
+            .collect();
+        let orphans: Vec<u32> = self
+            .programmed
+            .backends
+            .keys()
+            .filter(|id| !used.contains(id))
+            .copied()
+            .collect();
+        for id in orphans {
+            if self
+                .maps
+                .backends
+                .remove(&BackendKey { backend_id: id })
+                .is_ok()
+            {
+                report.deletes += 1;
+            }
+            self.programmed.backends.remove(&id);
+        }
+        if !report.failed.is_empty() {
+            // Partial writes leave the maps consistent but our picture stale: read them back.
+            if let Err(e) = self.reread() {
+                tracing::error!(error = %e, "re-reading maps after a failed sync");
+            }
+        }
+        report.services = self.programmed.services.len();
+        report.backends = self.programmed.backends.len();
+        report
+    }
+
+    fn sync_service(
+        &mut self,
+        fe: &Frontend,
+        ds: &DesiredService,
+        report: &mut SyncReport,
+    ) -> Result<(), DatapathError> {
+        let old = self.programmed.services.get(fe).cloned();
+        let svc_id = match &old {
+            Some(o) => o.svc_id,
+            None => self.alloc_svc_id(),
+        };
+        // Keep the id of every endpoint that stays, so established flows keep their backend.
+        let mut old_ids: HashMap<(IpAddr, u16), u32> = HashMap::new();
+        for id in old.iter().flat_map(|o| o.slots.iter()) {
+            if let Some(ep) = self.programmed.endpoint(*id) {
+                old_ids.insert((ep.addr, ep.port), *id);
+            }
+        }
+        let mut slots = Vec::with_capacity(ds.endpoints.len());
+        for ep in &ds.endpoints {
+            let id = match old_ids.get(&(ep.addr, ep.port)) {
+                Some(id) => *id,
+                None => self.alloc_backend_id(),
+            };
+            let value = backend_value(ep);
+            if self.programmed.backends.get(&id) != Some(&value) {
+                self.maps
+                    .backends
+                    .insert(BackendKey { backend_id: id }, value, 0)
+                    .map_err(map_err("backends_v1"))?;
+                self.programmed.backends.insert(id, value);
+                report.writes += 1;
+            }
+            slots.push(id);
+        }
+        let old_slots = old.as_ref().map(|o| o.slots.as_slice()).unwrap_or(&[]);
+        for (slot, id) in slots.iter().enumerate() {
+            if old_slots.get(slot) != Some(id) {
+                self.maps
+                    .slots
+                    .insert(
+                        SlotKey {
+                            svc_id,
+                            slot: slot as u32,
+                        },
+                        SlotValue { backend_id: *id },
+                        0,
+                    )
+                    .map_err(map_err("svc_slots_v1"))?;
+                report.writes += 1;
+            }
+        }
+        if old.as_ref().map(|o| o.name.as_str()) != Some(ds.name.as_str()) {
+            self.maps
+                .names
+                .insert(svc_id, svc_name(&ds.name), 0)
+                .map_err(map_err("svc_names_v1"))?;
+            report.writes += 1;
+        }
+        let value = ServiceValue {
+            svc_id,
+            count: slots.len() as u32,
+            affinity_timeout_s: ds.affinity_timeout_s,
+            flags: 0,
+            kind: ds.kind as u8,
+            family: family(fe.addr),
+        };
+        if old.as_ref().map(|o| o.value) != Some(value) {
+            self.maps
+                .services
+                .insert(service_key(fe), value, 0)
+                .map_err(map_err("svc_v1"))?;
+            report.writes += 1;
+        }
+        // The frontend now points at the new slots only: drop what it no longer uses.
+        for slot in slots.len()..old_slots.len() {
+            let _ = self.maps.slots.remove(&SlotKey {
+                svc_id,
+                slot: slot as u32,
+            });
+            report.deletes += 1;
+        }
+        let keep: HashSet<u32> = slots.iter().copied().collect();
+        for id in old_slots.iter().filter(|id| !keep.contains(id)) {
+            let _ = self.maps.backends.remove(&BackendKey { backend_id: *id });
+            self.programmed.backends.remove(id);
+            report.deletes += 1;
+        }
+        self.programmed.services.insert(
+            *fe,
+            ProgrammedService {
+                svc_id,
+                value,
+                name: ds.name.clone(),
+                slots,
+            },
+        );
+        Ok(())
+    }
+
+    fn remove_service(
+        &mut self,
+        fe: &Frontend,
+        report: &mut SyncReport,
+    ) -> Result<(), DatapathError> {
+        let Some(old) = self.programmed.services.get(fe).cloned() else {
+            return Ok(());
+        };
+        // Frontend first, so no new packet looks up slots that are about to go.
+        match self.maps.services.remove(&service_key(fe)) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(source) => {
+                return Err(DatapathError::Map {
+                    name: "svc_v1",
+                    source,
+                });
+            }
+        }
+        report.deletes += 1;
+        for slot in 0..old.slots.len() as u32 {
+            let _ = self.maps.slots.remove(&SlotKey {
+                svc_id: old.svc_id,
+                slot,
+            });
+            report.deletes += 1;
+        }
+        for id in &old.slots {
+            let _ = self.maps.backends.remove(&BackendKey { backend_id: *id });
+            self.programmed.backends.remove(id);
+            report.deletes += 1;
+        }
+        let _ = self.maps.names.remove(&old.svc_id);
+        self.programmed.services.remove(fe);
+        Ok(())
+    }
+}
+
+/// `ServiceKind` as stored, for display.
+pub fn kind_str(v: &ServiceValue) -> &'static str {
+    ServiceKind::from_u8(v.kind)
+        .map(|k| k.as_str())
+        .unwrap_or("Unknown")
+}

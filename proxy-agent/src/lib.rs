@@ -1,0 +1,7 @@
+//! proxy-agent: turns Kubernetes Services into eBPF map entries and keeps them in step.
+pub mod cleanup;
+pub mod datapath;
+pub mod model;
+pub mod run;
+pub mod source;
+pub mod status;

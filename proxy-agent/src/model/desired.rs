@@ -1,0 +1,86 @@
+//! The desired datapath state: what every frontend should translate to.
+use std::{collections::BTreeMap, fmt, net::IpAddr};
+
+use proxy_common::ServiceKind;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        match self {
+            Self::Tcp => proxy_common::IPPROTO_TCP,
+            Self::Udp => proxy_common::IPPROTO_UDP,
+        }
+    }
+    pub fn from_number(n: u8) -> Option<Self> {
+        match n {
+            proxy_common::IPPROTO_TCP => Some(Self::Tcp),
+            proxy_common::IPPROTO_UDP => Some(Self::Udp),
+            _ => None,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tcp => "TCP",
+            Self::Udp => "UDP",
+        }
+    }
+}
+
+/// An address, port and protocol that clients dial.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Frontend {
+    pub addr: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+impl fmt::Display for Frontend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.addr {
+            IpAddr::V4(a) => write!(f, "{a}:{}/{}", self.port, self.protocol.as_str()),
+            IpAddr::V6(a) => write!(f, "[{a}]:{}/{}", self.port, self.protocol.as_str()),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum EndpointState {
+    Active,
+    /// Serving but terminating: used only when no endpoint is ready (kube-proxy's fallback).
+    Terminating,
+}
+
+/// One backend of a frontend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Endpoint {
+    pub addr: IpAddr,
+    pub port: u16,
+    pub state: EndpointState,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredService {
+    /// "namespace/name:portname" (portname omitted when empty).
+    pub name: String,
+    pub kind: ServiceKind,
+    /// Sorted and deduplicated.
+    pub endpoints: Vec<Endpoint>,
+    /// sessionAffinity ClientIP timeout; 0 when affinity is off.
+    pub affinity_timeout_s: u32,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DesiredState {
+    pub services: BTreeMap<Frontend, DesiredService>,
+}
+
+impl DesiredState {
+    pub fn backend_count(&self) -> usize {
+        self.services.values().map(|s| s.endpoints.len()).sum()
+    }
+}

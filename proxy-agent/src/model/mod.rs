@@ -1,0 +1,6 @@
+//! Pure model: Kubernetes objects in, desired datapath state out. No I/O here.
+pub mod desired;
+pub mod translate;
+
+pub use desired::{DesiredService, DesiredState, Endpoint, EndpointState, Frontend, Protocol};
+pub use translate::{Inputs, TranslateError, Translation, translate};

@@ -1,0 +1,2 @@
+//! Where Kubernetes objects come from: manifest files (and, later, the API server).
+pub mod manifests;

@@ -1,0 +1,157 @@
+//! `proxy-agent status`: what the pinned maps hold, as a table or one JSON document.
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::datapath::{
+    loader::{Attachment, attachments},
+    maps::{MapUsage, Maps, read_counters, usage},
+    writer::{Programmed, kind_str},
+};
+
+#[derive(Serialize)]
+pub struct BackendStatus {
+    pub address: String,
+    pub port: u16,
+    pub state: &'static str,
+    pub backend_id: u32,
+}
+
+#[derive(Serialize)]
+pub struct ServiceStatus {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub vip: String,
+    pub port: u16,
+    pub protocol: &'static str,
+    pub svc_id: u32,
+    pub backends: Vec<BackendStatus>,
+}
+
+#[derive(Serialize)]
+pub struct MapStatus {
+    #[serde(flatten)]
+    pub usage: MapUsage,
+    pub usage_percent: f64,
+}
+
+#[derive(Serialize)]
+pub struct Status {
+    pub bpffs: String,
+    pub services: Vec<ServiceStatus>,
+    pub maps: Vec<MapStatus>,
+    pub counters: serde_json::Map<String, serde_json::Value>,
+    pub attachments: Vec<Attachment>,
+}
+
+pub fn collect(bpffs: &Path) -> anyhow::Result<Status> {
+    let maps = Maps::open(bpffs).map_err(|e| {
+        anyhow::anyhow!(
+            "{e} (is the agent running with --bpffs {}?)",
+            bpffs.display()
+        )
+    })?;
+    let p = Programmed::read(&maps)?;
+    let services = p
+        .services
+        .iter()
+        .map(|(fe, s)| ServiceStatus {
+            name: s.name.clone(),
+            kind: kind_str(&s.value),
+            vip: fe.addr.to_string(),
+            port: fe.port,
+            protocol: fe.protocol.as_str(),
+            svc_id: s.svc_id,
+            backends: s
+                .slots
+                .iter()
+                .map(|id| match p.endpoint(*id) {
+                    Some(ep) => BackendStatus {
+                        address: ep.addr.to_string(),
+                        port: ep.port,
+                        state: match ep.state {
+                            crate::model::EndpointState::Active => "active",
+                            crate::model::EndpointState::Terminating => "terminating",
+                        },
+                        backend_id: *id,
+                    },
+                    None => BackendStatus {
+                        address: String::new(),
+                        port: 0,
+                        state: "missing",
+                        backend_id: *id,
+                    },
+                })
+                .collect(),
+        })
+        .collect();
+    let maps = usage(bpffs)?
+        .into_iter()
+        .map(|u| MapStatus {
+            usage_percent: if u.max_entries == 0 {
+                0.0
+            } else {
+                (u.entries as f64 * 10_000.0 / u.max_entries as f64).round() / 100.0
+            },
+            usage: u,
+        })
+        .collect();
+    let counters = read_counters(bpffs)?
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.into()))
+        .collect();
+    Ok(Status {
+        bpffs: bpffs.display().to_string(),
+        services,
+        maps,
+        counters,
+        attachments: attachments(bpffs),
+    })
+}
+
+pub fn print_table(s: &Status) {
+    println!("SERVICES ({})", s.services.len());
+    println!(
+        "  {:<32} {:<10} {:<28} BACKENDS",
+        "NAME", "TYPE", "FRONTEND"
+    );
+    for svc in &s.services {
+        let fe = format!("{}:{}/{}", svc.vip, svc.port, svc.protocol);
+        let backends: Vec<String> = svc
+            .backends
+            .iter()
+            .map(|b| {
+                if b.state == "active" {
+                    format!("{}:{}", b.address, b.port)
+                } else {
+                    format!("{}:{} ({})", b.address, b.port, b.state)
+                }
+            })
+            .collect();
+        let backends = if backends.is_empty() {
+            "<none: traffic dropped>".to_string()
+        } else {
+            backends.join(", ")
+        };
+        println!(
+            "  {:<32} {:<10} {:<28} {}",
+            svc.name, svc.kind, fe, backends
+        );
+    }
+    println!("\nMAPS");
+    for m in &s.maps {
+        println!(
+            "  {:<14} {:>9} / {:<9} {:>6.2}%",
+            m.usage.name, m.usage.entries, m.usage.max_entries, m.usage_percent
+        );
+    }
+    println!("\nCOUNTERS");
+    for (k, v) in &s.counters {
+        println!("  {k:<26} {v}");
+    }
+    println!("\nATTACHMENTS");
+    for a in &s.attachments {
+        println!("  {:<16} {:<12} {}", a.interface, a.hook, a.mode);
+    }
+}

@@ -1,0 +1,538 @@
+//! The tc program packet by packet through BPF_PROG_TEST_RUN, with maps programmed by the real
+//! writer. Needs root and a mounted bpffs; fails (never skips) when it cannot run.
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr},
+    path::PathBuf,
+};
+
+use aya::{Ebpf, TestRun, TestRunOptions};
+use proxy_agent::{
+    datapath::{loader, maps, writer::Writer},
+    model::{DesiredService, DesiredState, Endpoint, EndpointState, Frontend, Protocol},
+};
+use proxy_common::ServiceKind;
+
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+
+const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 19, 1, 50);
+const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 10);
+const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 11);
+const B1: Ipv4Addr = Ipv4Addr::new(198, 19, 1, 2);
+const B2: Ipv4Addr = Ipv4Addr::new(198, 19, 2, 2);
+
+/// Packet construction and checking, written independently of the datapath.
+mod pkt {
+    use std::net::Ipv4Addr;
+
+    pub const TCP: u8 = 6;
+    pub const UDP: u8 = 17;
+    pub const ICMP: u8 = 1;
+
+    pub fn csum(data: &[u8], mut sum: u32) -> u16 {
+        for c in data.chunks(2) {
+            let w = if c.len() == 2 {
+                u16::from_be_bytes([c[0], c[1]])
+            } else {
+                u16::from_be_bytes([c[0], 0])
+            };
+            sum += w as u32;
+        }
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        !(sum as u16)
+    }
+
+    fn pseudo(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, len: usize) -> u32 {
+        let mut p = Vec::new();
+        p.extend_from_slice(&src.octets());
+        p.extend_from_slice(&dst.octets());
+        p.extend_from_slice(&[0, proto]);
+        p.extend_from_slice(&(len as u16).to_be_bytes());
+        p.chunks(2)
+            .map(|c| u16::from_be_bytes([c[0], c[1]]) as u32)
+            .sum()
+    }
+
+    /// L4 segment (header + payload) with a valid checksum.
+    pub fn l4(
+        proto: u8,
+        src: Ipv4Addr,
+        dst: Ipv4Addr,
+        sport: u16,
+        dport: u16,
+        payload: &[u8],
+    ) -> Vec<u8> {
+        let mut s = Vec::new();
+        s.extend_from_slice(&sport.to_be_bytes());
+        s.extend_from_slice(&dport.to_be_bytes());
+        let csum_at = match proto {
+            TCP => {
+                s.extend_from_slice(&1u32.to_be_bytes()); // seq
+                s.extend_from_slice(&0u32.to_be_bytes()); // ack
+                s.extend_from_slice(&[0x50, 0x02]); // data offset 5, SYN
+                s.extend_from_slice(&64240u16.to_be_bytes());
+                s.extend_from_slice(&[0, 0, 0, 0]); // csum, urg
+                16
+            }
+            _ => {
+                s.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+                s.extend_from_slice(&[0, 0]);
+                6
+            }
+        };
+        s.extend_from_slice(payload);
+        let c = csum(&s, pseudo(src, dst, proto, s.len()));
+        let c = if proto == UDP && c == 0 { 0xffff } else { c };
+        s[csum_at..csum_at + 2].copy_from_slice(&c.to_be_bytes());
+        s
+    }
+
+    pub struct Ip {
+        pub src: Ipv4Addr,
+        pub dst: Ipv4Addr,
+        pub proto: u8,
+        pub options: Vec<u8>,
+        pub id: u16,
+        pub frag: u16,
+    }
+
+    impl Ip {
+        pub fn new(src: Ipv4Addr, dst: Ipv4Addr, proto: u8) -> Self {
+            Self {
+                src,
+                dst,
+                proto,
+                options: vec![],
+                id: 0x1234,
+                frag: 0x4000,
+            }
+        }
+        /// Ethernet + IPv4 (valid header checksum) + `payload`.
+        pub fn frame(&self, payload: &[u8]) -> Vec<u8> {
+            let mut f = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2, 0x08, 0x00];
+            let ihl = 20 + self.options.len();
+            assert_eq!(ihl % 4, 0);
+            let mut h = vec![0x40 | (ihl / 4) as u8, 0];
+            h.extend_from_slice(&((ihl + payload.len()) as u16).to_be_bytes());
+            h.extend_from_slice(&self.id.to_be_bytes());
+            h.extend_from_slice(&self.frag.to_be_bytes());
+            h.extend_from_slice(&[64, self.proto, 0, 0]);
+            h.extend_from_slice(&self.src.octets());
+            h.extend_from_slice(&self.dst.octets());
+            h.extend_from_slice(&self.options);
+            let c = csum(&h, 0);
+            h[10..12].copy_from_slice(&c.to_be_bytes());
+            f.extend_from_slice(&h);
+            f.extend_from_slice(payload);
+            f
+        }
+    }
+
+    /// A parsed frame: addresses, ports, and whether both checksums hold.
+    #[derive(Debug)]
+    pub struct Seen {
+        pub src: Ipv4Addr,
+        pub dst: Ipv4Addr,
+        pub sport: u16,
+        pub dport: u16,
+        pub ip_csum_ok: bool,
+        pub l4_csum_ok: bool,
+        pub l4_csum: u16,
+        pub options: Vec<u8>,
+        pub payload: Vec<u8>,
+    }
+
+    /// Source, destination and header checksum validity of a frame (fragments have no L4 view).
+    pub fn parse_ip_only(f: &[u8]) -> (Ipv4Addr, Ipv4Addr, bool) {
+        let ip = &f[14..];
+        let ihl = ((ip[0] & 0xf) * 4) as usize;
+        (
+            Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
+            Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
+            csum(&ip[..ihl], 0) == 0,
+        )
+    }
+
+    pub fn parse(f: &[u8]) -> Seen {
+        let ip = &f[14..];
+        let ihl = ((ip[0] & 0xf) * 4) as usize;
+        let total = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+        let src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
+        let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
+        let l4 = &ip[ihl..total];
+        let proto = ip[9];
+        let l4_csum = match proto {
+            TCP => u16::from_be_bytes([l4[16], l4[17]]),
+            _ => u16::from_be_bytes([l4[6], l4[7]]),
+        };
+        Seen {
+            src,
+            dst,
+            sport: u16::from_be_bytes([l4[0], l4[1]]),
+            dport: u16::from_be_bytes([l4[2], l4[3]]),
+            ip_csum_ok: csum(&ip[..ihl], 0) == 0,
+            l4_csum_ok: csum(l4, pseudo(src, dst, proto, l4.len())) == 0,
+            l4_csum,
+            options: ip[20..ihl].to_vec(),
+            payload: l4.to_vec(),
+        }
+    }
+}
+
+/// A loaded datapath under a private bpffs directory, removed on drop.
+struct Bed {
+    ebpf: Ebpf,
+    writer: Writer,
+    bpffs: PathBuf,
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        let _ = loader::cleanup(&self.bpffs);
+    }
+}
+
+fn fe(addr: Ipv4Addr, port: u16, protocol: Protocol) -> Frontend {
+    Frontend {
+        addr: IpAddr::V4(addr),
+        port,
+        protocol,
+    }
+}
+
+fn ep(addr: Ipv4Addr, port: u16) -> Endpoint {
+    Endpoint {
+        addr: IpAddr::V4(addr),
+        port,
+        state: EndpointState::Active,
+    }
+}
+
+fn desired(services: &[(Frontend, Vec<Endpoint>)]) -> DesiredState {
+    DesiredState {
+        services: services
+            .iter()
+            .map(|(f, eps)| {
+                (
+                    *f,
+                    DesiredService {
+                        name: format!("test/{}", f.port),
+                        kind: ServiceKind::ClusterIp,
+                        endpoints: eps.clone(),
+                        affinity_timeout_s: 0,
+                    },
+                )
+            })
+            .collect(),
+    }
+}
+
+fn bed() -> Bed {
+    assert!(
+        unsafe { libc::geteuid() } == 0,
+        "BPF_PROG_TEST_RUN tests need root (run them through `cargo xtask test`)"
+    );
+    let bpffs = PathBuf::from(format!(
+        "/sys/fs/bpf/pxtr-{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    let ebpf = loader::load(&bpffs).expect("load datapath (is bpffs mounted at /sys/fs/bpf?)");
+    let mut writer = Writer::adopt(maps::Maps::open(&bpffs).unwrap()).unwrap();
+    let report = writer.sync(&desired(&[
+        (fe(VIP, 80, Protocol::Tcp), vec![ep(B1, 8080), ep(B2, 8080)]),
+        (fe(VIP, 53, Protocol::Udp), vec![ep(B1, 5353), ep(B2, 5353)]),
+        (fe(EMPTY_VIP, 80, Protocol::Tcp), vec![]),
+    ]));
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    Bed {
+        ebpf,
+        writer,
+        bpffs,
+    }
+}
+
+impl Bed {
+    fn run(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let prog = loader::tc_program(&mut self.ebpf).unwrap();
+        let mut out = vec![0u8; frame.len() + 256];
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ..Default::default()
+            })
+            .expect("BPF_PROG_TEST_RUN");
+        out.truncate(r.data_size_out as usize);
+        (r.return_value, out)
+    }
+
+    fn counters(&self) -> BTreeMap<&'static str, u64> {
+        maps::read_counters(&self.bpffs)
+            .unwrap()
+            .into_iter()
+            .collect()
+    }
+
+    /// Runs `frame` and returns the verdict, the output and which counters moved.
+    fn run_counted(&mut self, frame: &[u8]) -> (u32, Vec<u8>, Vec<&'static str>) {
+        let before = self.counters();
+        let (rc, out) = self.run(frame);
+        let after = self.counters();
+        let moved = after
+            .iter()
+            .filter(|(k, v)| before[*k] != **v)
+            .map(|(k, _)| *k)
+            .collect();
+        (rc, out, moved)
+    }
+}
+
+fn tcp_syn(sport: u16) -> Vec<u8> {
+    pkt::Ip::new(CLIENT, VIP, pkt::TCP).frame(&pkt::l4(pkt::TCP, CLIENT, VIP, sport, 80, b""))
+}
+
+#[test]
+fn hit_translates_and_established_flows_keep_their_backend() {
+    let mut b = bed();
+    let (rc, out, moved) = b.run_counted(&tcp_syn(40000));
+    assert_eq!(rc, TC_ACT_OK);
+    assert_eq!(moved, ["translated_new"]);
+    let s = pkt::parse(&out);
+    assert!(s.dst == B1 || s.dst == B2, "{s:?}");
+    assert_eq!((s.src, s.sport, s.dport), (CLIENT, 40000, 8080));
+    assert!(s.ip_csum_ok && s.l4_csum_ok, "{s:?}");
+    for _ in 0..20 {
+        let (rc, out, moved) = b.run_counted(&tcp_syn(40000));
+        assert_eq!(rc, TC_ACT_OK);
+        assert_eq!(moved, ["translated_established"]);
+        assert_eq!(pkt::parse(&out).dst, s.dst, "established flow moved");
+    }
+    // Many flows: both backends are used.
+    let mut seen = std::collections::BTreeSet::new();
+    for port in 41000..41064 {
+        seen.insert(pkt::parse(&b.run(&tcp_syn(port)).1).dst);
+    }
+    assert_eq!(seen.len(), 2, "random choice must reach both backends");
+}
+
+#[test]
+fn reply_is_reverse_translated_to_the_vip() {
+    let mut b = bed();
+    let out = b.run(&tcp_syn(40001)).1;
+    let backend = pkt::parse(&out).dst;
+    let reply = pkt::Ip::new(backend, CLIENT, pkt::TCP).frame(&pkt::l4(
+        pkt::TCP,
+        backend,
+        CLIENT,
+        8080,
+        40001,
+        b"hello",
+    ));
+    let (rc, out, moved) = b.run_counted(&reply);
+    assert_eq!(rc, TC_ACT_OK);
+    assert_eq!(moved, ["reverse_translated"]);
+    let s = pkt::parse(&out);
+    assert_eq!((s.src, s.sport, s.dst, s.dport), (VIP, 80, CLIENT, 40001));
+    assert!(s.ip_csum_ok && s.l4_csum_ok, "{s:?}");
+    // A reply to a flow never seen is not ours.
+    let stray = pkt::Ip::new(backend, CLIENT, pkt::TCP).frame(&pkt::l4(
+        pkt::TCP,
+        backend,
+        CLIENT,
+        8080,
+        49999,
+        b"",
+    ));
+    let (rc, out, moved) = b.run_counted(&stray);
+    assert_eq!((rc, moved), (TC_ACT_OK, vec!["passed_no_match"]));
+    assert_eq!(out, stray);
+}
+
+#[test]
+fn misses_and_foreign_packets_pass_untouched() {
+    let mut b = bed();
+    let other = Ipv4Addr::new(198, 18, 100, 99);
+    let arp = {
+        let mut f = vec![0xff; 6];
+        f.extend_from_slice(&[0x02, 0, 0, 0, 0, 1, 0x08, 0x06]);
+        f.extend_from_slice(&[0u8; 28]);
+        f
+    };
+    let icmp = pkt::Ip::new(CLIENT, VIP, pkt::ICMP).frame(&[8, 0, 0xf7, 0xff, 0, 0, 0, 0]);
+    let wrong_port =
+        pkt::Ip::new(CLIENT, VIP, pkt::TCP).frame(&pkt::l4(pkt::TCP, CLIENT, VIP, 40000, 81, b""));
+    let ipv6 = {
+        let mut f = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2, 0x86, 0xdd];
+        f.extend_from_slice(&[0x60, 0, 0, 0, 0, 0, 17, 64]);
+        f.extend_from_slice(&[0u8; 32]);
+        f
+    };
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "unknown VIP",
+            pkt::Ip::new(CLIENT, other, pkt::TCP).frame(&pkt::l4(
+                pkt::TCP,
+                CLIENT,
+                other,
+                40000,
+                80,
+                b"",
+            )),
+            "passed_no_match",
+        ),
+        (
+            "VIP on a port it does not serve",
+            wrong_port,
+            "passed_no_match",
+        ),
+        ("ARP", arp, "passed_not_ip"),
+        ("ICMP echo to the VIP", icmp, "passed_other_protocol"),
+        ("IPv6", ipv6, "passed_ipv6"),
+    ];
+    for (what, frame, counter) in cases {
+        let (rc, out, moved) = b.run_counted(&frame);
+        assert_eq!(rc, TC_ACT_OK, "{what}");
+        assert_eq!(out, frame, "{what}: must be untouched");
+        assert_eq!(moved, [counter], "{what}");
+    }
+}
+
+#[test]
+fn truncated_and_malformed_headers_pass_untouched() {
+    let mut b = bed();
+    let full = tcp_syn(40002);
+    let mut bad_version = full.clone();
+    bad_version[14] = 0x65;
+    let mut short_ihl = full.clone();
+    short_ihl[14] = 0x44;
+    // BPF_PROG_TEST_RUN itself refuses IPv4 frames shorter than an IP header, so a cut IP
+    // header is made by an IHL that claims more than the frame holds.
+    let mut long_ihl = full[..34].to_vec();
+    long_ihl[14] = 0x4f;
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("IHL beyond the end of the frame", long_ihl),
+        ("IP header, no TCP header", full[..34].to_vec()),
+        (
+            "TCP header cut before its checksum",
+            full[..34 + 12].to_vec(),
+        ),
+        ("IP version 6 in an IPv4 frame", bad_version),
+        ("IHL below 5", short_ihl),
+    ];
+    for (what, frame) in cases {
+        let (rc, out, moved) = b.run_counted(&frame);
+        assert_eq!(rc, TC_ACT_OK, "{what}");
+        assert_eq!(out, frame, "{what}: must be untouched");
+        assert_eq!(moved, ["passed_malformed"], "{what}");
+    }
+}
+
+#[test]
+fn ip_options_are_skipped_and_kept() {
+    let mut b = bed();
+    let mut ip = pkt::Ip::new(CLIENT, VIP, pkt::TCP);
+    ip.options = vec![0x94, 0x04, 0, 0, 0x01, 0x01, 0x01, 0x00]; // router alert, NOPs, EOL
+    let frame = ip.frame(&pkt::l4(pkt::TCP, CLIENT, VIP, 40003, 80, b"x"));
+    let (rc, out, moved) = b.run_counted(&frame);
+    assert_eq!((rc, moved), (TC_ACT_OK, vec!["translated_new"]));
+    let s = pkt::parse(&out);
+    assert!(s.dst == B1 || s.dst == B2);
+    assert_eq!(s.dport, 8080);
+    assert_eq!(s.options, ip.options);
+    assert!(s.ip_csum_ok && s.l4_csum_ok, "{s:?}");
+}
+
+#[test]
+fn udp_fragments_follow_their_first_fragment() {
+    let mut b = bed();
+    // One UDP datagram of 8 + 40 bytes split at 24 bytes of IP payload.
+    let payload: Vec<u8> = (0..40u8).collect();
+    let dgram = pkt::l4(pkt::UDP, CLIENT, VIP, 40004, 53, &payload);
+    let mut first = pkt::Ip::new(CLIENT, VIP, pkt::UDP);
+    first.id = 0x4242;
+    first.frag = 0x2000; // MF, offset 0
+    let mut second = pkt::Ip::new(CLIENT, VIP, pkt::UDP);
+    second.id = 0x4242;
+    second.frag = 24 / 8; // offset 24 bytes, last
+    let (rc, out1, moved) = b.run_counted(&first.frame(&dgram[..24]));
+    assert_eq!((rc, moved), (TC_ACT_OK, vec!["translated_new"]));
+    let (rc, out2, moved) = b.run_counted(&second.frame(&dgram[24..]));
+    assert_eq!((rc, moved), (TC_ACT_OK, vec!["translated_established"]));
+    let (s1, s2) = (pkt::parse_ip_only(&out1), pkt::parse_ip_only(&out2));
+    assert!(s1.1 == B1 || s1.1 == B2);
+    assert_eq!(s1.1, s2.1, "both fragments must go to the same backend");
+    assert!(s1.2 && s2.2, "IP header checksums");
+    // Reassembled, the datagram carries the new port and a valid checksum for the new address.
+    let mut whole = out1[34..].to_vec();
+    whole.extend_from_slice(&out2[34..]);
+    let s = pkt::parse(&pkt::Ip::new(CLIENT, s1.1, pkt::UDP).frame(&whole));
+    assert_eq!(s.dport, 5353);
+    assert!(s.l4_csum_ok, "reassembled checksum");
+    assert_eq!(&s.payload[8..], &payload[..]);
+
+    // A later fragment whose first fragment was never seen: passed as is and counted.
+    let mut orphan = pkt::Ip::new(CLIENT, VIP, pkt::UDP);
+    orphan.id = 0x7777;
+    orphan.frag = 3;
+    let frame = orphan.frame(&[0u8; 16]);
+    let (rc, out, moved) = b.run_counted(&frame);
+    assert_eq!((rc, moved), (TC_ACT_OK, vec!["passed_fragment_unknown"]));
+    assert_eq!(out, frame);
+}
+
+#[test]
+fn udp_without_checksum_stays_without_one() {
+    let mut b = bed();
+    let mut seg = pkt::l4(pkt::UDP, CLIENT, VIP, 40005, 53, b"q");
+    seg[6] = 0;
+    seg[7] = 0;
+    let (rc, out, _) = b.run_counted(&pkt::Ip::new(CLIENT, VIP, pkt::UDP).frame(&seg));
+    assert_eq!(rc, TC_ACT_OK);
+    let s = pkt::parse(&out);
+    assert_eq!((s.dport, s.l4_csum), (5353, 0));
+    assert!(s.ip_csum_ok);
+}
+
+#[test]
+fn service_without_endpoints_drops() {
+    let mut b = bed();
+    let frame = pkt::Ip::new(CLIENT, EMPTY_VIP, pkt::TCP).frame(&pkt::l4(
+        pkt::TCP,
+        CLIENT,
+        EMPTY_VIP,
+        40006,
+        80,
+        b"",
+    ));
+    let (rc, _, moved) = b.run_counted(&frame);
+    assert_eq!((rc, moved), (TC_ACT_SHOT, vec!["dropped_no_backend"]));
+}
+
+#[test]
+fn removed_backend_flows_pick_a_surviving_one() {
+    let mut b = bed();
+    // Find a flow on B2, then remove B2.
+    let port = (42000..42100)
+        .find(|p| pkt::parse(&b.run(&tcp_syn(*p)).1).dst == B2)
+        .expect("some flow lands on B2");
+    let report = b.writer.sync(&desired(&[
+        (fe(VIP, 80, Protocol::Tcp), vec![ep(B1, 8080)]),
+        (fe(VIP, 53, Protocol::Udp), vec![ep(B1, 5353), ep(B2, 5353)]),
+        (fe(EMPTY_VIP, 80, Protocol::Tcp), vec![]),
+    ]));
+    assert!(report.failed.is_empty());
+    let (rc, out, moved) = b.run_counted(&tcp_syn(port));
+    assert_eq!((rc, moved), (TC_ACT_OK, vec!["reselected"]));
+    assert_eq!(pkt::parse(&out).dst, B1);
+    for p in 43000..43050 {
+        assert_eq!(
+            pkt::parse(&b.run(&tcp_syn(p)).1).dst,
+            B1,
+            "new flow reached a removed backend"
+        );
+    }
+}
