@@ -38,6 +38,9 @@ struct RunArgs {
     kubeconfig: Option<PathBuf>,
     #[arg(long, env = "NODE_NAME", default_value = "")]
     node_name: String,
+    /// Handle only Services labelled service.kubernetes.io/service-proxy-name=NAME.
+    #[arg(long)]
+    service_proxy_name: Option<String>,
     /// External (node) interfaces.
     #[arg(long, value_delimiter = ',')]
     interfaces: Vec<String>,
@@ -107,6 +110,7 @@ fn main() -> anyhow::Result<()> {
                 manifests,
                 kubeconfig,
                 node_name,
+                service_proxy_name,
                 interfaces,
                 pod_interfaces,
                 nodeport_addresses: _,
@@ -128,6 +132,7 @@ fn main() -> anyhow::Result<()> {
                 manifests,
                 kubeconfig,
                 node_name,
+                service_proxy_name,
                 interfaces,
                 pod_interfaces,
                 bpffs,

@@ -11,7 +11,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     datapath::{loader, maps::Maps, writer::Writer},
-    model::{DesiredState, translate},
+    model::{DesiredState, Options, translate},
     source::manifests::{Loaded, ManifestSource},
 };
 
@@ -20,6 +20,7 @@ pub struct RunConfig {
     pub manifests: Vec<PathBuf>,
     pub kubeconfig: Option<PathBuf>,
     pub node_name: String,
+    pub service_proxy_name: Option<String>,
     /// External interfaces, by exact name.
     pub interfaces: Vec<String>,
     /// Pod-facing interfaces, by glob; new matching interfaces are attached as they appear.
@@ -88,11 +89,11 @@ impl Interfaces {
     }
 }
 
-fn translate_loaded(loaded: &Loaded) -> DesiredState {
+fn translate_loaded(loaded: &Loaded, opts: &Options) -> DesiredState {
     for e in &loaded.errors {
         tracing::error!(error = %e, "manifest rejected");
     }
-    let t = translate(&loaded.inputs);
+    let t = translate(&loaded.inputs, opts);
     for e in &t.errors {
         tracing::error!(object = %e.object, field = %e.field, error = %e.message, "object rejected");
     }
@@ -118,6 +119,10 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         backends = writer.programmed().backends.len(),
         "adopted pinned maps"
     );
+    let opts = Options {
+        node_name: cfg.node_name.clone(),
+        service_proxy_name: cfg.service_proxy_name.clone(),
+    };
     let mut source = ManifestSource::new(cfg.manifests.clone());
     let mut ifaces = Interfaces {
         attached: HashSet::new(),
@@ -136,7 +141,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         let changed = source.poll(false);
         if changed.is_some() || resync || generation == 0 {
             if let Some(loaded) = changed {
-                desired = translate_loaded(&loaded);
+                desired = translate_loaded(&loaded, &opts);
             }
             if resync {
                 // Full reconciliation: trust the maps, not our memory of them.

@@ -3,4 +3,4 @@ pub mod desired;
 pub mod translate;
 
 pub use desired::{DesiredService, DesiredState, Endpoint, EndpointState, Frontend, Protocol};
-pub use translate::{Inputs, TranslateError, Translation, translate};
+pub use translate::{Inputs, Options, TranslateError, Translation, translate};

@@ -7,7 +7,7 @@ use std::{
 };
 
 use k8s_openapi::api::{
-    core::v1::{Endpoints, Service, ServicePort},
+    core::v1::{Endpoints, Node, Service, ServicePort},
     discovery::v1::EndpointSlice,
 };
 use proxy_common::{ServiceKind, limits::MAX_BACKENDS_PER_SERVICE};
@@ -21,11 +21,29 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// kube-proxy's default sessionAffinity ClientIP timeout (v1.DefaultClientIPServiceAffinitySeconds).
 const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
 
+/// Label carrying a Node's zone (used for topology hints).
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
 #[derive(Clone, Debug, Default)]
 pub struct Inputs {
     pub services: Vec<Service>,
     pub slices: Vec<EndpointSlice>,
     pub endpoints: Vec<Endpoints>,
+    pub nodes: Vec<Node>,
+}
+
+/// Who is asking: the node the agent runs on and the proxy name it answers to.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Options {
+    pub node_name: String,
+    /// `--service-proxy-name`: Services labelled with this name are ours; others labelled are not.
+    pub service_proxy_name: Option<String>,
+}
+
+/// Options plus what is known about this node.
+struct NodeContext<'a> {
+    name: &'a str,
+    zone: Option<String>,
 }
 
 /// A rejected object (or part of one), naming the object and the field.
@@ -67,6 +85,9 @@ struct SliceEndpoint {
     ready: bool,
     serving: bool,
     terminating: bool,
+    node_name: Option<String>,
+    zone_hints: Vec<String>,
+    node_hints: Vec<String>,
 }
 
 /// A slice's port table: (port name, protocol, port number).
@@ -93,15 +114,28 @@ fn valid_port(p: i32) -> Option<u16> {
 
 /// Turns the cluster's objects into the desired datapath state. Invalid objects are rejected one
 /// by one; everything else is still translated.
-pub fn translate(inputs: &Inputs) -> Translation {
+pub fn translate(inputs: &Inputs, opts: &Options) -> Translation {
     let mut out = Translation::default();
     let by_service = collect_endpoints(inputs, &mut out.errors);
+    let node = NodeContext {
+        name: &opts.node_name,
+        zone: inputs
+            .nodes
+            .iter()
+            .find(|n| n.metadata.name.as_deref() == Some(opts.node_name.as_str()))
+            .and_then(|n| n.metadata.labels.as_ref()?.get(ZONE_LABEL).cloned()),
+    };
 
     let mut services: Vec<&Service> = inputs.services.iter().collect();
     services.sort_by_key(|s| ns_name(&s.metadata));
     for svc in services {
         let (ns, name) = ns_name(&svc.metadata);
-        match translate_service(svc, by_service.get(&(ns.clone(), name.clone()))) {
+        match translate_service(
+            svc,
+            by_service.get(&(ns.clone(), name.clone())),
+            opts,
+            &node,
+        ) {
             Ok(None) => out.skipped.push(format!("{ns}/{name}")),
             Ok(Some(frontends)) => {
                 // A frontend already owned by another Service: reject this one whole, so no
@@ -198,6 +232,19 @@ fn collect_endpoints(
                     ready,
                     serving,
                     terminating,
+                    node_name: ep.node_name.clone(),
+                    zone_hints: ep
+                        .hints
+                        .iter()
+                        .flat_map(|h| h.for_zones.iter().flatten())
+                        .map(|z| z.name.clone())
+                        .collect(),
+                    node_hints: ep
+                        .hints
+                        .iter()
+                        .flat_map(|h| h.for_nodes.iter().flatten())
+                        .map(|n| n.name.clone())
+                        .collect(),
                 }),
                 _ => errors.push(TranslateError {
                     object: object.clone(),
@@ -268,6 +315,9 @@ fn collect_endpoints(
                             ready,
                             serving: ready,
                             terminating: false,
+                            node_name: a.node_name.clone(),
+                            zone_hints: vec![],
+                            node_hints: vec![],
                         }),
                         Err(_) => errors.push(TranslateError {
                             object: object.clone(),
@@ -291,6 +341,8 @@ fn collect_endpoints(
 fn translate_service(
     svc: &Service,
     endpoints: Option<&ServiceEndpoints>,
+    opts: &Options,
+    node: &NodeContext,
 ) -> Result<Option<Vec<(Frontend, DesiredService)>>, TranslateError> {
     let (ns, name) = ns_name(&svc.metadata);
     let err = |field: String, message: String| TranslateError {
@@ -298,12 +350,14 @@ fn translate_service(
         field,
         message,
     };
-    if svc
+    // kube-proxy watches Services with `!service.kubernetes.io/service-proxy-name`; a proxy
+    // started with --service-proxy-name takes exactly the Services labelled with its name.
+    let proxy_label = svc
         .metadata
         .labels
         .as_ref()
-        .is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL))
-    {
+        .and_then(|l| l.get(SERVICE_PROXY_NAME_LABEL));
+    if proxy_label != opts.service_proxy_name.as_ref() {
         return Ok(None);
     }
     let Some(spec) = svc.spec.as_ref() else {
@@ -387,6 +441,14 @@ fn translate_service(
         };
         for vip in &vips {
             let eps = endpoints_for(endpoints, &pname, proto, vip.is_ipv4());
+            let cat = categorize(&eps, node);
+            // internalTrafficPolicy Local: cluster-IP traffic only to this node's endpoints
+            // (none: dropped, as kube-proxy does).
+            let eps = if spec.internal_traffic_policy.as_deref() == Some("Local") {
+                cat.local
+            } else {
+                cat.cluster
+            };
             if eps.len() > MAX_BACKENDS_PER_SERVICE as usize {
                 return Err(err(
                     "endpoints".into(),
@@ -414,42 +476,132 @@ fn translate_service(
     Ok(Some(out))
 }
 
+/// An endpoint of one Service port, with what topology and traffic policies need.
+#[derive(Clone)]
+struct PortEndpoint<'a> {
+    addr: IpAddr,
+    port: u16,
+    ep: &'a SliceEndpoint,
+}
+
 /// Endpoints for one Service port: slice ports match Service ports by name and protocol (the
 /// EndpointSlice controller already resolved targetPort, by number or by name, per Pod).
-/// Ready endpoints win; with none ready, serving+terminating ones are used (KEP-1669).
-fn endpoints_for(
-    endpoints: Option<&ServiceEndpoints>,
+/// Deduplicated by address and port; the first slice's conditions win, as in kube-proxy's
+/// endpointslicecache.
+fn endpoints_for<'a>(
+    endpoints: Option<&'a ServiceEndpoints>,
     pname: &str,
     proto: Protocol,
     v4: bool,
-) -> Vec<Endpoint> {
-    let mut ready = BTreeSet::new();
-    let mut terminating = BTreeSet::new();
+) -> Vec<PortEndpoint<'a>> {
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::new();
     for (ports, eps) in endpoints.map(|e| e.groups.as_slice()).unwrap_or(&[]) {
         let Some(&(_, _, port)) = ports.iter().find(|(n, p, _)| n == pname && *p == proto) else {
             continue;
         };
         for ep in eps.iter().filter(|e| e.addr.is_ipv4() == v4) {
-            if ep.ready {
-                ready.insert((ep.addr, port));
-            } else if ep.serving && ep.terminating {
-                terminating.insert((ep.addr, port));
+            if seen.insert((ep.addr, port)) {
+                out.push(PortEndpoint {
+                    addr: ep.addr,
+                    port,
+                    ep,
+                });
             }
         }
     }
-    let (set, state) = if ready.is_empty() {
-        (terminating, EndpointState::Terminating)
-    } else {
-        (ready, EndpointState::Active)
+    out.sort_by_key(|e| (e.addr, e.port));
+    out
+}
+
+/// The endpoint sets kube-proxy derives for one Service port (pkg/proxy/topology.go,
+/// CategorizeEndpoints).
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Categorized {
+    /// For cluster-wide policies: ready endpoints allowed by topology hints, or else the
+    /// serving+terminating ones (KEP-1669 terminating fallback).
+    cluster: Vec<Endpoint>,
+    /// For Local policies: this node's ready endpoints, or else its serving+terminating ones.
+    local: Vec<Endpoint>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum TopologyMode {
+    Any,
+    SameNode,
+    SameZone,
+}
+
+/// kube-proxy's topologyModeFromHints: hints are used only when every ready endpoint carries
+/// them and at least one is meant for this node (or zone); PreferSameNode hints first.
+fn topology_mode(eps: &[PortEndpoint], node: &NodeContext) -> TopologyMode {
+    let ready = || eps.iter().filter(|e| e.ep.ready);
+    if ready().next().is_none() {
+        return TopologyMode::Any;
+    }
+    if ready().all(|e| !e.ep.node_hints.is_empty())
+        && ready().any(|e| e.ep.node_hints.iter().any(|n| n == node.name))
+    {
+        return TopologyMode::SameNode;
+    }
+    if let Some(zone) = &node.zone
+        && ready().all(|e| !e.ep.zone_hints.is_empty())
+        && ready().any(|e| e.ep.zone_hints.contains(zone))
+    {
+        return TopologyMode::SameZone;
+    }
+    TopologyMode::Any
+}
+
+fn categorize(eps: &[PortEndpoint], node: &NodeContext) -> Categorized {
+    let mode = topology_mode(eps, node);
+    let allowed = |e: &PortEndpoint| match mode {
+        TopologyMode::Any => true,
+        TopologyMode::SameNode => e.ep.node_hints.iter().any(|n| n == node.name),
+        TopologyMode::SameZone => node
+            .zone
+            .as_ref()
+            .is_some_and(|z| e.ep.zone_hints.contains(z)),
     };
-    set.into_iter()
-        .map(|(addr, port)| Endpoint { addr, port, state })
-        .collect()
+    let is_local = |e: &PortEndpoint| e.ep.node_name.as_deref() == Some(node.name);
+    let pick = |filter: &dyn Fn(&PortEndpoint) -> bool| -> Vec<Endpoint> {
+        let ready: Vec<Endpoint> = eps
+            .iter()
+            .filter(|e| e.ep.ready && filter(e))
+            .map(|e| Endpoint {
+                addr: e.addr,
+                port: e.port,
+                state: EndpointState::Active,
+            })
+            .collect();
+        if !ready.is_empty() {
+            return ready;
+        }
+        eps.iter()
+            .filter(|e| !e.ep.ready && e.ep.serving && e.ep.terminating && filter(e))
+            .map(|e| Endpoint {
+                addr: e.addr,
+                port: e.port,
+                state: EndpointState::Terminating,
+            })
+            .collect()
+    };
+    Categorized {
+        cluster: pick(&allowed),
+        local: pick(&is_local),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn opts() -> Options {
+        Options {
+            node_name: "node1".into(),
+            service_proxy_name: None,
+        }
+    }
 
     fn objs(yaml: &str) -> Inputs {
         crate::source::manifests::parse_documents(yaml, "test.yaml").expect("valid test yaml")
@@ -511,7 +663,7 @@ endpoints:
     /// Each row: what the rule is, the frontend, and the backends it must get.
     #[test]
     fn ports_by_name_merged_and_deduplicated() {
-        let t = translate(&objs(WEB));
+        let t = translate(&objs(WEB), &opts());
         assert!(t.errors.is_empty(), "{:?}", t.errors);
         let rows: &[(&str, Frontend, &[&str])] = &[
             (
@@ -561,7 +713,7 @@ endpoints:
             let y = format!(
                 "apiVersion: v1\nkind: Service\nmetadata: {{name: s, namespace: n, {labels}}}\n{spec}\n"
             );
-            let t = translate(&objs(&y));
+            let t = translate(&objs(&y), &opts());
             assert!(t.state.services.is_empty(), "{what} must not be programmed");
             assert_eq!(t.skipped, vec!["n/s".to_string()], "{what}");
             assert!(t.errors.is_empty(), "{what}: {:?}", t.errors);
@@ -596,7 +748,7 @@ endpoints:
             let y = format!(
                 "apiVersion: v1\nkind: Service\nmetadata: {{name: bad, namespace: default}}\nspec:\n  {spec}\n---\n{WEB}"
             );
-            let t = translate(&objs(&y));
+            let t = translate(&objs(&y), &opts());
             assert_eq!(t.errors.len(), 1, "{spec}: {:?}", t.errors);
             assert_eq!(t.errors[0].object, "Service default/bad");
             assert_eq!(t.errors[0].field, field, "{spec}");
@@ -610,7 +762,7 @@ endpoints:
         let y = format!(
             "{WEB}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: zzz, namespace: default}}\nspec: {{clusterIP: 198.18.100.10, ports: [{{name: a, port: 80}}, {{name: b, port: 81}}]}}\n"
         );
-        let t = translate(&objs(&y));
+        let t = translate(&objs(&y), &opts());
         assert_eq!(t.errors.len(), 1);
         assert_eq!(t.errors[0].object, "Service default/zzz");
         assert!(
@@ -639,14 +791,14 @@ endpoints:
 - addresses: [198.19.1.6]
   conditions: {ready: false, serving: false, terminating: true}
 "#;
-        let t = translate(&objs(y));
+        let t = translate(&objs(y), &opts());
         let f = fe("198.18.100.20", 80, Protocol::Tcp);
         assert_eq!(backends(&t, f), ["198.19.1.5:8080:Terminating"]);
         let with_ready = y.replace(
             "- addresses: [198.19.1.6]\n  conditions: {ready: false, serving: false, terminating: true}",
             "- addresses: [198.19.1.7]",
         );
-        let t = translate(&objs(&with_ready));
+        let t = translate(&objs(&with_ready), &opts());
         assert_eq!(backends(&t, f), ["198.19.1.7:8080:Active"]);
     }
 
@@ -666,17 +818,20 @@ subsets:
   notReadyAddresses: [{ip: 198.19.1.10}]
   ports: [{name: db, port: 15432}]
 "#;
-        let t = translate(&objs(y));
+        let t = translate(&objs(y), &opts());
         assert!(t.errors.is_empty(), "{:?}", t.errors);
         assert_eq!(
             backends(&t, fe("198.18.100.30", 5432, Protocol::Tcp)),
             ["198.19.1.9:15432:Active", "198.19.2.9:15432:Active"]
         );
         // With a selector, the Endpoints object is ignored (the slice controller owns it).
-        let t = translate(&objs(&y.replace(
-            "ports: [{name: db, port: 5432}]}",
-            "selector: {a: b}, ports: [{name: db, port: 5432}]}",
-        )));
+        let t = translate(
+            &objs(&y.replace(
+                "ports: [{name: db, port: 5432}]}",
+                "selector: {a: b}, ports: [{name: db, port: 5432}]}",
+            )),
+            &opts(),
+        );
         assert!(
             t.state.services[&fe("198.18.100.30", 5432, Protocol::Tcp)]
                 .endpoints
@@ -717,7 +872,7 @@ addressType: FQDN
 ports: [{port: 8080}]
 endpoints: [{addresses: [db.example.invalid]}]
 "#;
-        let t = translate(&objs(y));
+        let t = translate(&objs(y), &opts());
         assert_eq!(t.errors.len(), 1, "{:?}", t.errors);
         assert_eq!(t.errors[0].object, "EndpointSlice default/d-4");
         assert_eq!(t.errors[0].field, "endpoints[1].addresses[0]");
@@ -743,9 +898,268 @@ endpoints: [{addresses: [db.example.invalid]}]
             ),
         ];
         for (tail, want) in cases {
-            let t = translate(&objs(&format!("{base}{tail}\n")));
+            let t = translate(&objs(&format!("{base}{tail}\n")), &opts());
             let s = &t.state.services[&fe("198.18.100.50", 80, Protocol::Tcp)];
             assert_eq!(s.affinity_timeout_s, want, "{tail}");
         }
+    }
+
+    fn sep(
+        addr: &str,
+        (ready, serving, terminating): (bool, bool, bool),
+        node: &str,
+        zones: &[&str],
+        nodes: &[&str],
+    ) -> SliceEndpoint {
+        SliceEndpoint {
+            addr: addr.parse().unwrap(),
+            ready,
+            serving,
+            terminating,
+            node_name: Some(node.to_string()),
+            zone_hints: zones.iter().map(|z| z.to_string()).collect(),
+            node_hints: nodes.iter().map(|n| n.to_string()).collect(),
+        }
+    }
+
+    const READY: (bool, bool, bool) = (true, true, false);
+    const TERMINATING: (bool, bool, bool) = (false, true, true);
+    const GONE: (bool, bool, bool) = (false, false, true);
+
+    /// kube-proxy's CategorizeEndpoints, row by row: (rule, endpoints, node zone, want cluster,
+    /// want local). Addresses' last octet names the endpoint; 'T' marks terminating ones.
+    #[test]
+    fn categorize_follows_kube_proxy() {
+        type Row = (
+            &'static str,
+            Vec<SliceEndpoint>,
+            Option<&'static str>,
+            &'static str,
+            &'static str,
+        );
+        let rows: Vec<Row> = vec![
+            (
+                "no hints: every ready endpoint; local = this node's",
+                vec![
+                    sep("198.19.1.2", READY, "node1", &[], &[]),
+                    sep("198.19.2.2", READY, "node2", &[], &[]),
+                ],
+                Some("z1"),
+                "2 2",
+                "2",
+            ),
+            (
+                "terminating fallback: none ready, serving+terminating used, not-serving never",
+                vec![
+                    sep("198.19.1.3", TERMINATING, "node1", &[], &[]),
+                    sep("198.19.2.3", GONE, "node2", &[], &[]),
+                ],
+                None,
+                "3T",
+                "3T",
+            ),
+            (
+                "a ready endpoint anywhere beats terminating ones",
+                vec![
+                    sep("198.19.1.3", TERMINATING, "node1", &[], &[]),
+                    sep("198.19.2.4", READY, "node2", &[], &[]),
+                ],
+                None,
+                "4",
+                "3T",
+            ),
+            (
+                "Local with no local endpoint: nothing (traffic dropped)",
+                vec![sep("198.19.2.2", READY, "node2", &[], &[])],
+                None,
+                "2",
+                "",
+            ),
+            (
+                "zone hints all present and one for our zone: only our zone's",
+                vec![
+                    sep("198.19.1.2", READY, "node1", &["z1"], &[]),
+                    sep("198.19.2.2", READY, "node2", &["z2"], &[]),
+                ],
+                Some("z1"),
+                "2",
+                "2",
+            ),
+            (
+                "one ready endpoint without hints: hints ignored",
+                vec![
+                    sep("198.19.1.2", READY, "node1", &["z1"], &[]),
+                    sep("198.19.2.2", READY, "node2", &[], &[]),
+                ],
+                Some("z1"),
+                "2 2",
+                "2",
+            ),
+            (
+                "no endpoint hinted for our zone: hints ignored",
+                vec![
+                    sep("198.19.1.2", READY, "node1", &["z2"], &[]),
+                    sep("198.19.2.2", READY, "node2", &["z2"], &[]),
+                ],
+                Some("z1"),
+                "2 2",
+                "2",
+            ),
+            (
+                "node without a zone label: zone hints ignored",
+                vec![
+                    sep("198.19.1.2", READY, "node1", &["z1"], &[]),
+                    sep("198.19.2.2", READY, "node2", &["z2"], &[]),
+                ],
+                None,
+                "2 2",
+                "2",
+            ),
+            (
+                "PreferSameNode: node hints win over zone hints",
+                vec![
+                    sep("198.19.1.2", READY, "node1", &["z1"], &["node1"]),
+                    sep("198.19.1.5", READY, "node3", &["z1"], &["node3"]),
+                ],
+                Some("z1"),
+                "2",
+                "2",
+            ),
+            (
+                "node hints not for us: fall back to zone hints",
+                vec![
+                    sep("198.19.1.2", READY, "node3", &["z1"], &["node3"]),
+                    sep("198.19.2.2", READY, "node4", &["z2"], &["node4"]),
+                ],
+                Some("z1"),
+                "2",
+                "",
+            ),
+        ];
+        let node = NodeContext {
+            name: "node1",
+            zone: None,
+        };
+        for (rule, eps, zone, want_cluster, want_local) in rows {
+            let node = NodeContext {
+                zone: zone.map(String::from),
+                ..node
+            };
+            let pes: Vec<PortEndpoint> = eps
+                .iter()
+                .map(|ep| PortEndpoint {
+                    addr: ep.addr,
+                    port: 80,
+                    ep,
+                })
+                .collect();
+            let c = categorize(&pes, &node);
+            let show = |v: &[Endpoint]| {
+                v.iter()
+                    .map(|e| {
+                        let IpAddr::V4(a) = e.addr else {
+                            unreachable!()
+                        };
+                        let t = if e.state == EndpointState::Terminating {
+                            "T"
+                        } else {
+                            ""
+                        };
+                        format!("{}{t}", a.octets()[3])
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            };
+            assert_eq!(show(&c.cluster), want_cluster, "cluster: {rule}");
+            assert_eq!(show(&c.local), want_local, "local: {rule}");
+        }
+    }
+
+    #[test]
+    fn internal_traffic_policy_local_and_node_zone() {
+        let y = r#"
+apiVersion: v1
+kind: Node
+metadata: {name: node1, labels: {topology.kubernetes.io/zone: z1}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: l, namespace: default}
+spec: {clusterIP: 198.18.100.60, selector: {a: b}, internalTrafficPolicy: Local, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: z, namespace: default}
+spec: {clusterIP: 198.18.100.61, selector: {a: b}, ports: [{port: 80}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: l-1, namespace: default, labels: {kubernetes.io/service-name: l}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- {addresses: [198.19.1.2], nodeName: node1}
+- {addresses: [198.19.2.2], nodeName: node2}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: z-1, namespace: default, labels: {kubernetes.io/service-name: z}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- {addresses: [198.19.1.3], nodeName: node1, hints: {forZones: [{name: z2}]}}
+- {addresses: [198.19.2.3], nodeName: node2, hints: {forZones: [{name: z1}]}}
+"#;
+        let t = translate(&objs(y), &opts());
+        assert!(t.errors.is_empty(), "{:?}", t.errors);
+        assert_eq!(
+            backends(&t, fe("198.18.100.60", 80, Protocol::Tcp)),
+            ["198.19.1.2:8080:Active"],
+            "internalTrafficPolicy Local keeps only node1's endpoint"
+        );
+        assert_eq!(
+            backends(&t, fe("198.18.100.61", 80, Protocol::Tcp)),
+            ["198.19.2.3:8080:Active"],
+            "zone hints for z1 (node1's zone from its Node object)"
+        );
+        let other = Options {
+            node_name: "node2".into(),
+            service_proxy_name: None,
+        };
+        let t = translate(&objs(y), &other);
+        assert_eq!(
+            backends(&t, fe("198.18.100.60", 80, Protocol::Tcp)),
+            ["198.19.2.2:8080:Active"]
+        );
+        // node2 has no Node object here, so no zone: hints ignored.
+        assert_eq!(
+            backends(&t, fe("198.18.100.61", 80, Protocol::Tcp)).len(),
+            2
+        );
+    }
+
+    #[test]
+    fn service_proxy_name_selects_services() {
+        let y = format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: s, namespace: n, labels: {{{SERVICE_PROXY_NAME_LABEL}: ours}}}}\nspec: {{clusterIP: 198.18.100.70, ports: [{{port: 80}}]}}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: plain, namespace: n}}\nspec: {{clusterIP: 198.18.100.71, ports: [{{port: 80}}]}}\n"
+        );
+        let names = |o: &Options| -> Vec<String> {
+            translate(&objs(&y), o)
+                .state
+                .services
+                .values()
+                .map(|s| s.name.clone())
+                .collect()
+        };
+        assert_eq!(names(&opts()), ["n/plain"], "unlabelled only, by default");
+        let ours = Options {
+            service_proxy_name: Some("ours".into()),
+            ..opts()
+        };
+        assert_eq!(
+            names(&ours),
+            ["n/s"],
+            "exactly the Services labelled with our name"
+        );
     }
 }

@@ -6,7 +6,7 @@ use std::{
 };
 
 use k8s_openapi::api::{
-    core::v1::{Endpoints, Service},
+    core::v1::{Endpoints, Node, Service},
     discovery::v1::EndpointSlice,
 };
 use serde::Deserialize;
@@ -109,6 +109,10 @@ fn add_value(value: serde_yaml::Value, at: &str, loaded: &mut Loaded) {
             Ok(o) => loaded.inputs.endpoints.push(o),
             Err(e) => loaded.errors.push(bad(e)),
         },
+        "Node" => match serde_yaml::from_value::<Node>(value) {
+            Ok(o) => loaded.inputs.nodes.push(o),
+            Err(e) => loaded.errors.push(bad(e)),
+        },
         "List" | "ServiceList" | "EndpointSliceList" | "EndpointsList" => {
             if let Some(items) = value.get("items").and_then(|i| i.as_sequence()) {
                 for (j, item) in items.iter().enumerate() {
@@ -116,7 +120,7 @@ fn add_value(value: serde_yaml::Value, at: &str, loaded: &mut Loaded) {
                 }
             }
         }
-        // Nodes, Pods and anything else: not needed by this source yet.
+        // Pods and anything else: not needed by the proxy.
         _ => {}
     }
 }
