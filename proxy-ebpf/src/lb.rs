@@ -12,9 +12,16 @@ use crate::{
 /// What to do with a packet.
 pub enum Verdict {
     /// Rewrite the destination to this backend.
-    Dnat { addr: u32, port_be: u16, counter: Counter },
+    Dnat {
+        addr: u32,
+        port_be: u16,
+        counter: Counter,
+    },
     /// Rewrite the source back to the frontend the client dialled.
-    ReverseNat { addr: u32, port_be: u16 },
+    ReverseNat {
+        addr: u32,
+        port_be: u16,
+    },
     Pass(Counter),
     Drop(Counter),
 }
@@ -72,12 +79,25 @@ fn forward(flow: &Flow, svc_id: u32, count: u32) -> Verdict {
         return Verdict::Drop(Counter::DroppedNoBackend);
     }
     let now = unsafe { bpf_ktime_get_ns() };
-    let fkey = ct_key(flow.saddr, flow.daddr, flow.sport_be, flow.dport_be, flow.proto, CT_FORWARD);
+    let fkey = ct_key(
+        flow.saddr,
+        flow.daddr,
+        flow.sport_be,
+        flow.dport_be,
+        flow.proto,
+        CT_FORWARD,
+    );
     let mut reselected = false;
     if let Some(ct) = CONNTRACK.get_ptr_mut(fkey) {
         // SAFETY: pointer from a successful lookup; fields copied out.
-        let (backend_id, nat_addr, nat_port, ct_svc) =
-            unsafe { ((*ct).backend_id, (*ct).nat_addr[0], (*ct).nat_port_be, (*ct).svc_id) };
+        let (backend_id, nat_addr, nat_port, ct_svc) = unsafe {
+            (
+                (*ct).backend_id,
+                (*ct).nat_addr[0],
+                (*ct).nat_port_be,
+                (*ct).svc_id,
+            )
+        };
         // The backend must still exist with the same address: ids of removed backends are gone.
         if let Some(b) = unsafe { BACKENDS.get(BackendKey { backend_id }) }
             && ct_svc == svc_id
@@ -113,7 +133,14 @@ fn forward(flow: &Flow, svc_id: u32, count: u32) -> Verdict {
         _pad: 0,
         last_seen_ns: now,
     };
-    let rkey = ct_key(baddr, flow.saddr, bport, flow.sport_be, flow.proto, CT_REVERSE);
+    let rkey = ct_key(
+        baddr,
+        flow.saddr,
+        bport,
+        flow.sport_be,
+        flow.proto,
+        CT_REVERSE,
+    );
     let rval = CtValue {
         nat_addr: v4(flow.daddr),
         nat_port_be: flow.dport_be,
@@ -130,13 +157,24 @@ fn forward(flow: &Flow, svc_id: u32, count: u32) -> Verdict {
     Verdict::Dnat {
         addr: baddr,
         port_be: bport,
-        counter: if reselected { Counter::Reselected } else { Counter::TranslatedNew },
+        counter: if reselected {
+            Counter::Reselected
+        } else {
+            Counter::TranslatedNew
+        },
     }
 }
 
 #[inline(always)]
 fn reverse(flow: &Flow) -> Verdict {
-    let rkey = ct_key(flow.saddr, flow.daddr, flow.sport_be, flow.dport_be, flow.proto, CT_REVERSE);
+    let rkey = ct_key(
+        flow.saddr,
+        flow.daddr,
+        flow.sport_be,
+        flow.dport_be,
+        flow.proto,
+        CT_REVERSE,
+    );
     match CONNTRACK.get_ptr_mut(rkey) {
         Some(ct) => {
             touch(ct, unsafe { bpf_ktime_get_ns() });

@@ -40,4 +40,3 @@ pub fn count(c: Counter) {
         unsafe { *p += 1 };
     }
 }
-

@@ -19,7 +19,13 @@ pub enum Side {
 
 /// Rewrites the source or destination address and port of `flow` to `addr:port_be`.
 #[inline(always)]
-pub fn rewrite(ctx: &TcContext, flow: &Flow, side: Side, addr: u32, port_be: u16) -> Result<(), ()> {
+pub fn rewrite(
+    ctx: &TcContext,
+    flow: &Flow,
+    side: Side,
+    addr: u32,
+    port_be: u16,
+) -> Result<(), ()> {
     let (old_addr, old_port, ip_off, port_off) = match side {
         Side::Source => (flow.saddr, flow.sport_be, IP_SRC_OFF, 0),
         Side::Destination => (flow.daddr, flow.dport_be, IP_DST_OFF, 2),
@@ -43,7 +49,8 @@ pub fn rewrite(ctx: &TcContext, flow: &Flow, side: Side, addr: u32, port_be: u16
         if old_port != port_be {
             ctx.l4_csum_replace(csum_off, old_port as u64, port_be as u64, mangled | 2)
                 .map_err(|_| ())?;
-            ctx.store(flow.l4_off + port_off, &port_be, 0).map_err(|_| ())?;
+            ctx.store(flow.l4_off + port_off, &port_be, 0)
+                .map_err(|_| ())?;
         }
     }
     if old_addr != addr {

@@ -39,7 +39,10 @@ pub fn parse(ctx: &TcContext) -> Result<Flow, Counter> {
     if vihl >> 4 != 4 || ihl < 20 {
         return Err(Counter::PassedMalformed);
     }
-    let total_len = u16::from_be(ctx.load::<u16>(l3_off + 2).map_err(|_| Counter::PassedMalformed)?) as usize;
+    let total_len = u16::from_be(
+        ctx.load::<u16>(l3_off + 2)
+            .map_err(|_| Counter::PassedMalformed)?,
+    ) as usize;
     if total_len < ihl || (ctx.len() as usize) < l3_off + ihl {
         return Err(Counter::PassedMalformed);
     }
@@ -47,9 +50,16 @@ pub fn parse(ctx: &TcContext) -> Result<Flow, Counter> {
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
         return Err(Counter::PassedOtherProtocol);
     }
-    let frag = u16::from_be(ctx.load::<u16>(l3_off + 6).map_err(|_| Counter::PassedMalformed)?);
-    let saddr: u32 = ctx.load(l3_off + 12).map_err(|_| Counter::PassedMalformed)?;
-    let daddr: u32 = ctx.load(l3_off + 16).map_err(|_| Counter::PassedMalformed)?;
+    let frag = u16::from_be(
+        ctx.load::<u16>(l3_off + 6)
+            .map_err(|_| Counter::PassedMalformed)?,
+    );
+    let saddr: u32 = ctx
+        .load(l3_off + 12)
+        .map_err(|_| Counter::PassedMalformed)?;
+    let daddr: u32 = ctx
+        .load(l3_off + 16)
+        .map_err(|_| Counter::PassedMalformed)?;
     let l4_off = l3_off + ihl;
 
     let mut flow = Flow {
@@ -66,7 +76,9 @@ pub fn parse(ctx: &TcContext) -> Result<Flow, Counter> {
         Ok(FragKey {
             saddr,
             daddr,
-            id_be: ctx.load::<u16>(l3_off + 4).map_err(|_| Counter::PassedMalformed)?,
+            id_be: ctx
+                .load::<u16>(l3_off + 4)
+                .map_err(|_| Counter::PassedMalformed)?,
             proto,
             _pad: 0,
         })

@@ -23,7 +23,11 @@ pub fn tc_ingress(ctx: TcContext) -> i32 {
         }
     };
     let (side, addr, port_be, counter) = match decide(&flow) {
-        Verdict::Dnat { addr, port_be, counter } => (Side::Destination, addr, port_be, counter),
+        Verdict::Dnat {
+            addr,
+            port_be,
+            counter,
+        } => (Side::Destination, addr, port_be, counter),
         Verdict::ReverseNat { addr, port_be } => {
             (Side::Source, addr, port_be, Counter::ReverseTranslated)
         }
