@@ -2,7 +2,10 @@
 use std::path::Path;
 
 pub fn cleanup(bpffs: &Path) -> anyhow::Result<()> {
-    let removed = crate::datapath::loader::cleanup(bpffs)?;
+    let mut removed = crate::datapath::loader::cleanup(bpffs)?;
+    if let Some(p) = crate::report::remove(bpffs) {
+        removed.push(p.display().to_string());
+    }
     if removed.is_empty() {
         println!("nothing to clean up under {}", bpffs.display());
     } else {

@@ -2,6 +2,7 @@
 pub mod cleanup;
 pub mod datapath;
 pub mod model;
+pub mod report;
 pub mod run;
 pub mod source;
 pub mod status;

@@ -62,6 +62,18 @@ struct RunArgs {
     /// How often manifests and interfaces are checked, in milliseconds.
     #[arg(long, default_value_t = 200)]
     poll_interval_ms: u64,
+    /// Capacity of the services map (frontends), used when the maps are first created.
+    #[arg(long, default_value_t = proxy_common::limits::SERVICES)]
+    map_size_services: u32,
+    /// Capacity of the backends and backend-slot maps.
+    #[arg(long, default_value_t = proxy_common::limits::BACKENDS)]
+    map_size_backends: u32,
+    /// Capacity of the conntrack map (two entries per flow).
+    #[arg(long, default_value_t = proxy_common::limits::CONNTRACK)]
+    map_size_conntrack: u32,
+    /// How long to let API changes settle before a sync, in milliseconds.
+    #[arg(long, default_value_t = 100)]
+    sync_debounce_ms: u64,
     /// How often the maps are re-read and repaired, in seconds.
     #[arg(long, default_value_t = 60)]
     resync_period_s: u64,
@@ -120,6 +132,10 @@ fn main() -> anyhow::Result<()> {
                 healthz_bind_address: _,
                 poll_interval_ms,
                 resync_period_s,
+                sync_debounce_ms,
+                map_size_services,
+                map_size_backends,
+                map_size_conntrack,
             } = *args;
             let pod_interfaces = pod_interfaces
                 .iter()
@@ -138,6 +154,12 @@ fn main() -> anyhow::Result<()> {
                 bpffs,
                 poll_interval: Duration::from_millis(poll_interval_ms.max(10)),
                 resync_period: Duration::from_secs(resync_period_s.max(1)),
+                debounce: Duration::from_millis(sync_debounce_ms),
+                map_sizes: proxy_agent::datapath::loader::MapSizes {
+                    services: map_size_services.max(1),
+                    backends: map_size_backends.max(1),
+                    conntrack: map_size_conntrack.max(2),
+                },
             };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()

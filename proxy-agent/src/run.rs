@@ -11,8 +11,12 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     datapath::{loader, maps::Maps, writer::Writer},
-    model::{DesiredState, Options, translate},
-    source::manifests::{Loaded, ManifestSource},
+    model::{DesiredState, Inputs, Options, translate},
+    report,
+    source::{
+        kube::{self, KubeSource},
+        manifests::ManifestSource,
+    },
 };
 
 #[derive(Debug, Clone)]
@@ -30,6 +34,37 @@ pub struct RunConfig {
     pub poll_interval: Duration,
     /// How often the maps are re-read and repaired against the desired state.
     pub resync_period: Duration,
+    /// How long to wait after an API change for more changes before syncing.
+    pub debounce: Duration,
+    pub map_sizes: loader::MapSizes,
+}
+
+enum Source {
+    Manifests(ManifestSource),
+    Kube(KubeSource),
+}
+
+impl Source {
+    /// New inputs when something changed (and, for the API, once every store is listed).
+    fn poll(&mut self) -> Option<Inputs> {
+        match self {
+            Self::Manifests(m) => m.poll(false).map(|loaded| {
+                for e in &loaded.errors {
+                    tracing::error!(error = %e, "manifest rejected");
+                }
+                loaded.inputs
+            }),
+            Self::Kube(k) => k.poll(),
+        }
+    }
+
+    /// Resolves when the source has news to look at; manifests are only polled.
+    async fn changed(&self) {
+        match self {
+            Self::Manifests(_) => std::future::pending().await,
+            Self::Kube(k) => k.changed.notified().await,
+        }
+    }
 }
 
 /// Interfaces attached by this process, by (name, ifindex): a recreated interface gets a new
@@ -89,30 +124,29 @@ impl Interfaces {
     }
 }
 
-fn translate_loaded(loaded: &Loaded, opts: &Options) -> DesiredState {
-    for e in &loaded.errors {
-        tracing::error!(error = %e, "manifest rejected");
-    }
-    let t = translate(&loaded.inputs, opts);
+fn translate_inputs(inputs: &Inputs, opts: &Options) -> (DesiredState, Vec<report::Rejected>) {
+    let t = translate(inputs, opts);
     for e in &t.errors {
         tracing::error!(object = %e.object, field = %e.field, error = %e.message, "object rejected");
     }
     for s in &t.skipped {
         tracing::debug!(service = %s, "service not handled by this proxy");
     }
-    t.state
+    let rejected = t
+        .errors
+        .into_iter()
+        .map(|e| report::Rejected {
+            object: e.object,
+            field: e.field,
+            message: e.message,
+        })
+        .collect();
+    (t.state, rejected)
 }
 
 pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
-    if cfg.manifests.is_empty() {
-        bail!(
-            "no source: the Kubernetes API source is not built yet, pass --manifests PATH \
-             (kubeconfig {:?} ignored)",
-            cfg.kubeconfig
-        );
-    }
     tracing::info!(node = %cfg.node_name, bpffs = %cfg.bpffs.display(), "starting");
-    let mut ebpf = loader::load(&cfg.bpffs).context("loading the datapath")?;
+    let mut ebpf = loader::load(&cfg.bpffs, cfg.map_sizes).context("loading the datapath")?;
     let mut writer = Writer::adopt(Maps::open(&cfg.bpffs)?)?;
     tracing::info!(
         services = writer.programmed().services.len(),
@@ -123,12 +157,27 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         node_name: cfg.node_name.clone(),
         service_proxy_name: cfg.service_proxy_name.clone(),
     };
-    let mut source = ManifestSource::new(cfg.manifests.clone());
+    let mut source = if cfg.manifests.is_empty() {
+        let client = kube::client(cfg.kubeconfig.as_deref()).await?;
+        tracing::info!("watching the Kubernetes API");
+        Source::Kube(KubeSource::start(client, &cfg.node_name))
+    } else {
+        if cfg.kubeconfig.is_some() {
+            bail!("--manifests and --kubeconfig are exclusive: pick one source");
+        }
+        Source::Manifests(ManifestSource::new(cfg.manifests.clone()))
+    };
     let mut ifaces = Interfaces {
         attached: HashSet::new(),
         warned_missing: HashSet::new(),
     };
-    let mut desired = DesiredState::default();
+    // None until the source has delivered a complete picture once: never sync from nothing.
+    let mut desired: Option<DesiredState> = None;
+    let mut rejected: Vec<report::Rejected> = Vec::new();
+    let source_name = match source {
+        Source::Manifests(_) => "manifests",
+        Source::Kube(_) => "kube",
+    };
     let mut generation = 0u64;
     let mut last_resync = Instant::now();
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -137,23 +186,45 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     loop {
         ifaces.reconcile(&cfg, loader::tc_program(&mut ebpf)?);
 
+        let changed = source.poll();
+        if let Some(inputs) = &changed {
+            let (state, errs) = translate_inputs(inputs, &opts);
+            desired = Some(state);
+            rejected = errs;
+        }
         let resync = last_resync.elapsed() >= cfg.resync_period;
-        let changed = source.poll(false);
-        if changed.is_some() || resync || generation == 0 {
-            if let Some(loaded) = changed {
-                desired = translate_loaded(&loaded, &opts);
-            }
+        if let Some(want) = desired.as_ref()
+            && (changed.is_some() || resync)
+        {
             if resync {
                 // Full reconciliation: trust the maps, not our memory of them.
                 writer.reread()?;
                 last_resync = Instant::now();
             }
             let started = Instant::now();
-            let report = writer.sync(&desired);
-            for (fe, e) in &report.failed {
-                tracing::error!(frontend = %fe, error = %e, "service not programmed");
+            let report = writer.sync(want);
+            for (svc, e) in &report.failed {
+                tracing::error!(service = %svc, error = %e, "service not programmed");
             }
             generation += 1;
+            report::write(
+                &cfg.bpffs,
+                &report::SyncReport {
+                    pid: std::process::id(),
+                    generation,
+                    unix_time: report::now(),
+                    source: source_name.into(),
+                    rejected: rejected.clone(),
+                    not_programmed: report
+                        .failed
+                        .iter()
+                        .map(|(service, reason)| report::NotProgrammed {
+                            service: service.clone(),
+                            reason: reason.clone(),
+                        })
+                        .collect(),
+                },
+            );
             tracing::info!(
                 generation,
                 services = report.services,
@@ -168,6 +239,8 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
 
         tokio::select! {
             _ = tokio::time::sleep(cfg.poll_interval) => {}
+            // Let a burst of API changes settle into one sync.
+            _ = source.changed() => tokio::time::sleep(cfg.debounce).await,
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }

@@ -43,6 +43,8 @@ pub struct Status {
     pub maps: Vec<MapStatus>,
     pub counters: serde_json::Map<String, serde_json::Value>,
     pub attachments: Vec<Attachment>,
+    /// The agent's last sync: rejected objects and Services that were not programmed.
+    pub sync: Option<crate::report::SyncReport>,
 }
 
 pub fn collect(bpffs: &Path) -> anyhow::Result<Status> {
@@ -107,6 +109,7 @@ pub fn collect(bpffs: &Path) -> anyhow::Result<Status> {
         maps,
         counters,
         attachments: attachments(bpffs),
+        sync: crate::report::read(bpffs),
     })
 }
 
@@ -138,6 +141,18 @@ pub fn print_table(s: &Status) {
             "  {:<32} {:<10} {:<28} {}",
             svc.name, svc.kind, fe, backends
         );
+    }
+    if let Some(r) = &s.sync {
+        println!(
+            "\nLAST SYNC  generation {} from {} (pid {})",
+            r.generation, r.source, r.pid
+        );
+        for n in &r.not_programmed {
+            println!("  NOT PROGRAMMED {}: {}", n.service, n.reason);
+        }
+        for e in &r.rejected {
+            println!("  REJECTED {}: {}: {}", e.object, e.field, e.message);
+        }
     }
     println!("\nMAPS");
     for m in &s.maps {

@@ -219,6 +219,7 @@ fn desired(services: &[(Frontend, Vec<Endpoint>)]) -> DesiredState {
                 (
                     *f,
                     DesiredService {
+                        service: format!("test/svc-{}-{}", f.addr, f.port),
                         name: format!("test/{}", f.port),
                         kind: ServiceKind::ClusterIp,
                         endpoints: eps.clone(),
@@ -240,7 +241,8 @@ fn bed() -> Bed {
         std::process::id(),
         rand::random::<u32>()
     ));
-    let ebpf = loader::load(&bpffs).expect("load datapath (is bpffs mounted at /sys/fs/bpf?)");
+    let ebpf = loader::load(&bpffs, loader::MapSizes::default())
+        .expect("load datapath (is bpffs mounted at /sys/fs/bpf?)");
     let mut writer = Writer::adopt(maps::Maps::open(&bpffs).unwrap()).unwrap();
     let report = writer.sync(&desired(&[
         (fe(VIP, 80, Protocol::Tcp), vec![ep(B1, 8080), ep(B2, 8080)]),

@@ -30,9 +30,29 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> DatapathError + '_ {
     }
 }
 
+/// Map capacities chosen at load time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapSizes {
+    pub services: u32,
+    /// Backends and backend slots.
+    pub backends: u32,
+    pub conntrack: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        use proxy_common::limits;
+        Self {
+            services: limits::SERVICES,
+            backends: limits::BACKENDS,
+            conntrack: limits::CONNTRACK,
+        }
+    }
+}
+
 /// Loads the object. Maps already pinned under `bpffs` are reused (their contents survive an
-/// agent restart); missing ones are created and pinned.
-pub fn load(bpffs: &Path) -> Result<Ebpf, DatapathError> {
+/// agent restart, and their size stays what it was); missing ones are created with `sizes`.
+pub fn load(bpffs: &Path, sizes: MapSizes) -> Result<Ebpf, DatapathError> {
     fs::create_dir_all(bpffs.join(LINKS_DIR)).map_err(io_err(bpffs))?;
     let paths: Vec<(&str, PathBuf)> = names::ALL
         .iter()
@@ -42,6 +62,12 @@ pub fn load(bpffs: &Path) -> Result<Ebpf, DatapathError> {
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
     }
+    loader
+        .map_max_entries(names::SERVICES, sizes.services)
+        .map_max_entries(names::SVC_NAMES, sizes.services)
+        .map_max_entries(names::SLOTS, sizes.backends)
+        .map_max_entries(names::BACKENDS, sizes.backends)
+        .map_max_entries(names::CONNTRACK, sizes.conntrack);
     let mut ebpf = loader.load(OBJECT)?;
     tc_program(&mut ebpf)?
         .load()

@@ -9,7 +9,16 @@ use proxy_common::{
 
 use super::DatapathError;
 
+/// Capacities of the maps the writer fills.
+#[derive(Clone, Copy, Debug)]
+pub struct Capacity {
+    pub services: u32,
+    pub slots: u32,
+    pub backends: u32,
+}
+
 pub struct Maps {
+    pub capacity: Capacity,
     pub services: HashMap<MapData, ServiceKey, ServiceValue>,
     pub slots: HashMap<MapData, SlotKey, SlotValue>,
     pub backends: HashMap<MapData, BackendKey, Backend>,
@@ -33,9 +42,23 @@ fn typed<T: TryFrom<Map, Error = MapError>>(
     T::try_from(open(bpffs, name)?).map_err(|source| DatapathError::Map { name, source })
 }
 
+fn max_entries(bpffs: &Path, name: &'static str) -> Result<u32, DatapathError> {
+    let data = MapData::from_pin(pin_path(bpffs, name))
+        .map_err(|source| DatapathError::Map { name, source })?;
+    Ok(data
+        .info()
+        .map_err(|source| DatapathError::Map { name, source })?
+        .max_entries())
+}
+
 impl Maps {
     pub fn open(bpffs: &Path) -> Result<Self, DatapathError> {
         Ok(Self {
+            capacity: Capacity {
+                services: max_entries(bpffs, names::SERVICES)?,
+                slots: max_entries(bpffs, names::SLOTS)?,
+                backends: max_entries(bpffs, names::BACKENDS)?,
+            },
             services: typed(bpffs, names::SERVICES)?,
             slots: typed(bpffs, names::SLOTS)?,
             backends: typed(bpffs, names::BACKENDS)?,
@@ -77,12 +100,7 @@ fn count_keys<K: aya::Pod, V: aya::Pod>(
 pub fn usage(bpffs: &Path) -> Result<Vec<MapUsage>, DatapathError> {
     let mut out = Vec::new();
     for name in names::ALL {
-        let data = MapData::from_pin(pin_path(bpffs, name))
-            .map_err(|source| DatapathError::Map { name, source })?;
-        let max_entries = data
-            .info()
-            .map_err(|source| DatapathError::Map { name, source })?
-            .max_entries();
+        let max_entries = max_entries(bpffs, name)?;
         let entries = match name {
             names::SERVICES => count_keys::<ServiceKey, ServiceValue>(bpffs, name)?,
             names::SLOTS => count_keys::<SlotKey, SlotValue>(bpffs, name)?,

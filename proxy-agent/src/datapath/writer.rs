@@ -144,8 +144,9 @@ pub struct SyncReport {
     pub backends: usize,
     pub writes: usize,
     pub deletes: usize,
-    /// Frontends that could not be programmed, with the reason.
-    pub failed: Vec<(Frontend, String)>,
+    /// Services (namespace/name) that could not be programmed, with the reason. A Service
+    /// is programmed whole or not changed at all.
+    pub failed: Vec<(String, String)>,
 }
 
 pub struct Writer {
@@ -202,11 +203,7 @@ impl Writer {
     /// was (or absent, if new); the others are still programmed.
     pub fn sync(&mut self, desired: &DesiredState) -> SyncReport {
         let mut report = SyncReport::default();
-        for (fe, ds) in &desired.services {
-            if let Err(e) = self.sync_service(fe, ds, &mut report) {
-                report.failed.push((*fe, e.to_string()));
-            }
-        }
+        // Removals first: they free room for what is added.
         let stale: Vec<Frontend> = self
             .programmed
             .services
@@ -216,7 +213,36 @@ impl Writer {
             .collect();
         for fe in stale {
             if let Err(e) = self.remove_service(&fe, &mut report) {
-                report.failed.push((fe, e.to_string()));
+                report.failed.push((fe.to_string(), e.to_string()));
+            }
+        }
+        // Whole Services at a time; those already programmed first, so that new ones past
+        // capacity can never push out what works.
+        let mut groups: BTreeMap<(bool, &str), Vec<(&Frontend, &DesiredService)>> = BTreeMap::new();
+        for (fe, ds) in &desired.services {
+            groups
+                .entry((false, ds.service.as_str()))
+                .or_default()
+                .push((fe, ds));
+        }
+        let groups: BTreeMap<(bool, &str), Vec<_>> = groups
+            .into_iter()
+            .map(|((_, name), members)| {
+                let is_new = members
+                    .iter()
+                    .all(|(fe, _)| !self.programmed.services.contains_key(fe));
+                ((is_new, name), members)
+            })
+            .collect();
+        for ((_, name), members) in groups {
+            if let Err(reason) = self.fits(&members) {
+                report.failed.push((name.to_string(), reason));
+                continue;
+            }
+            for (fe, ds) in members {
+                if let Err(e) = self.sync_service(fe, ds, &mut report) {
+                    report.failed.push((name.to_string(), format!("{fe}: {e}")));
+                }
             }
         }
         // Backends no frontend references (left by a crash or a hand edit).
@@ -253,6 +279,59 @@ impl Writer {
         report.services = self.programmed.services.len();
         report.backends = self.programmed.backends.len();
         report
+    }
+
+    /// Whether a Service's frontends fit in the maps next to everything programmed now.
+    fn fits(&self, members: &[(&Frontend, &DesiredService)]) -> Result<(), String> {
+        let (mut services, mut slots, mut backends) = (0u64, 0u64, 0u64);
+        for (fe, ds) in members {
+            let old = self.programmed.services.get(fe);
+            if old.is_none() {
+                services += 1;
+            }
+            let old_slots = old.map(|o| o.slots.as_slice()).unwrap_or(&[]);
+            slots += (ds.endpoints.len() as u64).saturating_sub(old_slots.len() as u64);
+            let kept: HashSet<(IpAddr, u16)> = old_slots
+                .iter()
+                .filter_map(|id| self.programmed.endpoint(*id))
+                .map(|e| (e.addr, e.port))
+                .collect();
+            backends += ds
+                .endpoints
+                .iter()
+                .filter(|e| !kept.contains(&(e.addr, e.port)))
+                .count() as u64;
+        }
+        let used_slots: u64 = self
+            .programmed
+            .services
+            .values()
+            .map(|s| s.slots.len() as u64)
+            .sum();
+        let cap = self.maps.capacity;
+        let checks = [
+            (
+                "svc_v1",
+                self.programmed.services.len() as u64,
+                services,
+                cap.services,
+            ),
+            ("svc_slots_v1", used_slots, slots, cap.slots),
+            (
+                "backends_v1",
+                self.programmed.backends.len() as u64,
+                backends,
+                cap.backends,
+            ),
+        ];
+        for (map, used, need, max) in checks {
+            if used + need > max as u64 {
+                return Err(format!(
+                    "does not fit: needs {need} more entries in {map}, which holds {used} of {max}"
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn sync_service(

@@ -65,6 +65,8 @@ pub struct Endpoint {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DesiredService {
+    /// "namespace/name" of the Service this frontend belongs to: programmed whole or not at all.
+    pub service: String,
     /// "namespace/name:portname" (portname omitted when empty).
     pub name: String,
     pub kind: ServiceKind,

@@ -465,6 +465,7 @@ fn translate_service(
                     protocol: proto,
                 },
                 DesiredService {
+                    service: format!("{ns}/{name}"),
                     name: display.clone(),
                     kind: ServiceKind::ClusterIp,
                     endpoints: eps,

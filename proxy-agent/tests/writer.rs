@@ -1,0 +1,219 @@
+//! The map writer against real kernel maps: incremental writes, stable ids across restarts,
+//! drift repair, and capacity limits that never disturb what is programmed.
+use std::{net::IpAddr, path::PathBuf};
+
+use aya::Ebpf;
+use proxy_agent::{
+    datapath::{
+        loader::{self, MapSizes},
+        maps::Maps,
+        writer::Writer,
+    },
+    model::{DesiredService, DesiredState, Endpoint, EndpointState, Frontend, Protocol},
+};
+use proxy_common::{ServiceKey, ServiceKind};
+
+struct Bed {
+    _ebpf: Ebpf,
+    bpffs: PathBuf,
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        let _ = loader::cleanup(&self.bpffs);
+    }
+}
+
+fn bed(sizes: MapSizes) -> Bed {
+    assert!(
+        unsafe { libc::geteuid() } == 0,
+        "needs root (cargo xtask test)"
+    );
+    let bpffs = PathBuf::from(format!(
+        "/sys/fs/bpf/pxwr-{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    let ebpf = loader::load(&bpffs, sizes).expect("load datapath");
+    Bed { _ebpf: ebpf, bpffs }
+}
+
+fn writer(b: &Bed) -> Writer {
+    Writer::adopt(Maps::open(&b.bpffs).unwrap()).unwrap()
+}
+
+/// `n` Services "svc-i", each with `ports` frontends on 198.18.100.i and `eps` endpoints.
+fn state(n: u8, ports: u16, eps: u8) -> DesiredState {
+    let mut d = DesiredState::default();
+    for i in 1..=n {
+        for p in 0..ports {
+            d.services.insert(
+                Frontend {
+                    addr: IpAddr::from([198, 18, 100, i]),
+                    port: 80 + p,
+                    protocol: Protocol::Tcp,
+                },
+                DesiredService {
+                    service: format!("test/svc-{i}"),
+                    name: format!("test/svc-{i}:p{p}"),
+                    kind: ServiceKind::ClusterIp,
+                    endpoints: (1..=eps)
+                        .map(|e| Endpoint {
+                            addr: IpAddr::from([198, 19, i, e]),
+                            port: 8080 + p,
+                            state: EndpointState::Active,
+                        })
+                        .collect(),
+                    affinity_timeout_s: 0,
+                },
+            );
+        }
+    }
+    d
+}
+
+fn backend_ids(w: &Writer) -> Vec<(Frontend, Vec<u32>)> {
+    w.programmed()
+        .services
+        .iter()
+        .map(|(f, s)| (*f, s.slots.clone()))
+        .collect()
+}
+
+#[test]
+fn writes_only_the_difference_and_keeps_ids_across_restarts() {
+    let b = bed(MapSizes::default());
+    let mut w = writer(&b);
+    let want = state(3, 2, 3);
+    let r = w.sync(&want);
+    assert!(r.failed.is_empty());
+    // 6 frontends: 6 service entries + 6 names + 18 slots + 18 backends.
+    assert_eq!(
+        (r.services, r.backends, r.writes, r.deletes),
+        (6, 18, 48, 0)
+    );
+    assert_eq!(w.sync(&want).writes, 0, "nothing changed, nothing written");
+
+    // One endpoint replaced in one frontend: one backend, one slot; the old backend removed.
+    let mut changed = want.clone();
+    let fe = *changed.services.keys().next().unwrap();
+    changed.services.get_mut(&fe).unwrap().endpoints[1].addr = IpAddr::from([198, 19, 9, 9]);
+    let before = backend_ids(&w);
+    let r = w.sync(&changed);
+    assert_eq!((r.writes, r.deletes), (2, 1), "{r:?}");
+    let after = backend_ids(&w);
+    assert_eq!(
+        before[0].1[0], after[0].1[0],
+        "unchanged endpoints keep their ids"
+    );
+    assert_eq!(before[1..], after[1..], "other frontends untouched");
+
+    // A restarted agent adopts the maps: same ids, nothing to write.
+    drop(w);
+    let mut w = writer(&b);
+    assert_eq!(backend_ids(&w), after);
+    assert_eq!(w.sync(&changed).writes, 0);
+}
+
+#[test]
+fn full_reconciliation_repairs_drift() {
+    let b = bed(MapSizes::default());
+    let mut w = writer(&b);
+    let want = state(2, 1, 2);
+    w.sync(&want);
+    let ids = backend_ids(&w);
+    // Delete a frontend behind the agent's back, as an operator with bpftool could.
+    let mut maps = Maps::open(&b.bpffs).unwrap();
+    let key = ServiceKey {
+        addr: proxy_agent::datapath::addr::to_words(IpAddr::from([198, 18, 100, 1])),
+        port_be: 80u16.to_be(),
+        proto: proxy_common::IPPROTO_TCP,
+        scope: 0,
+    };
+    maps.services.remove(&key).unwrap();
+    // Without re-reading, the writer believes all is well.
+    assert_eq!(w.sync(&want).writes, 0);
+    w.reread().unwrap();
+    let r = w.sync(&want);
+    assert!(r.writes >= 1, "{r:?}");
+    assert!(maps.services.get(&key, 0).is_ok(), "frontend restored");
+    // The untouched frontend keeps its backends; the restored one gets fresh ids for the same
+    // endpoints (its slots were unreachable once its entry was gone) and orphans are removed.
+    let now = backend_ids(&w);
+    assert_eq!(now[1], ids[1]);
+    assert_eq!(now[0].1.len(), 2);
+    let p = w.programmed();
+    let eps =
+        |slots: &[u32]| -> Vec<_> { slots.iter().map(|id| p.endpoint(*id).unwrap()).collect() };
+    assert_eq!(
+        eps(&now[0].1),
+        want.services.values().next().unwrap().endpoints
+    );
+    assert_eq!(p.backends.len(), 4, "no orphaned backends left");
+}
+
+#[test]
+fn services_past_capacity_are_reported_and_leave_the_rest_intact() {
+    // 5 service entries: svc-1 and svc-2 (2 ports each) fit, svc-3 (2 ports) would need 6.
+    let b = bed(MapSizes {
+        services: 5,
+        backends: 64,
+        conntrack: 64,
+    });
+    let mut w = writer(&b);
+    let r = w.sync(&state(2, 2, 2));
+    assert!(r.failed.is_empty(), "{r:?}");
+    let programmed = backend_ids(&w);
+
+    let r = w.sync(&state(3, 2, 2));
+    assert_eq!(r.failed.len(), 1, "{r:?}");
+    assert_eq!(r.failed[0].0, "test/svc-3");
+    assert!(r.failed[0].1.contains("svc_v1"), "{}", r.failed[0].1);
+    assert_eq!(backend_ids(&w), programmed, "programmed Services untouched");
+    assert!(
+        !w.programmed()
+            .services
+            .values()
+            .any(|s| s.name.starts_with("test/svc-3")),
+        "no half-programmed Service"
+    );
+
+    // Too many endpoints for the backend map: reported the same way.
+    let mut big = state(2, 2, 2);
+    big.services.values_mut().next().unwrap().endpoints = (1..=70)
+        .map(|e| Endpoint {
+            addr: IpAddr::from([198, 19, 50, e]),
+            port: 80,
+            state: EndpointState::Active,
+        })
+        .collect();
+    let r = w.sync(&big);
+    assert_eq!(r.failed.len(), 1, "{r:?}");
+    assert_eq!(
+        backend_ids(&w),
+        programmed,
+        "the grown Service keeps its old programming"
+    );
+
+    // Once room is made, the waiting Service is programmed.
+    let r = w.sync(
+        &state(3, 2, 2)
+            .services
+            .into_iter()
+            .skip(2)
+            .collect::<DesiredStateMap>()
+            .0,
+    );
+    assert!(r.failed.is_empty(), "{r:?}");
+}
+
+/// Collects frontends into a DesiredState.
+struct DesiredStateMap(DesiredState);
+
+impl FromIterator<(Frontend, DesiredService)> for DesiredStateMap {
+    fn from_iter<T: IntoIterator<Item = (Frontend, DesiredService)>>(iter: T) -> Self {
+        DesiredStateMap(DesiredState {
+            services: iter.into_iter().collect(),
+        })
+    }
+}
