@@ -4,5 +4,6 @@ pub mod datapath;
 pub mod model;
 pub mod report;
 pub mod run;
+pub mod serve;
 pub mod source;
 pub mod status;

@@ -59,6 +59,9 @@ struct RunArgs {
     metrics_bind_address: String,
     #[arg(long, default_value = "0.0.0.0:10256")]
     healthz_bind_address: String,
+    /// /healthz fails when a change waits longer than this to be programmed, in seconds.
+    #[arg(long, default_value_t = 60)]
+    healthz_timeout_s: u64,
     /// How often manifests and interfaces are checked, in milliseconds.
     #[arg(long, default_value_t = 200)]
     poll_interval_ms: u64,
@@ -99,6 +102,17 @@ enum Cmd {
     },
 }
 
+/// An address to serve on; empty (or port 0, as in kube-proxy) turns the endpoint off.
+fn bind_address(flag: &str, v: &str) -> anyhow::Result<Option<std::net::SocketAddr>> {
+    if v.is_empty() {
+        return Ok(None);
+    }
+    let addr: std::net::SocketAddr = v
+        .parse()
+        .map_err(|e| anyhow::anyhow!("{flag} {v:?}: {e}"))?;
+    Ok((addr.port() != 0).then_some(addr))
+}
+
 fn init_logging(format: LogFormat, level: &str) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_new(level)?;
     let b = tracing_subscriber::fmt()
@@ -128,14 +142,15 @@ fn main() -> anyhow::Result<()> {
                 nodeport_addresses: _,
                 cgroup: _,
                 bpffs,
-                metrics_bind_address: _,
-                healthz_bind_address: _,
+                metrics_bind_address,
+                healthz_bind_address,
                 poll_interval_ms,
                 resync_period_s,
                 sync_debounce_ms,
                 map_size_services,
                 map_size_backends,
                 map_size_conntrack,
+                healthz_timeout_s,
             } = *args;
             let pod_interfaces = pod_interfaces
                 .iter()
@@ -155,6 +170,15 @@ fn main() -> anyhow::Result<()> {
                 poll_interval: Duration::from_millis(poll_interval_ms.max(10)),
                 resync_period: Duration::from_secs(resync_period_s.max(1)),
                 debounce: Duration::from_millis(sync_debounce_ms),
+                metrics_bind_address: bind_address(
+                    "--metrics-bind-address",
+                    &metrics_bind_address,
+                )?,
+                healthz_bind_address: bind_address(
+                    "--healthz-bind-address",
+                    &healthz_bind_address,
+                )?,
+                healthz_timeout: Duration::from_secs(healthz_timeout_s.max(1)),
                 map_sizes: proxy_agent::datapath::loader::MapSizes {
                     services: map_size_services.max(1),
                     backends: map_size_backends.max(1),

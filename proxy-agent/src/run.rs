@@ -13,6 +13,7 @@ use crate::{
     datapath::{loader, maps::Maps, writer::Writer},
     model::{DesiredState, Inputs, Options, translate},
     report,
+    serve::{Health, serve},
     source::{
         kube::{self, KubeSource},
         manifests::ManifestSource,
@@ -37,6 +38,10 @@ pub struct RunConfig {
     /// How long to wait after an API change for more changes before syncing.
     pub debounce: Duration,
     pub map_sizes: loader::MapSizes,
+    pub metrics_bind_address: Option<std::net::SocketAddr>,
+    pub healthz_bind_address: Option<std::net::SocketAddr>,
+    /// A change not programmed within this long makes /healthz fail.
+    pub healthz_timeout: Duration,
 }
 
 enum Source {
@@ -146,6 +151,20 @@ fn translate_inputs(inputs: &Inputs, opts: &Options) -> (DesiredState, Vec<repor
 
 pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     tracing::info!(node = %cfg.node_name, bpffs = %cfg.bpffs.display(), "starting");
+    let health = Health::new(cfg.bpffs.clone(), cfg.healthz_timeout);
+    for (addr, metrics) in [
+        (cfg.metrics_bind_address, true),
+        (cfg.healthz_bind_address, false),
+    ] {
+        if let Some(addr) = addr {
+            let h = health.clone();
+            tokio::spawn(async move {
+                if let Err(e) = serve(addr, h, metrics).await {
+                    tracing::error!(%addr, error = %e, "HTTP endpoint failed");
+                }
+            });
+        }
+    }
     let mut ebpf = loader::load(&cfg.bpffs, cfg.map_sizes).context("loading the datapath")?;
     let mut writer = Writer::adopt(Maps::open(&cfg.bpffs)?)?;
     tracing::info!(
@@ -188,6 +207,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
 
         let changed = source.poll();
         if let Some(inputs) = &changed {
+            health.queued();
             let (state, errs) = translate_inputs(inputs, &opts);
             desired = Some(state);
             rejected = errs;
@@ -207,6 +227,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
                 tracing::error!(service = %svc, error = %e, "service not programmed");
             }
             generation += 1;
+            health.updated(started.elapsed(), report.failed.len(), rejected.len());
             report::write(
                 &cfg.bpffs,
                 &report::SyncReport {
@@ -240,7 +261,10 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         tokio::select! {
             _ = tokio::time::sleep(cfg.poll_interval) => {}
             // Let a burst of API changes settle into one sync.
-            _ = source.changed() => tokio::time::sleep(cfg.debounce).await,
+            _ = source.changed() => {
+                health.queued();
+                tokio::time::sleep(cfg.debounce).await;
+            }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
