@@ -6,6 +6,7 @@
 //! removes again in `Drop` (also when a test panics).
 
 pub mod agent;
+pub mod apiserver;
 pub mod bed;
 pub mod client;
 pub mod cmd;
