@@ -50,9 +50,12 @@ struct RunArgs {
     /// NodePort addresses (CIDRs); not used by the ClusterIP datapath yet.
     #[arg(long, value_delimiter = ',')]
     nodeport_addresses: Vec<String>,
-    /// cgroup v2 directory for socket load balancing (not built yet).
+    /// cgroup v2 directory whose processes get socket LB (default: the cgroup v2 root).
     #[arg(long)]
     cgroup: Option<PathBuf>,
+    /// Translate ClusterIPs at connect/sendmsg (socket LB); false leaves it to the tc path.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    socket_lb: bool,
     #[arg(long, default_value = DEFAULT_BPFFS)]
     bpffs: PathBuf,
     #[arg(long, default_value = "127.0.0.1:10249")]
@@ -102,6 +105,22 @@ enum Cmd {
     },
 }
 
+/// The cgroup v2 mount point, from /proc/mounts.
+fn cgroup2_root() -> anyhow::Result<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/mounts")?;
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (dir, fs) = (f.nth(1)?, f.next()?);
+            (fs == "cgroup2").then(|| PathBuf::from(dir))
+        })
+        .next()
+        .ok_or_else(|| {
+            anyhow::anyhow!("no cgroup v2 mount: pass --cgroup DIR or --socket-lb=false")
+        })
+}
+
 /// An address to serve on; empty (or port 0, as in kube-proxy) turns the endpoint off.
 fn bind_address(flag: &str, v: &str) -> anyhow::Result<Option<std::net::SocketAddr>> {
     if v.is_empty() {
@@ -140,7 +159,8 @@ fn main() -> anyhow::Result<()> {
                 interfaces,
                 pod_interfaces,
                 nodeport_addresses: _,
-                cgroup: _,
+                cgroup,
+                socket_lb,
                 bpffs,
                 metrics_bind_address,
                 healthz_bind_address,
@@ -179,6 +199,14 @@ fn main() -> anyhow::Result<()> {
                     &healthz_bind_address,
                 )?,
                 healthz_timeout: Duration::from_secs(healthz_timeout_s.max(1)),
+                socket_lb_cgroup: if socket_lb {
+                    Some(match cgroup {
+                        Some(c) => c,
+                        None => cgroup2_root()?,
+                    })
+                } else {
+                    None
+                },
                 map_sizes: proxy_agent::datapath::loader::MapSizes {
                     services: map_size_services.max(1),
                     backends: map_size_backends.max(1),

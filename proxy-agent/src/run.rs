@@ -38,6 +38,8 @@ pub struct RunConfig {
     /// How long to wait after an API change for more changes before syncing.
     pub debounce: Duration,
     pub map_sizes: loader::MapSizes,
+    /// cgroup v2 directory for socket LB; `None` leaves socket LB off.
+    pub socket_lb_cgroup: Option<PathBuf>,
     pub metrics_bind_address: Option<std::net::SocketAddr>,
     pub healthz_bind_address: Option<std::net::SocketAddr>,
     /// A change not programmed within this long makes /healthz fail.
@@ -166,6 +168,14 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         }
     }
     let mut ebpf = loader::load(&cfg.bpffs, cfg.map_sizes).context("loading the datapath")?;
+    match &cfg.socket_lb_cgroup {
+        Some(cg) => {
+            loader::attach_sock(&mut ebpf, &cfg.bpffs, cg)
+                .with_context(|| format!("attaching socket LB to {}", cg.display()))?;
+            tracing::info!(cgroup = %cg.display(), "socket LB attached");
+        }
+        None => loader::detach_sock(&cfg.bpffs),
+    }
     let mut writer = Writer::adopt(Maps::open(&cfg.bpffs)?)?;
     tracing::info!(
         services = writer.programmed().services.len(),

@@ -538,3 +538,40 @@ fn removed_backend_flows_pick_a_surviving_one() {
         );
     }
 }
+
+#[test]
+fn a_direct_connection_reusing_a_translated_tuple_is_not_reverse_translated() {
+    let mut b = bed();
+    let backend = pkt::parse(&b.run(&tcp_syn(40007)).1).dst;
+    let reply = pkt::Ip::new(backend, CLIENT, pkt::TCP).frame(&pkt::l4(
+        pkt::TCP,
+        backend,
+        CLIENT,
+        8080,
+        40007,
+        b"",
+    ));
+    assert_eq!(
+        pkt::parse(&b.run(&reply).1).src,
+        VIP,
+        "translated flow first"
+    );
+    // The same client port now dials the backend directly (socket LB, or a pod IP).
+    let direct = pkt::Ip::new(CLIENT, backend, pkt::TCP).frame(&pkt::l4(
+        pkt::TCP,
+        CLIENT,
+        backend,
+        40007,
+        8080,
+        b"",
+    ));
+    let (rc, out, moved) = b.run_counted(&direct);
+    assert_eq!((rc, moved), (TC_ACT_OK, vec!["passed_no_match"]));
+    assert_eq!(out, direct);
+    let (rc, out, moved) = b.run_counted(&reply);
+    assert_eq!((rc, moved), (TC_ACT_OK, vec!["passed_no_match"]));
+    assert_eq!(
+        out, reply,
+        "the direct connection's reply must keep the backend's address"
+    );
+}

@@ -20,15 +20,27 @@ pub mod names {
     pub const FRAGMENTS: &str = "frag_v1";
     pub const COUNTERS: &str = "counters_v1";
     pub const SVC_NAMES: &str = "svc_names_v1";
+    pub const SOCKETS: &str = "sock_v1";
     /// Every map the agent pins, in the order `status` reports them.
-    pub const ALL: [&str; 7] = [
-        SERVICES, SLOTS, BACKENDS, CONNTRACK, FRAGMENTS, COUNTERS, SVC_NAMES,
+    pub const ALL: [&str; 8] = [
+        SERVICES, SLOTS, BACKENDS, CONNTRACK, FRAGMENTS, COUNTERS, SVC_NAMES, SOCKETS,
     ];
 }
 
 /// Program names in the object file.
 pub mod programs {
     pub const TC_INGRESS: &str = "tc_ingress";
+    pub const SOCK_CONNECT4: &str = "sock_connect4";
+    pub const SOCK_SENDMSG4: &str = "sock_sendmsg4";
+    pub const SOCK_RECVMSG4: &str = "sock_recvmsg4";
+    pub const SOCK_GETPEERNAME4: &str = "sock_getpeername4";
+    /// The socket-LB programs, attached to the `--cgroup` directory.
+    pub const SOCK_ALL: [&str; 4] = [
+        SOCK_CONNECT4,
+        SOCK_SENDMSG4,
+        SOCK_RECVMSG4,
+        SOCK_GETPEERNAME4,
+    ];
 }
 
 /// Default capacities (overridable at load time by the agent).
@@ -39,6 +51,7 @@ pub mod limits {
     pub const CONNTRACK: u32 = 131_072;
     pub const FRAGMENTS: u32 = 8_192;
     pub const SVC_NAMES: u32 = 65_536;
+    pub const SOCKETS: u32 = 131_072;
     /// Backends of one Service port (one slot each).
     pub const MAX_BACKENDS_PER_SERVICE: u32 = 4_096;
 }
@@ -191,6 +204,29 @@ pub struct FragValue {
     pub dport_be: u16,
 }
 
+/// Socket-LB state, per socket cookie: the backend a socket's frontend was sent to (forward,
+/// keyed by frontend), and the frontend to show for a backend (reverse, keyed by backend).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    pub cookie: u64,
+    pub addr: [u32; 4],
+    pub port_be: u16,
+    pub family: u8,
+    pub dir: u8,
+    pub _pad: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockValue {
+    pub addr: [u32; 4],
+    pub port_be: u16,
+    pub _pad: u16,
+    pub backend_id: u32,
+    pub svc_id: u32,
+}
+
 /// Human-readable name of a programmed frontend ("namespace/name:port"), for `status` only.
 pub const SVC_NAME_LEN: usize = 124;
 
@@ -242,9 +278,15 @@ pub enum Counter {
     DroppedRewriteFailed = 12,
     /// An established flow whose backend was removed picked a new one.
     Reselected = 13,
+    /// Socket LB: connect/sendmsg to a frontend rewritten to a backend.
+    SockTranslated = 14,
+    /// Socket LB: recvmsg/getpeername showed the frontend instead of the backend.
+    SockReverseTranslated = 15,
+    /// Socket LB: connect/sendmsg to a frontend without endpoints refused.
+    SockDroppedNoBackend = 16,
 }
 
-pub const COUNTER_COUNT: u32 = 14;
+pub const COUNTER_COUNT: u32 = 17;
 
 pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
     "translated_new",
@@ -261,6 +303,9 @@ pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
     "dropped_conntrack_full",
     "dropped_rewrite_failed",
     "reselected",
+    "sock_translated",
+    "sock_reverse_translated",
+    "sock_dropped_no_backend",
 ];
 
 #[cfg(feature = "user")]
@@ -277,6 +322,8 @@ mod user {
     unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for FragValue {}
     unsafe impl aya::Pod for SvcName {}
+    unsafe impl aya::Pod for SockKey {}
+    unsafe impl aya::Pod for SockValue {}
 }
 
 // Layout checks: both sides compile these, so a size change fails the build, not the kernel.
@@ -287,3 +334,5 @@ const _: () = assert!(core::mem::size_of::<CtKey>() == 40);
 const _: () = assert!(core::mem::size_of::<CtValue>() == 40);
 const _: () = assert!(core::mem::size_of::<FragKey>() == 12);
 const _: () = assert!(core::mem::size_of::<SvcName>() == 128);
+const _: () = assert!(core::mem::size_of::<SockKey>() == 32);
+const _: () = assert!(core::mem::size_of::<SockValue>() == 28);

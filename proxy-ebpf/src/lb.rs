@@ -1,12 +1,13 @@
 //! Service lookup, backend choice and conntrack: the decision every hook makes the same way.
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
 use proxy_common::{
-    AF_INET, BackendKey, CT_FORWARD, CT_REVERSE, Counter, CtKey, CtValue, ServiceKey, SlotKey,
+    AF_INET, BackendKey, CT_FORWARD, CT_REVERSE, Counter, CtKey, CtValue, ServiceKey, ServiceValue,
+    SlotKey,
 };
 
 use crate::{
     maps::{BACKENDS, CONNTRACK, SERVICES, SLOTS},
-    parse::Flow,
+    parse::{Flow, TCP_ACK, TCP_SYN},
 };
 
 /// What to do with a packet.
@@ -30,7 +31,7 @@ pub enum Verdict {
 const TOUCH_NS: u64 = 1_000_000_000;
 
 #[inline(always)]
-fn v4(a: u32) -> [u32; 4] {
+pub fn v4(a: u32) -> [u32; 4] {
     [a, 0, 0, 0]
 }
 
@@ -58,16 +59,52 @@ fn touch(v: *mut CtValue, now: u64) {
     }
 }
 
+/// A backend picked for a frontend.
+pub struct Chosen {
+    pub backend_id: u32,
+    pub addr: u32,
+    pub port_be: u16,
+}
+
+/// The frontend of (address, port, protocol), if it is one.
 #[inline(always)]
-pub fn decide(flow: &Flow) -> Verdict {
-    let skey = ServiceKey {
-        addr: v4(flow.daddr),
-        port_be: flow.dport_be,
-        proto: flow.proto,
+pub fn lookup_service(addr: u32, port_be: u16, proto: u8) -> Option<ServiceValue> {
+    let key = ServiceKey {
+        addr: v4(addr),
+        port_be,
+        proto,
         scope: 0,
     };
     // SAFETY: plain-data value copied out at once.
-    match unsafe { SERVICES.get(skey) } {
+    unsafe { SERVICES.get(key) }.copied()
+}
+
+/// Random choice among the frontend's `count` slots (kube-proxy's random balancing).
+#[inline(always)]
+pub fn select_backend(svc_id: u32, count: u32) -> Option<Chosen> {
+    let slot = unsafe { bpf_get_prandom_u32() } % count;
+    // SAFETY: plain-data values copied out at once.
+    let backend_id = unsafe { SLOTS.get(SlotKey { svc_id, slot }) }?.backend_id;
+    let b = unsafe { BACKENDS.get(BackendKey { backend_id }) }?;
+    Some(Chosen {
+        backend_id,
+        addr: b.addr[0],
+        port_be: b.port_be,
+    })
+}
+
+/// A remembered backend is still valid if its id still exists with the same address: the ids of
+/// removed backends are deleted, so flows to them choose again.
+#[inline(always)]
+pub fn backend_valid(backend_id: u32, addr: u32, port_be: u16) -> bool {
+    // SAFETY: plain-data value read at once.
+    unsafe { BACKENDS.get(BackendKey { backend_id }) }
+        .is_some_and(|b| b.addr[0] == addr && b.port_be == port_be)
+}
+
+#[inline(always)]
+pub fn decide(flow: &Flow) -> Verdict {
+    match lookup_service(flow.daddr, flow.dport_be, flow.proto) {
         Some(svc) => forward(flow, svc.svc_id, svc.count),
         None => reverse(flow),
     }
@@ -98,12 +135,7 @@ fn forward(flow: &Flow, svc_id: u32, count: u32) -> Verdict {
                 (*ct).svc_id,
             )
         };
-        // The backend must still exist with the same address: ids of removed backends are gone.
-        if let Some(b) = unsafe { BACKENDS.get(BackendKey { backend_id }) }
-            && ct_svc == svc_id
-            && b.addr[0] == nat_addr
-            && b.port_be == nat_port
-        {
+        if ct_svc == svc_id && backend_valid(backend_id, nat_addr, nat_port) {
             touch(ct, now);
             return Verdict::Dnat {
                 addr: nat_addr,
@@ -114,15 +146,14 @@ fn forward(flow: &Flow, svc_id: u32, count: u32) -> Verdict {
         reselected = true;
     }
 
-    let slot = unsafe { bpf_get_prandom_u32() } % count;
-    let Some(sv) = (unsafe { SLOTS.get(SlotKey { svc_id, slot }) }) else {
+    let Some(Chosen {
+        backend_id,
+        addr: baddr,
+        port_be: bport,
+    }) = select_backend(svc_id, count)
+    else {
         return Verdict::Drop(Counter::DroppedBackendMissing);
     };
-    let backend_id = sv.backend_id;
-    let Some(b) = (unsafe { BACKENDS.get(BackendKey { backend_id }) }) else {
-        return Verdict::Drop(Counter::DroppedBackendMissing);
-    };
-    let (baddr, bport) = (b.addr[0], b.port_be);
 
     let fval = CtValue {
         nat_addr: v4(baddr),
@@ -167,6 +198,20 @@ fn forward(flow: &Flow, svc_id: u32, count: u32) -> Verdict {
 
 #[inline(always)]
 fn reverse(flow: &Flow) -> Verdict {
+    if flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        // A new connection straight to this address (socket LB, or a client dialling a pod)
+        // may reuse the tuple of an earlier translated flow: its replies are not ours to
+        // rewrite any more, so forget that flow's reverse entry.
+        let stale = ct_key(
+            flow.daddr,
+            flow.saddr,
+            flow.dport_be,
+            flow.sport_be,
+            flow.proto,
+            CT_REVERSE,
+        );
+        let _ = CONNTRACK.remove(stale);
+    }
     let rkey = ct_key(
         flow.saddr,
         flow.daddr,

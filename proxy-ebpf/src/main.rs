@@ -6,6 +6,7 @@ mod lb;
 mod maps;
 mod nat;
 mod parse;
+mod sock;
 mod tc;
 
 #[cfg(not(test))]

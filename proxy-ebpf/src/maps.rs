@@ -5,7 +5,7 @@ use aya_ebpf::{
 };
 use proxy_common::{
     Backend, BackendKey, COUNTER_COUNT, Counter, CtKey, CtValue, FragKey, FragValue, ServiceKey,
-    ServiceValue, SlotKey, SlotValue, SvcName, limits,
+    ServiceValue, SlotKey, SlotValue, SockKey, SockValue, SvcName, limits,
 };
 
 #[btf_map(name = "svc_v1")]
@@ -32,6 +32,10 @@ pub static COUNTERS: PerCpuArray<u64, { COUNTER_COUNT as usize }> = PerCpuArray:
 /// Written and read by the agent only; defined here so it is created and pinned with the rest.
 #[btf_map(name = "svc_names_v1")]
 pub static SVC_NAMES: HashMap<u32, SvcName, { limits::SVC_NAMES as usize }> = HashMap::new();
+
+#[btf_map(name = "sock_v1")]
+pub static SOCKETS: LruHashMap<SockKey, SockValue, { limits::SOCKETS as usize }> =
+    LruHashMap::new();
 
 #[inline(always)]
 pub fn count(c: Counter) {

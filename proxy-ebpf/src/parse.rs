@@ -22,7 +22,12 @@ pub struct Flow {
     pub l4_off: usize,
     /// False for non-first fragments: they carry no L4 header to rewrite.
     pub has_l4: bool,
+    /// TCP flags (0 for UDP and later fragments).
+    pub tcp_flags: u8,
 }
+
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_ACK: u8 = 0x10;
 
 /// Parses an Ethernet frame; `Err` carries the counter that says why the packet is passed.
 #[inline(always)]
@@ -71,6 +76,7 @@ pub fn parse(ctx: &TcContext) -> Result<Flow, Counter> {
         l3_off,
         l4_off,
         has_l4: true,
+        tcp_flags: 0,
     };
     let fkey = || -> Result<FragKey, Counter> {
         Ok(FragKey {
@@ -99,6 +105,11 @@ pub fn parse(ctx: &TcContext) -> Result<Flow, Counter> {
     }
     flow.sport_be = ctx.load(l4_off).map_err(|_| Counter::PassedMalformed)?;
     flow.dport_be = ctx.load(l4_off + 2).map_err(|_| Counter::PassedMalformed)?;
+    if proto == IPPROTO_TCP {
+        flow.tcp_flags = ctx
+            .load(l4_off + 13)
+            .map_err(|_| Counter::PassedMalformed)?;
+    }
     if frag & IP_MF != 0 {
         let v = FragValue {
             sport_be: flow.sport_be,

@@ -5,10 +5,12 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use std::os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd};
+
 use aya::{
     Ebpf, EbpfLoader,
     programs::{
-        SchedClassifier, TcAttachType,
+        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType,
         links::{FdLink, LinkError, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
     },
@@ -75,7 +77,111 @@ pub fn load(bpffs: &Path, sizes: MapSizes) -> Result<Ebpf, DatapathError> {
             name: programs::TC_INGRESS,
             source,
         })?;
+    for name in programs::SOCK_ALL {
+        sock_program(&mut ebpf, name)?
+            .load()
+            .map_err(|source| DatapathError::Program { name, source })?;
+    }
     Ok(ebpf)
+}
+
+fn sock_program<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut CgroupSockAddr, DatapathError> {
+    let prog = ebpf.program_mut(name).ok_or(DatapathError::Program {
+        name,
+        source: aya::programs::ProgramError::UnexpectedProgramType,
+    })?;
+    prog.try_into()
+        .map_err(|source| DatapathError::Program { name, source })
+}
+
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+
+fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> io::Result<libc::c_long> {
+    // SAFETY: `attr` is a zeroed bpf_attr-sized buffer the kernel reads (and may write).
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(attr),
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+/// Opens a pinned BPF object (BPF_OBJ_GET).
+fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let mut attr = [0u64; 16];
+    attr[0] = c.as_ptr() as u64;
+    let fd = bpf(BPF_OBJ_GET, &mut attr)?;
+    // SAFETY: the kernel returned a new file descriptor that we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Replaces the program inside a link in one step (BPF_LINK_UPDATE): the hook never runs
+/// without a program, so an agent restart or upgrade does not disturb traffic.
+fn link_update(link: BorrowedFd, prog: BorrowedFd) -> io::Result<()> {
+    let mut attr = [0u64; 16];
+    // struct { __u32 link_fd; __u32 new_prog_fd; __u32 flags; __u32 old_prog_fd; }
+    attr[0] = link.as_raw_fd() as u32 as u64 | (prog.as_raw_fd() as u32 as u64) << 32;
+    bpf(BPF_LINK_UPDATE, &mut attr).map(|_| ())
+}
+
+fn sock_pin(bpffs: &Path, name: &str) -> PathBuf {
+    bpffs.join(LINKS_DIR).join(format!("{name}@cgroup"))
+}
+
+/// Attaches the socket-LB programs to a cgroup v2 directory (every process below it, in any
+/// network namespace). Pinned links from an earlier agent are updated in place.
+pub fn attach_sock(ebpf: &mut Ebpf, bpffs: &Path, cgroup: &Path) -> Result<(), DatapathError> {
+    let cg = fs::File::open(cgroup).map_err(io_err(cgroup))?;
+    let fail = |message: String| DatapathError::Attach {
+        iface: format!("cgroup {}", cgroup.display()),
+        message,
+    };
+    for name in programs::SOCK_ALL {
+        let pin = sock_pin(bpffs, name);
+        let prog = sock_program(ebpf, name)?;
+        if pin.exists() {
+            let prog_fd = prog.fd().map_err(|e| fail(e.to_string()))?;
+            match obj_get(&pin).and_then(|link| link_update(link.as_fd(), prog_fd.as_fd())) {
+                Ok(()) => continue,
+                Err(e) => {
+                    tracing::info!(program = name, error = %e, "replacing a stale pinned link");
+                    fs::remove_file(&pin).map_err(io_err(&pin))?;
+                }
+            }
+        }
+        // A cgroup link is always one of many programs on the hook (the kernel refuses
+        // attach flags on BPF_LINK_CREATE), so other tools' programs can coexist.
+        let id = prog
+            .attach(&cg, CgroupAttachMode::Single)
+            .map_err(|e| fail(format!("{name}: {e:?}")))?;
+        let link = prog.take_link(id).map_err(|e| fail(e.to_string()))?;
+        let fd: FdLink = link
+            .try_into()
+            .map_err(|e: LinkError| fail(e.to_string()))?;
+        fd.pin(&pin)
+            .map_err(|e| fail(format!("pinning {}: {e}", pin.display())))?;
+    }
+    Ok(())
+}
+
+/// Detaches socket LB (used for `--socket-lb=false`, so the tc path takes over).
+pub fn detach_sock(bpffs: &Path) {
+    for name in programs::SOCK_ALL {
+        let _ = fs::remove_file(sock_pin(bpffs, name));
+    }
 }
 
 pub fn tc_program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, DatapathError> {
@@ -164,7 +270,11 @@ pub fn attachments(bpffs: &Path) -> Vec<Attachment> {
             Some(Attachment {
                 interface: iface.to_string(),
                 hook: hook.to_string(),
-                mode: "tcx",
+                mode: if iface == "cgroup" {
+                    "cgroup-link"
+                } else {
+                    "tcx"
+                },
             })
         })
         .collect();

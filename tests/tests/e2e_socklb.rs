@@ -1,0 +1,175 @@
+//! End-to-end tests of socket load balancing (cgroup connect4/sendmsg4/recvmsg4/getpeername4)
+//! on the emulated cluster: pod processes run in their node's cgroup, which the agent attaches
+//! to with `--cgroup`. Needs root and the agent binary; fails, never skips.
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
+
+use anyhow::{Result, ensure};
+use serde_json::Value;
+use tests::{Agent, Endpoint, EndpointSlice, Pod, Proto, Service, Tally, TestBed};
+
+const T: Duration = Duration::from_secs(2);
+const SYNC: Duration = Duration::from_secs(60);
+
+fn with_bed(f: impl FnOnce(&mut TestBed) -> Result<()>) {
+    let mut bed = TestBed::new(2).expect("building the test bed (needs root)");
+    if let Err(e) = f(&mut bed) {
+        bed.keep_dir();
+        eprintln!("{}", bed.log_tails(40));
+        panic!("{e:#}");
+    }
+}
+
+/// Four backends (two per node) serving TCP 8080 and UDP 5353 behind `vip` ports 80 and 53,
+/// and a client pod on node1. Returns the backends' names and the client.
+fn setup(bed: &mut TestBed, vip: &str) -> Result<(Vec<String>, Pod)> {
+    let mut slice = EndpointSlice::new("default", "sock", "x1")
+        .port("http", 8080, Proto::Tcp)
+        .port("dns", 5353, Proto::Udp);
+    let mut names = Vec::new();
+    for (node, name) in [(1, "s-1a"), (1, "s-1b"), (2, "s-2a"), (2, "s-2b")] {
+        let p = bed.add_pod(node, name)?;
+        bed.start_echo(&p, &[8080], &[5353])?;
+        slice = slice.endpoint(Endpoint::ready(&p.ip.to_string(), &format!("node{node}")));
+        names.push(name.to_string());
+    }
+    let svc = Service::cluster_ip("default", "sock", vip)
+        .port("http", 80, 8080, Proto::Tcp)
+        .port("dns", 53, 5353, Proto::Udp);
+    bed.write_manifest("sock-svc.yaml", &svc.to_yaml())?;
+    bed.write_manifest("sock-slice.yaml", &slice.to_yaml())?;
+    let client = bed.add_pod(1, "client")?;
+    Ok((names, client))
+}
+
+fn counter(agent: &Agent, name: &str) -> Result<u64> {
+    let s = agent.status_json()?;
+    s["counters"][name]
+        .as_u64()
+        .ok_or_else(|| anyhow::anyhow!("no counter {name} in {s:#}"))
+}
+
+const TC_TRANSLATIONS: [&str; 3] = [
+    "translated_new",
+    "translated_established",
+    "reverse_translated",
+];
+
+fn counters(agent: &Agent, names: &[&str]) -> Result<Vec<u64>> {
+    names.iter().map(|n| counter(agent, n)).collect()
+}
+
+/// Requests from the client pod's process: all answered, spread over every backend, the
+/// application sees the VIP as its peer (getpeername for TCP, recvmsg's source for UDP), and
+/// the backend sees the pod's own address.
+fn requests_ok(
+    bed: &TestBed,
+    client: &Pod,
+    proto: Proto,
+    vip: SocketAddr,
+    backends: &[String],
+) -> Result<()> {
+    let out = bed.pod_requests(client, proto, vip, 100, T)?;
+    let tally = Tally::new(&out);
+    tally.expect_no_failures()?;
+    let b: Vec<&str> = backends.iter().map(String::as_str).collect();
+    tally.expect_spread(&b, 0.5)?;
+    for r in out.iter().flatten() {
+        ensure!(r.peer == vip, "{proto:?}: application saw peer {}", r.peer);
+        ensure!(
+            r.client.ip() == IpAddr::V4(client.ip),
+            "backend saw {}",
+            r.client
+        );
+    }
+    Ok(())
+}
+
+fn vip(s: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(s.parse().unwrap(), port)
+}
+
+#[test]
+fn socket_lb_translates_at_connect_and_the_tc_path_stays_idle() {
+    with_bed(|bed| {
+        const VIP: &str = "198.18.100.41";
+        let (backends, client) = setup(bed, VIP)?;
+        let agents = bed.start_agents(SYNC)?;
+        let status = agents[0].status_json()?;
+        let hooks: Vec<&str> = status["attachments"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|a| a["interface"] == "cgroup")
+            .filter_map(|a| a["hook"].as_str())
+            .collect();
+        ensure!(
+            hooks.len() == 4,
+            "socket-LB hooks attached: {hooks:?} in {status:#}"
+        );
+
+        let tc_before: Vec<Vec<u64>> = agents
+            .iter()
+            .map(|a| counters(a, &TC_TRANSLATIONS))
+            .collect::<Result<_>>()?;
+        let sock_before = counter(&agents[0], "sock_translated")?;
+        requests_ok(bed, &client, Proto::Tcp, vip(VIP, 80), &backends)?;
+        requests_ok(bed, &client, Proto::Udp, vip(VIP, 53), &backends)?;
+
+        let sock = counter(&agents[0], "sock_translated")? - sock_before;
+        ensure!(sock >= 200, "sock_translated moved by {sock}, want >= 200");
+        ensure!(
+            counter(&agents[0], "sock_reverse_translated")? >= 200,
+            "getpeername/recvmsg translations missing"
+        );
+        for (a, before) in agents.iter().zip(&tc_before) {
+            let after = counters(a, &TC_TRANSLATIONS)?;
+            ensure!(
+                &after == before,
+                "node{}: tc translation counters moved for socket-LB flows: {before:?} -> {after:?}",
+                a.node
+            );
+        }
+        Ok(())
+    });
+}
+
+#[test]
+fn socket_lb_off_falls_back_to_the_tc_path() {
+    with_bed(|bed| {
+        const VIP: &str = "198.18.100.42";
+        let (backends, client) = setup(bed, VIP)?;
+        let dir = bed.manifests_dir().to_path_buf();
+        let agents: Vec<Agent> = (1..=2)
+            .map(|n| bed.start_agent_with(n, &dir, &["--socket-lb=false"]))
+            .collect::<Result<_>>()?;
+        for a in &agents {
+            a.wait_for_sync(1, SYNC)?;
+        }
+        let status: Value = agents[0].status_json()?;
+        ensure!(
+            !status["attachments"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|a| a["interface"] == "cgroup"),
+            "socket LB attached despite --socket-lb=false: {status:#}"
+        );
+        // A reused client port may meet its own earlier flow: new or established, both count.
+        let tc_total = |a: &Agent| -> Result<u64> {
+            Ok(counter(a, "translated_new")? + counter(a, "translated_established")?)
+        };
+        let before = tc_total(&agents[0])?;
+        requests_ok(bed, &client, Proto::Tcp, vip(VIP, 80), &backends)?;
+        requests_ok(bed, &client, Proto::Udp, vip(VIP, 53), &backends)?;
+        let tc = tc_total(&agents[0])? - before;
+        ensure!(
+            tc >= 200,
+            "tc path translated {tc} requests' flows, want >= 200"
+        );
+        ensure!(counter(&agents[0], "sock_translated")? == 0);
+        Ok(())
+    });
+}
