@@ -180,14 +180,35 @@ impl TestBed {
         manifests: &Path,
         extra_args: &[&str],
     ) -> Result<Agent> {
+        let source = ["--manifests", &manifests.to_string_lossy()].map(String::from);
+        self.start_agent_source(node, &source, extra_args)
+    }
+
+    /// Starts an agent that watches the API server described by `kubeconfig`.
+    pub fn start_agent_kube(
+        &mut self,
+        node: u8,
+        kubeconfig: &Path,
+        extra_args: &[&str],
+    ) -> Result<Agent> {
+        let source = ["--kubeconfig", &kubeconfig.to_string_lossy()].map(String::from);
+        self.start_agent_source(node, &source, extra_args)
+    }
+
+    /// Starts an agent with `source` arguments (`--manifests DIR` or `--kubeconfig FILE`).
+    pub fn start_agent_source(
+        &mut self,
+        node: u8,
+        source: &[String],
+        extra_args: &[&str],
+    ) -> Result<Agent> {
         let bin = agent_bin()?;
         ensure_bpffs()?;
         let n = self.node(node).clone();
         let bpffs = PathBuf::from("/sys/fs/bpf").join(format!("{}-node{node}", self.prefix()));
-        let mut args: Vec<String> = vec![
-            "run".into(),
-            "--manifests".into(),
-            manifests.to_string_lossy().into_owned(),
+        let mut args: Vec<String> = vec!["run".into()];
+        args.extend(source.iter().cloned());
+        args.extend([
             "--node-name".into(),
             n.name(),
             "--interfaces".into(),
@@ -196,7 +217,7 @@ impl TestBed {
             "pv*".into(),
             "--bpffs".into(),
             bpffs.to_string_lossy().into_owned(),
-        ];
+        ]);
         if let Some(cg) = &n.cgroup {
             args.extend(["--cgroup".into(), cg.to_string_lossy().into_owned()]);
         }
