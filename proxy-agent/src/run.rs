@@ -10,7 +10,7 @@ use aya::programs::SchedClassifier;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
-    datapath::{loader, maps::Maps, writer::Writer},
+    datapath::{loader, maps::Maps, sockets, writer::Writer},
     model::{DesiredState, Inputs, Options, translate},
     report,
     serve::{Health, serve},
@@ -235,6 +235,18 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
             let report = writer.sync(want);
             for (svc, e) in &report.failed {
                 tracing::error!(service = %svc, error = %e, "service not programmed");
+            }
+            if let Some(cg) = &cfg.socket_lb_cgroup
+                && !report.removed_udp_backends.is_empty()
+            {
+                match sockets::destroy_udp_to(cg, &report.removed_udp_backends) {
+                    Ok(n) => tracing::info!(
+                        sockets = n,
+                        backends = report.removed_udp_backends.len(),
+                        "ended connected UDP sockets to removed backends"
+                    ),
+                    Err(e) => tracing::warn!(error = %e, "ending UDP sockets to removed backends"),
+                }
             }
             generation += 1;
             health.updated(started.elapsed(), report.failed.len(), rejected.len());

@@ -173,3 +173,129 @@ fn socket_lb_off_falls_back_to_the_tc_path() {
         Ok(())
     });
 }
+
+/// A connected UDP socket keeps its backend (no per-packet NAT): when that backend is removed,
+/// the agent ends the socket (SOCK_DESTROY in the pod's namespace), the application sees an
+/// error, and its next socket reaches a live backend. Without that, the socket would keep
+/// talking to the removed (but still running) backend.
+#[test]
+fn connected_udp_sockets_to_a_removed_backend_are_ended() {
+    with_bed(|bed| {
+        const VIP: &str = "198.18.100.43";
+        let mut pods = Vec::new();
+        for (node, name) in [(1, "u-1a"), (2, "u-2a")] {
+            let p = bed.add_pod(node, name)?;
+            bed.start_echo(&p, &[], &[5353])?;
+            pods.push(p);
+        }
+        let slice = |keep: &[&Pod]| {
+            let mut s = EndpointSlice::new("default", "udp", "x1").port("dns", 5353, Proto::Udp);
+            for p in keep {
+                s = s.endpoint(Endpoint::ready(
+                    &p.ip.to_string(),
+                    &format!("node{}", p.node),
+                ));
+            }
+            s.to_yaml()
+        };
+        let svc = Service::cluster_ip("default", "udp", VIP).port("dns", 53, 5353, Proto::Udp);
+        bed.write_manifest("udp-svc.yaml", &svc.to_yaml())?;
+        bed.write_manifest("udp-slice.yaml", &slice(&[&pods[0], &pods[1]]))?;
+        let client = bed.add_pod(1, "client")?;
+        let agents = bed.start_agents(SYNC)?;
+
+        let bin = tests::helper_bin("tb-client")?;
+        let target = format!("{VIP}:53");
+        let (_pid, log) = bed.spawn_full(
+            &client.ns,
+            client.cgroup.as_deref(),
+            &bin.to_string_lossy(),
+            &[
+                "--udp-connected",
+                &target,
+                "--count",
+                "600",
+                "--interval-ms",
+                "20",
+                "--timeout-ms",
+                "500",
+            ],
+            &[],
+        )?;
+        let outcomes = |min: usize| -> Result<Vec<tests::Outcome>> {
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            loop {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                // Only complete lines: the client may be mid-write.
+                let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+                let v = tests::client::parse_client_output(complete)?;
+                if v.len() >= min {
+                    return Ok(v);
+                }
+                ensure!(
+                    std::time::Instant::now() < deadline,
+                    "client produced {} outcomes, waiting for {min}",
+                    v.len()
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        };
+        let first = outcomes(10)?;
+        let used = match &first[0] {
+            Ok(r) => r.backend.clone(),
+            Err(e) => anyhow::bail!("first request failed: {e}"),
+        };
+        for o in &first {
+            let r = o
+                .as_ref()
+                .map_err(|e| anyhow::anyhow!("before removal: {e}"))?;
+            ensure!(r.backend == used, "one connected socket, one backend");
+            ensure!(
+                r.peer == vip(VIP, 53),
+                "getpeername shows the VIP, not {}",
+                r.peer
+            );
+        }
+        let (removed, kept) = if pods[0].name == used {
+            (&pods[0], &pods[1])
+        } else {
+            (&pods[1], &pods[0])
+        };
+        let g = agents[0].generation().unwrap_or(1);
+        bed.write_manifest("udp-slice.yaml", &slice(&[kept]))?;
+        agents[0].wait_for_sync(g + 1, SYNC)?;
+        let at_sync = outcomes(0)?.len();
+        let after = outcomes(at_sync + 40)?;
+        let late: Vec<&tests::Outcome> = after[at_sync..].iter().collect();
+        // One exchange may have been in flight when the socket was ended.
+        let from_removed = late
+            .iter()
+            .skip(1)
+            .filter(|o| o.as_ref().is_ok_and(|r| r.backend == removed.name))
+            .count();
+        ensure!(
+            from_removed == 0,
+            "{from_removed} replies from the removed backend {} after the sync",
+            removed.name
+        );
+        ensure!(
+            late.iter().any(|o| o.is_err()) || after[..at_sync].iter().any(|o| o.is_err()),
+            "the connected socket was never ended"
+        );
+        ensure!(
+            late.iter()
+                .rev()
+                .take(10)
+                .all(|o| o.as_ref().is_ok_and(|r| r.backend == kept.name)),
+            "a new socket must reach the remaining backend {}: {:?}",
+            kept.name,
+            &late[late.len() - 10..]
+        );
+        ensure!(
+            agents[0].log_text().contains("ended connected UDP sockets"),
+            "agent log: {}",
+            agents[0].log_tail(20)
+        );
+        Ok(())
+    });
+}

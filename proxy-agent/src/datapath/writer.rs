@@ -144,6 +144,8 @@ pub struct SyncReport {
     pub backends: usize,
     pub writes: usize,
     pub deletes: usize,
+    /// UDP backends no UDP frontend uses any more: connected sockets to them must be ended.
+    pub removed_udp_backends: HashSet<(IpAddr, u16)>,
     /// Services (namespace/name) that could not be programmed, with the reason. A Service
     /// is programmed whole or not changed at all.
     pub failed: Vec<(String, String)>,
@@ -201,8 +203,21 @@ impl Writer {
 
     /// Brings the maps to `desired`. A frontend whose writes fail is reported and left as it
     /// was (or absent, if new); the others are still programmed.
+    /// Endpoints of every programmed UDP frontend.
+    fn udp_backends(&self) -> HashSet<(IpAddr, u16)> {
+        self.programmed
+            .services
+            .iter()
+            .filter(|(fe, _)| fe.protocol == Protocol::Udp)
+            .flat_map(|(_, s)| s.slots.iter())
+            .filter_map(|id| self.programmed.endpoint(*id))
+            .map(|e| (e.addr, e.port))
+            .collect()
+    }
+
     pub fn sync(&mut self, desired: &DesiredState) -> SyncReport {
         let mut report = SyncReport::default();
+        let udp_before = self.udp_backends();
         // Removals first: they free room for what is added.
         let stale: Vec<Frontend> = self
             .programmed
@@ -278,6 +293,8 @@ impl Writer {
         }
         report.services = self.programmed.services.len();
         report.backends = self.programmed.backends.len();
+        let udp_after = self.udp_backends();
+        report.removed_udp_backends = udp_before.difference(&udp_after).copied().collect();
         report
     }
 
