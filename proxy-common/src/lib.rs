@@ -35,11 +35,15 @@ pub mod programs {
     pub const SOCK_RECVMSG4: &str = "sock_recvmsg4";
     pub const SOCK_GETPEERNAME4: &str = "sock_getpeername4";
     /// The socket-LB programs, attached to the `--cgroup` directory.
-    pub const SOCK_ALL: [&str; 4] = [
+    pub const SOCK_ALL: [&str; 8] = [
         SOCK_CONNECT4,
         SOCK_SENDMSG4,
         SOCK_RECVMSG4,
         SOCK_GETPEERNAME4,
+        "sock_connect6",
+        "sock_sendmsg6",
+        "sock_recvmsg6",
+        "sock_getpeername6",
     ];
 }
 

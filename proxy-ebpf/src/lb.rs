@@ -62,15 +62,15 @@ fn touch(v: *mut CtValue, now: u64) {
 /// A backend picked for a frontend.
 pub struct Chosen {
     pub backend_id: u32,
-    pub addr: u32,
+    pub addr: [u32; 4],
     pub port_be: u16,
 }
 
 /// The frontend of (address, port, protocol), if it is one.
 #[inline(always)]
-pub fn lookup_service(addr: u32, port_be: u16, proto: u8) -> Option<ServiceValue> {
+pub fn lookup_service(addr: [u32; 4], port_be: u16, proto: u8) -> Option<ServiceValue> {
     let key = ServiceKey {
-        addr: v4(addr),
+        addr,
         port_be,
         proto,
         scope: 0,
@@ -88,7 +88,7 @@ pub fn select_backend(svc_id: u32, count: u32) -> Option<Chosen> {
     let b = unsafe { BACKENDS.get(BackendKey { backend_id }) }?;
     Some(Chosen {
         backend_id,
-        addr: b.addr[0],
+        addr: b.addr,
         port_be: b.port_be,
     })
 }
@@ -96,15 +96,15 @@ pub fn select_backend(svc_id: u32, count: u32) -> Option<Chosen> {
 /// A remembered backend is still valid if its id still exists with the same address: the ids of
 /// removed backends are deleted, so flows to them choose again.
 #[inline(always)]
-pub fn backend_valid(backend_id: u32, addr: u32, port_be: u16) -> bool {
+pub fn backend_valid(backend_id: u32, addr: [u32; 4], port_be: u16) -> bool {
     // SAFETY: plain-data value read at once.
     unsafe { BACKENDS.get(BackendKey { backend_id }) }
-        .is_some_and(|b| b.addr[0] == addr && b.port_be == port_be)
+        .is_some_and(|b| b.addr == addr && b.port_be == port_be)
 }
 
 #[inline(always)]
 pub fn decide(flow: &Flow) -> Verdict {
-    match lookup_service(flow.daddr, flow.dport_be, flow.proto) {
+    match lookup_service(v4(flow.daddr), flow.dport_be, flow.proto) {
         Some(svc) => forward(flow, svc.svc_id, svc.count),
         None => reverse(flow),
     }
@@ -135,7 +135,7 @@ fn forward(flow: &Flow, svc_id: u32, count: u32) -> Verdict {
                 (*ct).svc_id,
             )
         };
-        if ct_svc == svc_id && backend_valid(backend_id, nat_addr, nat_port) {
+        if ct_svc == svc_id && backend_valid(backend_id, v4(nat_addr), nat_port) {
             touch(ct, now);
             return Verdict::Dnat {
                 addr: nat_addr,
@@ -148,7 +148,7 @@ fn forward(flow: &Flow, svc_id: u32, count: u32) -> Verdict {
 
     let Some(Chosen {
         backend_id,
-        addr: baddr,
+        addr: [baddr, ..],
         port_be: bport,
     }) = select_backend(svc_id, count)
     else {

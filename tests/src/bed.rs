@@ -37,6 +37,26 @@ use crate::netns;
 
 /// Address of the external client namespace on the LAN.
 pub const EXT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
+
+/// Node N's IPv6 LAN address: fd00:18::N (in fd00::/8, like every test address).
+pub fn node_ip6(n: u8) -> std::net::Ipv6Addr {
+    std::net::Ipv6Addr::new(0xfd00, 0x18, 0, 0, 0, 0, 0, n as u16)
+}
+
+/// Node N's IPv6 pod CIDR: fd00:19:N::/64.
+pub fn pod_cidr6(n: u8) -> String {
+    format!("fd00:19:{n:x}::/64")
+}
+
+/// Pod K on node N: fd00:19:N::K.
+pub fn pod_ip6(n: u8, k: u8) -> std::net::Ipv6Addr {
+    std::net::Ipv6Addr::new(0xfd00, 0x19, n as u16, 0, 0, 0, 0, k as u16)
+}
+
+/// The node side of every pod veth on node N: fd00:19:N::1.
+pub fn pod_ip6_gateway(n: u8) -> std::net::Ipv6Addr {
+    pod_ip6(n, 1)
+}
 /// Name of the bridge inside the LAN namespace.
 pub const LAN_BRIDGE: &str = "br0";
 
@@ -81,6 +101,8 @@ pub struct Pod {
     pub ns: String,
     /// Pod address: 198.19.node.k.
     pub ip: Ipv4Addr,
+    /// Pod IPv6 address: fd00:19:node::k.
+    pub ip6: std::net::Ipv6Addr,
     /// Node-side veth name (starts with `pv`).
     pub host_if: String,
     /// cgroup v2 directory of the pod's processes (when cgroup v2 is available).
@@ -184,9 +206,20 @@ impl TestBed {
                     "net.ipv4.ip_forward=1",
                     "net.ipv4.conf.all.rp_filter=0",
                     "net.ipv4.conf.default.rp_filter=0",
+                    "net.ipv6.conf.all.forwarding=1",
                 ],
             )?;
             self.lan_port(&ns, &format!("n{n}"), node_ip(n))?;
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{}/64", node_ip6(n)),
+                "dev",
+                "lan0",
+                "nodad",
+            ])?;
             sysctl(&ns, &["net.ipv4.conf.lan0.rp_filter=0"])?;
             let cgroup = match &self.cgroup_root {
                 Some(root) => {
@@ -215,6 +248,15 @@ impl TestBed {
                         &pod_cidr(b.index),
                         "via",
                         &b.ip.to_string(),
+                    ])?;
+                    ip(&[
+                        "-n",
+                        &a.ns,
+                        "route",
+                        "add",
+                        &pod_cidr6(b.index),
+                        "via",
+                        &node_ip6(b.index).to_string(),
                     ])?;
                 }
             }
@@ -271,6 +313,15 @@ impl TestBed {
         }
         ip(&["netns", "add", name])?;
         self.namespaces.push(name.to_string());
+        // No IPv6 duplicate address detection: link-local addresses would otherwise stay
+        // tentative for a second after each veth comes up, and early packets get lost.
+        sysctl(
+            name,
+            &[
+                "net.ipv6.conf.all.accept_dad=0",
+                "net.ipv6.conf.default.accept_dad=0",
+            ],
+        )?;
         ip(&["-n", name, "link", "set", "lo", "up"])?;
         Ok(())
     }
@@ -343,6 +394,8 @@ impl TestBed {
         let host_if = format!("pv{node}-{k}");
         let pod_ip = Ipv4Addr::new(198, 19, node, k);
         let gw = Ipv4Addr::new(198, 19, node, 1);
+        let pod_ip6 = pod_ip6(node, k);
+        let gw6 = pod_ip6_gateway(node);
 
         self.add_ns(&ns)?;
         sysctl(
@@ -398,6 +451,21 @@ impl TestBed {
             &host_if,
         ])?;
         sysctl(&node_ns, &[&format!("net.ipv4.conf.{host_if}.rp_filter=0")])?;
+        // IPv6 the same way: /128s, the node side as gateway, no duplicate address detection.
+        let (p6, g6) = (format!("{pod_ip6}/128"), format!("{gw6}/128"));
+        ip(&["-n", &ns, "addr", "add", &p6, "dev", "eth0", "nodad"])?;
+        ip(&["-n", &ns, "route", "add", &gw6.to_string(), "dev", "eth0"])?;
+        ip(&[
+            "-n",
+            &ns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &gw6.to_string(),
+        ])?;
+        ip(&["-n", &node_ns, "addr", "add", &g6, "dev", &host_if, "nodad"])?;
+        ip(&["-n", &node_ns, "route", "add", &p6, "dev", &host_if])?;
         let cgroup = match node_cg {
             Some(cg) => {
                 let cg = cg.join(format!("p{node}-{k}"));
@@ -411,6 +479,7 @@ impl TestBed {
             node,
             ns,
             ip: pod_ip,
+            ip6: pod_ip6,
             host_if,
             cgroup,
         };
@@ -589,9 +658,46 @@ impl TestBed {
         Ok(())
     }
 
+    /// Sends `signal` to a process started by this bed and waits up to
+    /// `grace` for it to exit; SIGKILL after that. Returns whether it exited
+    /// within `grace` (false: it had to be killed). The process is forgotten
+    /// by the bed afterwards.
+    pub fn kill_with(&mut self, pid: u32, signal: Signal, grace: Duration) -> Result<bool> {
+        let Some(idx) = self.procs.iter().position(|p| p.child.id() == pid) else {
+            bail!("pid {pid} was not started by this bed");
+        };
+        let mut p = self.procs.remove(idx);
+        if matches!(p.child.try_wait(), Ok(None)) {
+            kill(Pid::from_raw(pid as i32), signal)
+                .with_context(|| format!("sending {signal} to {pid} ({})", p.what))?;
+        }
+        if cmd::wait_deadline(&mut p.child, grace).is_some() {
+            return Ok(true);
+        }
+        eprintln!(
+            "SIGKILL to {pid} ({}): still running {grace:?} after {signal}",
+            p.what
+        );
+        let _ = p.child.kill();
+        let _ = p.child.wait();
+        Ok(false)
+    }
+
     /// Starts `tb-echo` in `pod` (named after the pod) on the given ports and
     /// waits until it listens.
     pub fn start_echo(&mut self, pod: &Pod, tcp: &[u16], udp: &[u16]) -> Result<u32> {
+        self.start_echo_streams(pod, tcp, udp, &[])
+    }
+
+    /// Like [`TestBed::start_echo`], plus long-lived line-echo ports
+    /// (`tb-echo --stream PORT`: every line `L` is answered with `NAME L`).
+    pub fn start_echo_streams(
+        &mut self,
+        pod: &Pod,
+        tcp: &[u16],
+        udp: &[u16],
+        stream: &[u16],
+    ) -> Result<u32> {
         let bin = crate::helper_bin("tb-echo")?;
         let mut args: Vec<String> = vec!["--name".into(), pod.name.clone()];
         for p in tcp {
@@ -599,6 +705,9 @@ impl TestBed {
         }
         for p in udp {
             args.extend(["--udp".into(), p.to_string()]);
+        }
+        for p in stream {
+            args.extend(["--stream".into(), p.to_string()]);
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let cg = pod.cgroup.clone();

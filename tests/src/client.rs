@@ -2,7 +2,7 @@
 //! request, the reply parsed into who answered and what each side saw.
 
 use std::collections::BTreeMap;
-use std::io::Read;
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
@@ -135,6 +135,173 @@ pub fn udp_request(addr: SocketAddr, timeout: Duration) -> Result<Reply> {
         backend_port,
         peer,
         local,
+    })
+}
+
+/// A long-lived connection to a tb-echo `--stream` port: each line sent comes
+/// back as `NAME line`. Connect from inside the client's network namespace
+/// (e.g. in [`in_netns`]); the connection can then be used from any thread.
+pub struct EchoStream {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+    /// Backend that answered the first line.
+    pub backend: String,
+    /// The client's view of its peer (the dialled address when the proxy is right).
+    pub peer: SocketAddr,
+    /// The client socket's own address.
+    pub local: SocketAddr,
+}
+
+impl EchoStream {
+    /// Connects to `addr` and exchanges a first line to learn the backend.
+    pub fn connect(addr: SocketAddr, timeout: Duration) -> Result<EchoStream> {
+        let s = TcpStream::connect_timeout(&addr, timeout)
+            .with_context(|| format!("connect to {addr}"))?;
+        let _ = s.set_nodelay(true);
+        s.set_write_timeout(Some(timeout))?;
+        let peer = s.peer_addr()?;
+        let local = s.local_addr()?;
+        let mut es = EchoStream {
+            reader: BufReader::new(s.try_clone()?),
+            writer: s,
+            backend: String::new(),
+            peer,
+            local,
+        };
+        let (backend, _) = es.exchange_raw("hello", timeout)?;
+        es.backend = backend;
+        Ok(es)
+    }
+
+    /// Sends `line` and waits up to `timeout` for its echo; fails on a timeout,
+    /// a closed or reset connection, a wrong echo, or a different backend than
+    /// the one that answered first.
+    pub fn exchange(&mut self, line: &str, timeout: Duration) -> Result<()> {
+        let (backend, _) = self.exchange_raw(line, timeout)?;
+        if backend != self.backend {
+            bail!(
+                "stream {} -> {}: answered by {backend}, was {}",
+                self.local,
+                self.peer,
+                self.backend
+            );
+        }
+        Ok(())
+    }
+
+    fn exchange_raw(&mut self, line: &str, timeout: Duration) -> Result<(String, String)> {
+        let ctx = || format!("stream {} -> {}", self.local, self.peer);
+        self.writer
+            .write_all(format!("{line}\n").as_bytes())
+            .with_context(ctx)?;
+        self.reader
+            .get_ref()
+            .set_read_timeout(Some(timeout))
+            .with_context(ctx)?;
+        let mut reply = String::new();
+        let n = (&mut self.reader)
+            .take(4096)
+            .read_line(&mut reply)
+            .with_context(ctx)?;
+        if n == 0 || !reply.ends_with('\n') {
+            bail!("{}: closed by the peer (got {reply:?})", ctx());
+        }
+        let Some((backend, echoed)) = reply.trim_end().split_once(' ') else {
+            bail!("{}: malformed echo {reply:?}", ctx());
+        };
+        if echoed != line {
+            bail!("{}: sent {line:?}, echo {reply:?}", ctx());
+        }
+        Ok((backend.to_string(), echoed.to_string()))
+    }
+}
+
+/// A plain HTTP/1.1 response: status code, headers (names lowercased), body.
+#[derive(Clone, Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpResponse {
+    /// First header named `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// `GET path` over HTTP/1.1 from the calling thread's network namespace, with
+/// `Connection: close`; reads until the server closes, all within `timeout`.
+/// Enough for the agent's /metrics and /healthz; not a general HTTP client.
+pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<HttpResponse> {
+    http_request(addr, "GET", path, timeout)
+}
+
+/// Like [`http_get`] with any method (the body of the response is read until
+/// the server closes; a HEAD response has none).
+pub fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    timeout: Duration,
+) -> Result<HttpResponse> {
+    let deadline = Instant::now() + timeout;
+    let mut s =
+        TcpStream::connect_timeout(&addr, timeout).with_context(|| format!("connect to {addr}"))?;
+    s.set_write_timeout(Some(timeout))?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: tests\r\nAccept: */*\r\nConnection: close\r\n\r\n"
+    )
+    .with_context(|| format!("sending {method} {path} to {addr}"))?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            bail!("{method} {path} to {addr}: response not complete within {timeout:?}");
+        }
+        s.set_read_timeout(Some(left))?;
+        match s.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                if buf.len() > 16 << 20 {
+                    bail!("{method} {path} to {addr}: response larger than 16 MiB");
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e).with_context(|| format!("{method} {path} to {addr}")),
+        }
+    }
+    let text = String::from_utf8(buf).with_context(|| format!("{method} {path}: not UTF-8"))?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("{method} {path} to {addr}: no end of headers in {text:?}"))?;
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let mut parts = status_line.splitn(3, ' ');
+    let (Some(version), Some(code)) = (parts.next(), parts.next()) else {
+        bail!("{method} {path} to {addr}: bad status line {status_line:?}");
+    };
+    if !version.starts_with("HTTP/1.") {
+        bail!("{method} {path} to {addr}: bad status line {status_line:?}");
+    }
+    let status: u16 = code
+        .parse()
+        .with_context(|| format!("bad status line {status_line:?}"))?;
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    Ok(HttpResponse {
+        status,
+        headers,
+        body: body.to_string(),
     })
 }
 

@@ -81,6 +81,97 @@ fn prog_count(target: u32, attach_type: u32) -> u32 {
     if rc < 0 { 0 } else { attr.prog_cnt }
 }
 
+/// One program attached through tcx, with the id of the link holding it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct TcxAttachment {
+    pub iface: String,
+    /// `tcx_ingress` or `tcx_egress`.
+    pub direction: &'static str,
+    pub prog_id: u32,
+    /// 0 when the program was attached without a link.
+    pub link_id: u32,
+}
+
+/// Program and link ids attached to `ifindex` for `attach_type` (tcx), from
+/// the calling thread's network namespace.
+fn tcx_ids(ifindex: u32, attach_type: u32) -> Vec<(u32, u32)> {
+    const CAP: usize = 64;
+    let mut progs = [0u32; CAP];
+    let mut links = [0u32; CAP];
+    let mut attr = QueryAttr {
+        target: ifindex,
+        attach_type,
+        prog_ids: progs.as_mut_ptr() as u64,
+        prog_cnt: CAP as u32,
+        link_ids: links.as_mut_ptr() as u64,
+        ..Default::default()
+    };
+    // SAFETY: attr is a valid bpf_attr prefix of the size passed; prog_ids and
+    // link_ids point to arrays of prog_cnt u32s that outlive the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_QUERY,
+            &mut attr as *mut QueryAttr,
+            std::mem::size_of::<QueryAttr>() as u32,
+        )
+    };
+    if rc < 0 {
+        return Vec::new();
+    }
+    let n = (attr.prog_cnt as usize).min(CAP);
+    (0..n).map(|i| (progs[i], links[i])).collect()
+}
+
+/// Every tcx attachment (ingress and egress) on every interface of namespace
+/// `ns`, with program and link ids: a link id that stays the same while the
+/// program id changes means the program was replaced inside the link.
+pub fn tcx_attachments(ns: &str) -> Result<Vec<TcxAttachment>> {
+    let ifaces = netns_interfaces(ns)?;
+    let mut found = in_netns(ns, || tcx_attachments_here(&ifaces))?;
+    found.sort();
+    Ok(found)
+}
+
+/// `(name, ifindex)` of every interface in namespace `ns`.
+pub fn netns_interfaces(ns: &str) -> Result<Vec<(String, u32)>> {
+    let links = cmd::ip(&["-n", ns, "-j", "link", "show"])?;
+    let links: Value = serde_json::from_str(&links).context("parsing ip -j link output")?;
+    Ok(links
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|l| {
+            (
+                l["ifname"].as_str().unwrap_or("?").to_string(),
+                l["ifindex"].as_u64().unwrap_or(0) as u32,
+            )
+        })
+        .collect())
+}
+
+/// [`tcx_attachments`] for the given `(name, ifindex)` interfaces, from the
+/// calling thread's network namespace (cheap enough to poll in a loop).
+pub fn tcx_attachments_here(ifaces: &[(String, u32)]) -> Vec<TcxAttachment> {
+    let mut v = Vec::new();
+    for (name, index) in ifaces {
+        for (t, direction) in [
+            (BPF_TCX_INGRESS, "tcx_ingress"),
+            (BPF_TCX_EGRESS, "tcx_egress"),
+        ] {
+            for (prog_id, link_id) in tcx_ids(*index, t) {
+                v.push(TcxAttachment {
+                    iface: name.clone(),
+                    direction,
+                    prog_id,
+                    link_id,
+                });
+            }
+        }
+    }
+    v
+}
+
 /// Every BPF attachment on every interface of namespace `ns`, one readable
 /// line each (`lan0 tcx_ingress: 1 program(s)`, `pv1-2 xdp`, ...). Empty when
 /// nothing is attached.

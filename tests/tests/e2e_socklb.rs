@@ -106,7 +106,7 @@ fn socket_lb_translates_at_connect_and_the_tc_path_stays_idle() {
             .filter_map(|a| a["hook"].as_str())
             .collect();
         ensure!(
-            hooks.len() == 4,
+            hooks.len() == 8,
             "socket-LB hooks attached: {hooks:?} in {status:#}"
         );
 
@@ -296,6 +296,79 @@ fn connected_udp_sockets_to_a_removed_backend_are_ended() {
             "agent log: {}",
             agents[0].log_tail(20)
         );
+        Ok(())
+    });
+}
+
+/// A dual-stack Service: pods reach it over IPv6 (connect6/sendmsg6/recvmsg6/getpeername6) and
+/// over IPv4, each family to its own endpoints, and see the VIP of the family they dialled.
+#[test]
+fn socket_lb_serves_ipv6_and_dual_stack_services() {
+    with_bed(|bed| {
+        const VIP4: &str = "198.18.100.44";
+        const VIP6: &str = "fd00:18:100::44";
+        let mut pods = Vec::new();
+        for (node, name) in [(1, "d-1a"), (2, "d-2a")] {
+            let p = bed.add_pod(node, name)?;
+            bed.start_echo(&p, &[8080], &[5353])?;
+            pods.push(p);
+        }
+        let svc = Service::cluster_ip("default", "dual", VIP4)
+            .port("http", 80, 8080, Proto::Tcp)
+            .port("dns", 53, 5353, Proto::Udp)
+            .spec("clusterIPs", serde_json::json!([VIP4, VIP6]))
+            .spec("ipFamilies", serde_json::json!(["IPv4", "IPv6"]))
+            .spec("ipFamilyPolicy", serde_json::json!("RequireDualStack"));
+        let slice = |suffix: &str, v6: bool| {
+            let mut s = EndpointSlice::new("default", "dual", suffix)
+                .port("http", 8080, Proto::Tcp)
+                .port("dns", 5353, Proto::Udp);
+            if v6 {
+                s.address_type = "IPv6".into();
+            }
+            for p in &pods {
+                let a = if v6 {
+                    p.ip6.to_string()
+                } else {
+                    p.ip.to_string()
+                };
+                s = s.endpoint(Endpoint::ready(&a, &format!("node{}", p.node)));
+            }
+            s.to_yaml()
+        };
+        bed.write_manifest("dual-svc.yaml", &svc.to_yaml())?;
+        bed.write_manifest("dual-slice4.yaml", &slice("v4", false))?;
+        bed.write_manifest("dual-slice6.yaml", &slice("v6", true))?;
+        let client = bed.add_pod(1, "client")?;
+        let agents = bed.start_agents(SYNC)?;
+        let status = agents[0].status_json()?;
+        ensure!(
+            status["services"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|s| s["vip"] == VIP6 && s["port"] == 80),
+            "IPv6 frontend missing from status: {status:#}"
+        );
+
+        let names: Vec<String> = pods.iter().map(|p| p.name.clone()).collect();
+        for (proto, port) in [(Proto::Tcp, 80), (Proto::Udp, 53)] {
+            let vip6 = vip(VIP6, port);
+            let out = bed.pod_requests(&client, proto, vip6, 60, T)?;
+            let tally = Tally::new(&out);
+            tally.expect_no_failures()?;
+            let b: Vec<&str> = names.iter().map(String::as_str).collect();
+            tally.expect_spread(&b, 0.3)?;
+            for r in out.iter().flatten() {
+                ensure!(r.peer == vip6, "{proto:?}/IPv6: application saw {}", r.peer);
+                ensure!(
+                    r.client.ip() == std::net::IpAddr::V6(client.ip6),
+                    "{proto:?}/IPv6: backend saw {} instead of the pod's IPv6 address",
+                    r.client
+                );
+            }
+            requests_ok(bed, &client, proto, vip(VIP4, port), &names)?;
+        }
         Ok(())
     });
 }

@@ -1,16 +1,20 @@
-//! tb-echo: a test backend. `tb-echo --name NAME [--tcp PORT]... [--udp PORT]...`
-//! listens on 0.0.0.0 on every port; to every TCP connection and every UDP
+//! tb-echo: a test backend.
+//! `tb-echo --name NAME [--tcp PORT]... [--udp PORT]... [--stream PORT]...`
+//! listens on [::] (IPv4 and IPv6) on every port; to every TCP connection and every UDP
 //! datagram it answers one line `NAME <peer-ip>:<peer-port> <local-port>\n`
-//! (then closes the connection). Runs until killed.
+//! (then closes the connection). On a `--stream` port a connection is
+//! long-lived instead: every line `L` the client sends is answered with
+//! `NAME L`, until the client closes, an error, or 30 s without a line.
+//! Runs until killed.
 
-use std::io::Write;
-use std::net::{TcpListener, UdpSocket};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream, UdpSocket};
 use std::process::ExitCode;
 use std::thread;
 use std::time::Duration;
 
 fn usage() -> ExitCode {
-    eprintln!("usage: tb-echo --name NAME [--tcp PORT]... [--udp PORT]...");
+    eprintln!("usage: tb-echo --name NAME [--tcp PORT]... [--udp PORT]... [--stream PORT]...");
     ExitCode::from(2)
 }
 
@@ -18,6 +22,7 @@ fn main() -> ExitCode {
     let mut name = None;
     let mut tcp = Vec::new();
     let mut udp = Vec::new();
+    let mut stream = Vec::new();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let Some(v) = args.next() else {
@@ -25,11 +30,16 @@ fn main() -> ExitCode {
         };
         match a.as_str() {
             "--name" => name = Some(v),
-            "--tcp" | "--udp" => {
+            "--tcp" | "--udp" | "--stream" => {
                 let Ok(p) = v.parse::<u16>() else {
                     return usage();
                 };
-                if a == "--tcp" { &mut tcp } else { &mut udp }.push(p);
+                match a.as_str() {
+                    "--tcp" => &mut tcp,
+                    "--udp" => &mut udp,
+                    _ => &mut stream,
+                }
+                .push(p);
             }
             _ => return usage(),
         }
@@ -37,13 +47,17 @@ fn main() -> ExitCode {
     let Some(name) = name else {
         return usage();
     };
-    if tcp.is_empty() && udp.is_empty() {
+    if tcp.is_empty() && udp.is_empty() && stream.is_empty() {
         return usage();
     }
 
     let mut threads = Vec::new();
-    for port in tcp {
-        let listener = match TcpListener::bind(("0.0.0.0", port)) {
+    for (port, long_lived) in tcp
+        .iter()
+        .map(|p| (*p, false))
+        .chain(stream.iter().map(|p| (*p, true)))
+    {
+        let listener = match TcpListener::bind(("::", port)) {
             Ok(l) => l,
             Err(e) => {
                 eprintln!("tb-echo: bind tcp/{port}: {e}");
@@ -51,10 +65,16 @@ fn main() -> ExitCode {
             }
         };
         let name = name.clone();
-        threads.push(thread::spawn(move || serve_tcp(&name, listener)));
+        threads.push(thread::spawn(move || {
+            if long_lived {
+                serve_streams(&name, listener)
+            } else {
+                serve_tcp(&name, listener)
+            }
+        }));
     }
     for port in udp {
-        let sock = match UdpSocket::bind(("0.0.0.0", port)) {
+        let sock = match UdpSocket::bind(("::", port)) {
             Ok(s) => s,
             Err(e) => {
                 eprintln!("tb-echo: bind udp/{port}: {e}");
@@ -89,6 +109,48 @@ fn serve_tcp(name: &str, listener: TcpListener) {
         if let Err(e) = stream.write_all(line.as_bytes()) {
             eprintln!("tb-echo: write to {peer}: {e}");
         }
+    }
+}
+
+/// Accepts long-lived connections, one thread each (see [`serve_stream`]).
+fn serve_streams(name: &str, listener: TcpListener) {
+    let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
+    loop {
+        match listener.accept() {
+            Ok((stream, peer)) => {
+                let name = name.to_string();
+                thread::spawn(move || {
+                    if let Err(e) = serve_stream(&name, stream) {
+                        eprintln!("tb-echo: stream from {peer} on tcp/{port}: {e}");
+                    }
+                });
+            }
+            Err(e) => {
+                eprintln!("tb-echo: accept on tcp/{port}: {e}");
+                thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+/// Answers every line `L` with `NAME L` until the client closes; gives up
+/// after 30 s without a line, or on any error.
+fn serve_stream(name: &str, stream: TcpStream) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(2)))?;
+    let _ = stream.set_nodelay(true);
+    let mut out = stream.try_clone()?;
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        // A line longer than this is not from a test client: stop.
+        let n = (&mut reader).take(4096).read_line(&mut line)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let text = line.trim_end_matches(['\r', '\n']);
+        out.write_all(format!("{name} {text}\n").as_bytes())?;
     }
 }
 
