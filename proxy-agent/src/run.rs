@@ -131,6 +131,24 @@ impl Interfaces {
     }
 }
 
+/// The first attach (or in-place program swap) of every hook.
+fn attach_all(
+    cfg: &RunConfig,
+    ebpf: &mut aya::Ebpf,
+    ifaces: &mut Interfaces,
+) -> anyhow::Result<()> {
+    match &cfg.socket_lb_cgroup {
+        Some(cg) => {
+            loader::attach_sock(ebpf, &cfg.bpffs, cg)
+                .with_context(|| format!("attaching socket LB to {}", cg.display()))?;
+            tracing::info!(cgroup = %cg.display(), "socket LB attached");
+        }
+        None => loader::detach_sock(&cfg.bpffs),
+    }
+    ifaces.reconcile(cfg, loader::tc_program(ebpf)?);
+    Ok(())
+}
+
 fn translate_inputs(inputs: &Inputs, opts: &Options) -> (DesiredState, Vec<report::Rejected>) {
     let t = translate(inputs, opts);
     for e in &t.errors {
@@ -167,15 +185,12 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
             });
         }
     }
-    let mut ebpf = loader::load(&cfg.bpffs, cfg.map_sizes).context("loading the datapath")?;
-    match &cfg.socket_lb_cgroup {
-        Some(cg) => {
-            loader::attach_sock(&mut ebpf, &cfg.bpffs, cg)
-                .with_context(|| format!("attaching socket LB to {}", cg.display()))?;
-            tracing::info!(cgroup = %cg.display(), "socket LB attached");
-        }
-        None => loader::detach_sock(&cfg.bpffs),
-    }
+    let (mut ebpf, migration) =
+        loader::load_replacing(&cfg.bpffs, cfg.map_sizes).context("loading the datapath")?;
+    // Programs are attached (or swapped into the pinned links) only after the first sync, so the
+    // new programs never run on maps the source has not filled yet; until then whatever an
+    // earlier agent attached keeps serving.
+    let mut migration = Some(migration);
     let mut writer = Writer::adopt(Maps::open(&cfg.bpffs)?)?;
     tracing::info!(
         services = writer.programmed().services.len(),
@@ -213,7 +228,9 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
 
     loop {
-        ifaces.reconcile(&cfg, loader::tc_program(&mut ebpf)?);
+        if generation > 0 {
+            ifaces.reconcile(&cfg, loader::tc_program(&mut ebpf)?);
+        }
 
         let changed = source.poll();
         if let Some(inputs) = &changed {
@@ -246,6 +263,12 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
                         "ended connected UDP sockets to removed backends"
                     ),
                     Err(e) => tracing::warn!(error = %e, "ending UDP sockets to removed backends"),
+                }
+            }
+            if generation == 0 {
+                attach_all(&cfg, &mut ebpf, &mut ifaces)?;
+                if let Some(m) = migration.take() {
+                    m.finish().context("releasing replaced maps")?;
                 }
             }
             generation += 1;

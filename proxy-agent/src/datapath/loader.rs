@@ -52,10 +52,23 @@ impl Default for MapSizes {
     }
 }
 
-/// Loads the object. Maps already pinned under `bpffs` are reused (their contents survive an
-/// agent restart, and their size stays what it was); missing ones are created with `sizes`.
+/// Loads the object and finishes any map replacement at once (for tools and tests that do not
+/// attach).
 pub fn load(bpffs: &Path, sizes: MapSizes) -> Result<Ebpf, DatapathError> {
+    let (ebpf, migration) = load_replacing(bpffs, sizes)?;
+    migration.finish().map_err(io_err(bpffs))?;
+    Ok(ebpf)
+}
+
+/// Loads the object. Maps already pinned under `bpffs` are reused (their contents survive an
+/// agent restart); pinned maps of another shape are replaced (see `migrate`), and the returned
+/// migration must be finished once the new programs are attached.
+pub fn load_replacing(
+    bpffs: &Path,
+    sizes: MapSizes,
+) -> Result<(Ebpf, super::migrate::Migration), DatapathError> {
     fs::create_dir_all(bpffs.join(LINKS_DIR)).map_err(io_err(bpffs))?;
+    let migration = super::migrate::prepare(bpffs, sizes).map_err(io_err(bpffs))?;
     let paths: Vec<(&str, PathBuf)> = names::ALL
         .iter()
         .map(|n| (*n, super::maps::pin_path(bpffs, n)))
@@ -82,7 +95,8 @@ pub fn load(bpffs: &Path, sizes: MapSizes) -> Result<Ebpf, DatapathError> {
             .load()
             .map_err(|source| DatapathError::Program { name, source })?;
     }
-    Ok(ebpf)
+    migration.copy().map_err(io_err(bpffs))?;
+    Ok((ebpf, migration))
 }
 
 fn sock_program<'a>(
@@ -100,7 +114,7 @@ fn sock_program<'a>(
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 
-fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> io::Result<libc::c_long> {
+pub(crate) fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> io::Result<libc::c_long> {
     // SAFETY: `attr` is a zeroed bpf_attr-sized buffer the kernel reads (and may write).
     let r = unsafe {
         libc::syscall(
@@ -118,7 +132,7 @@ fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> io::Result<libc::c_long> {
 }
 
 /// Opens a pinned BPF object (BPF_OBJ_GET).
-fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+pub(crate) fn obj_get(path: &Path) -> io::Result<OwnedFd> {
     let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let mut attr = [0u64; 16];
@@ -307,6 +321,12 @@ pub fn cleanup(bpffs: &Path) -> Result<Vec<String>, DatapathError> {
         if p.exists() {
             fs::remove_file(&p).map_err(io_err(&p))?;
             removed.push(p.display().to_string());
+        }
+    }
+    for e in fs::read_dir(bpffs).into_iter().flatten().flatten() {
+        if e.file_name().to_string_lossy().starts_with("old_") {
+            fs::remove_file(e.path()).map_err(io_err(&e.path()))?;
+            removed.push(e.path().display().to_string());
         }
     }
     // Only remove the directory if nothing else lives there.

@@ -2,6 +2,7 @@
 pub mod addr;
 pub mod loader;
 pub mod maps;
+pub mod migrate;
 pub mod sockets;
 pub mod writer;
 

@@ -1,0 +1,216 @@
+//! Map layout changes across agent upgrades and restarts. A pinned map whose shape (key size,
+//! value size, capacity) differs from what this agent's programs need cannot be reused: it is
+//! moved aside, a new map is created under the pinned name, and entries are copied across when
+//! their layout is unchanged (a resize). The old programs keep using the old maps until the new
+//! programs replace them inside the pinned links; entries the old programs added meanwhile are
+//! copied once more after that, then the old maps are released. A layout that changed its
+//! key or value gets a new versioned name (`_v2`) instead; such maps start empty and are
+//! rebuilt from the desired state.
+use std::{
+    fs, io,
+    os::fd::{AsRawFd as _, OwnedFd},
+    path::{Path, PathBuf},
+};
+
+use aya::maps::MapData;
+use proxy_common::{
+    Backend, BackendKey, COUNTER_COUNT, CtKey, CtValue, FragKey, FragValue, ServiceKey,
+    ServiceValue, SlotKey, SlotValue, SockKey, SockValue, SvcName, limits, names,
+};
+
+use super::loader::{MapSizes, bpf, obj_get};
+
+/// Prefix of a map moved aside, inside the bpffs directory
+/// (bpffs refuses names with dots.)
+const ASIDE: &str = "old_";
+
+/// (key size, value size, capacity) this agent's programs need for `name`.
+pub fn wanted_shape(name: &str, sizes: MapSizes) -> Option<(u32, u32, u32)> {
+    use std::mem::size_of;
+    let s = |k: usize, v: usize, max: u32| Some((k as u32, v as u32, max));
+    match name {
+        names::SERVICES => s(
+            size_of::<ServiceKey>(),
+            size_of::<ServiceValue>(),
+            sizes.services,
+        ),
+        names::SVC_NAMES => s(4, size_of::<SvcName>(), sizes.services),
+        names::SLOTS => s(size_of::<SlotKey>(), size_of::<SlotValue>(), sizes.backends),
+        names::BACKENDS => s(
+            size_of::<BackendKey>(),
+            size_of::<Backend>(),
+            sizes.backends,
+        ),
+        names::CONNTRACK => s(size_of::<CtKey>(), size_of::<CtValue>(), sizes.conntrack),
+        names::FRAGMENTS => s(
+            size_of::<FragKey>(),
+            size_of::<FragValue>(),
+            limits::FRAGMENTS,
+        ),
+        names::COUNTERS => s(4, 8, COUNTER_COUNT),
+        names::SOCKETS => s(
+            size_of::<SockKey>(),
+            size_of::<SockValue>(),
+            limits::SOCKETS,
+        ),
+        _ => None,
+    }
+}
+
+/// A map being replaced: the old one (moved aside) and the new one's pin.
+#[derive(Debug)]
+pub struct Replaced {
+    pub name: &'static str,
+    old: PathBuf,
+    new: PathBuf,
+    /// Entries can be copied (same key and value layout).
+    copy: bool,
+}
+
+/// Maps replaced by this start; finished once the new programs are attached.
+#[derive(Debug, Default)]
+pub struct Migration {
+    pub replaced: Vec<Replaced>,
+}
+
+/// Before loading: moves aside every pinned map whose shape differs from what is wanted (and
+/// resumes any move an interrupted agent left behind).
+pub fn prepare(bpffs: &Path, sizes: MapSizes) -> io::Result<Migration> {
+    let mut m = Migration::default();
+    for name in names::ALL {
+        let Some((key, value, max)) = wanted_shape(name, sizes) else {
+            continue;
+        };
+        let pin = bpffs.join(name);
+        let old = bpffs.join(format!("{ASIDE}{name}"));
+        let shape = |p: &Path| -> Option<(u32, u32, u32)> {
+            let info = MapData::from_pin(p).ok()?.info().ok()?;
+            Some((info.key_size(), info.value_size(), info.max_entries()))
+        };
+        if old.exists() {
+            // An earlier agent stopped half way: finish its move.
+            let copy = shape(&old).is_some_and(|(k, v, _)| (k, v) == (key, value));
+            if pin.exists() && shape(&pin) != Some((key, value, max)) {
+                fs::remove_file(&pin)?;
+            }
+            m.replaced.push(Replaced {
+                name,
+                old,
+                new: pin,
+                copy,
+            });
+            continue;
+        }
+        let Some(have) = shape(&pin) else {
+            continue;
+        };
+        if have == (key, value, max) {
+            continue;
+        }
+        let copy = (have.0, have.1) == (key, value);
+        tracing::warn!(
+            map = name,
+            have = ?have,
+            want = ?(key, value, max),
+            entries = if copy { "copied" } else { "rebuilt" },
+            "pinned map has another shape; replacing it"
+        );
+        fs::rename(&pin, &old)?;
+        m.replaced.push(Replaced {
+            name,
+            old,
+            new: pin,
+            copy,
+        });
+    }
+    Ok(m)
+}
+
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+const BPF_NOEXIST: u64 = 1;
+
+fn elem_attr(fd: &OwnedFd, key: &[u8], value_or_next: &mut [u8], flags: u64) -> [u64; 16] {
+    let mut attr = [0u64; 16];
+    attr[0] = fd.as_raw_fd() as u32 as u64;
+    attr[1] = key.as_ptr() as u64;
+    attr[2] = value_or_next.as_mut_ptr() as u64;
+    attr[3] = flags;
+    attr
+}
+
+/// Copies every entry of `from` into `to` (both with `key`/`value` sizes); with
+/// `keep_newer`, entries already in `to` win. Returns how many were written.
+fn copy_entries(from: &Path, to: &Path, keep_newer: bool) -> io::Result<usize> {
+    let info = MapData::from_pin(from)
+        .and_then(|m| m.info())
+        .map_err(io::Error::other)?;
+    let (ks, vs) = (info.key_size() as usize, info.value_size() as usize);
+    let (src, dst) = (obj_get(from)?, obj_get(to)?);
+    let mut key = vec![0u8; ks];
+    let mut next = vec![0u8; ks];
+    let mut value = vec![0u8; vs];
+    let mut first = true;
+    let mut copied = 0;
+    loop {
+        // A null key pointer asks for the first key.
+        let mut attr = elem_attr(&src, &key, &mut next, 0);
+        if first {
+            attr[1] = 0;
+        }
+        match bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => break,
+            Err(e) => return Err(e),
+        }
+        first = false;
+        key.copy_from_slice(&next);
+        let mut attr = elem_attr(&src, &key, &mut value, 0);
+        if bpf(BPF_MAP_LOOKUP_ELEM, &mut attr).is_err() {
+            continue; // evicted meanwhile
+        }
+        let flags = if keep_newer { BPF_NOEXIST } else { 0 };
+        let mut attr = elem_attr(&dst, &key, &mut value, flags);
+        match bpf(BPF_MAP_UPDATE_ELEM, &mut attr) {
+            Ok(_) => copied += 1,
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+            // A smaller new map: LRU maps evict, hash maps refuse; either way move on.
+            Err(e) if e.raw_os_error() == Some(libc::E2BIG) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(copied)
+}
+
+impl Migration {
+    /// After loading, before the new programs run: bring the old entries across.
+    pub fn copy(&self) -> io::Result<()> {
+        for r in self
+            .replaced
+            .iter()
+            .filter(|r| r.copy && r.name != names::COUNTERS)
+        {
+            let n = copy_entries(&r.old, &r.new, false)?;
+            tracing::info!(map = r.name, entries = n, "copied entries into the new map");
+        }
+        Ok(())
+    }
+
+    /// After the new programs replaced the old ones in every link: copy what the old programs
+    /// added meanwhile, then release the old maps.
+    pub fn finish(self) -> io::Result<()> {
+        for r in &self.replaced {
+            if r.copy && r.name != names::COUNTERS {
+                let n = copy_entries(&r.old, &r.new, true)?;
+                tracing::info!(
+                    map = r.name,
+                    entries = n,
+                    "copied late entries into the new map"
+                );
+            }
+            fs::remove_file(&r.old)?;
+        }
+        Ok(())
+    }
+}
