@@ -103,3 +103,39 @@ fn a_resized_map_is_migrated_without_breaking_established_flows() {
         Ok(())
     });
 }
+
+/// A map left by an older layout version (another key/value layout, another name) is rebuilt
+/// from the desired state and released once the new programs run.
+#[test]
+fn maps_of_an_older_layout_version_are_released() {
+    with_bed(|bed| {
+        let svc =
+            Service::cluster_ip("default", "v0", "198.18.100.72").port("s", 90, 7000, Proto::Tcp);
+        bed.write_manifest("v0-svc.yaml", &svc.to_yaml())?;
+        let bpffs = std::path::PathBuf::from("/sys/fs/bpf").join(format!("{}-node1", bed.prefix()));
+        std::fs::create_dir_all(&bpffs)?;
+        let old = bpffs.join("ct_v0");
+        let out = std::process::Command::new("bpftool")
+            .args(["map", "create"])
+            .arg(&old)
+            .args([
+                "type", "lru_hash", "key", "36", "value", "32", "entries", "64", "name", "ct_v0",
+            ])
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "bpftool map create: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let agent = bed.start_agent(1)?;
+        agent.wait_for_sync(1, SYNC)?;
+        ensure!(!old.exists(), "the older layout's map is still pinned");
+        ensure!(agent.log_text().contains("map of an older layout"));
+        let s = agent.status_json()?;
+        ensure!(
+            s["services"].as_array().is_some_and(|v| v.len() == 1),
+            "{s:#}"
+        );
+        Ok(())
+    });
+}

@@ -324,7 +324,8 @@ pub fn cleanup(bpffs: &Path) -> Result<Vec<String>, DatapathError> {
         }
     }
     for e in fs::read_dir(bpffs).into_iter().flatten().flatten() {
-        if e.file_name().to_string_lossy().starts_with("old_") {
+        let file = e.file_name().to_string_lossy().into_owned();
+        if file.starts_with("old_") || super::migrate::newer_version_of(&file).is_some() {
             fs::remove_file(e.path()).map_err(io_err(&e.path()))?;
             removed.push(e.path().display().to_string());
         }

@@ -123,7 +123,32 @@ pub fn prepare(bpffs: &Path, sizes: MapSizes) -> io::Result<Migration> {
             copy,
         });
     }
+    // Maps of another layout version (`ct_v0` beside `ct_v1`): their key or value changed, so
+    // nothing is copied; they are released with the rest once the new programs run.
+    for e in fs::read_dir(bpffs)?.flatten() {
+        let file = e.file_name().to_string_lossy().into_owned();
+        if let Some(name) = newer_version_of(&file) {
+            tracing::warn!(old = %file, new = name, "map of an older layout; rebuilding");
+            m.replaced.push(Replaced {
+                name,
+                old: e.path(),
+                new: bpffs.join(name),
+                copy: false,
+            });
+        }
+    }
     Ok(m)
+}
+
+/// `ct_v0` -> `ct_v1`: the current name of a map pinned under another layout version.
+pub fn newer_version_of(file: &str) -> Option<&'static str> {
+    let (base, version) = file.rsplit_once("_v")?;
+    if version.is_empty() || !version.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    names::ALL
+        .into_iter()
+        .find(|n| *n != file && n.rsplit_once("_v").is_some_and(|(b, _)| b == base))
 }
 
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
@@ -212,5 +237,20 @@ impl Migration {
             fs::remove_file(&r.old)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn older_layout_versions_are_recognised() {
+        assert_eq!(newer_version_of("ct_v0"), Some(names::CONNTRACK));
+        assert_eq!(newer_version_of("svc_slots_v7"), Some(names::SLOTS));
+        assert_eq!(newer_version_of("ct_v1"), None, "the current one");
+        assert_eq!(newer_version_of("links"), None);
+        assert_eq!(newer_version_of("old_ct_v1"), None);
+        assert_eq!(newer_version_of("ct_vx"), None);
     }
 }
