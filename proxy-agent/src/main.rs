@@ -213,7 +213,9 @@ fn main() -> anyhow::Result<()> {
                     conntrack: map_size_conntrack.max(2),
                 },
             };
-            tokio::runtime::Builder::new_current_thread()
+            // Two workers: the HTTP endpoints answer while the sync loop does blocking map work.
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
                 .enable_all()
                 .build()?
                 .block_on(run::run(cfg))

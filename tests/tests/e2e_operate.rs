@@ -1,0 +1,912 @@
+//! End-to-end tests of operating proxy-agent: its Prometheus metrics and
+//! health endpoints, and agent restarts (SIGTERM and SIGKILL) that must not
+//! disturb established or new connections. They need root and the agent
+//! binary (`cargo build -p proxy-agent`, or `PROXY_AGENT_BIN`); without them
+//! they fail, they never skip.
+//!
+//! Every agent runs in its own node namespace, so the default metrics
+//! (127.0.0.1:10249) and healthz (0.0.0.0:10256) addresses never collide.
+//! VIPs: 198.18.100.30-39.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, ensure};
+use nix::sys::signal::Signal;
+use serde_json::Value;
+use tests::client::{EchoStream, HttpResponse, http_get, http_request};
+use tests::inspect::{TcxAttachment, netns_interfaces, tcx_attachments, tcx_attachments_here};
+use tests::{
+    Agent, Endpoint, EndpointSlice, Pod, Proto, Service, Tally, TestBed, find_status_service,
+    in_netns, netns_attachments, status_backends, status_services, tcp_request, tcp_requests,
+    udp_requests,
+};
+
+/// Per-request timeout.
+const T: Duration = Duration::from_secs(2);
+/// Time an agent may take to load, attach and program the maps.
+const SYNC: Duration = Duration::from_secs(60);
+
+/// Two backends on each of two nodes.
+const FOUR: [(u8, &str); 4] = [(1, "op-1a"), (1, "op-1b"), (2, "op-2a"), (2, "op-2b")];
+
+/// Builds a 2-node bed, runs `f` on it; on failure keeps the bed's directory and
+/// prints the tail of every log before failing the test.
+fn with_bed(f: impl FnOnce(&mut TestBed) -> Result<()>) {
+    let mut bed = TestBed::new(2).expect("building the test bed (needs root)");
+    if let Err(e) = f(&mut bed) {
+        bed.keep_dir();
+        eprintln!("{}", bed.log_tails(40));
+        panic!("{e:#}");
+    }
+}
+
+fn addr(ip: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.parse().expect("address literal"), port)
+}
+
+fn slice_for(service: &str, backends: &[Pod]) -> EndpointSlice {
+    let mut s = EndpointSlice::new("default", service, "x1");
+    for p in backends {
+        s = s.endpoint(Endpoint::ready(
+            &p.ip.to_string(),
+            &format!("node{}", p.node),
+        ));
+    }
+    s
+}
+
+/// `GET path` from inside namespace `ns`.
+fn get(ns: &str, to: SocketAddr, path: &str) -> Result<HttpResponse> {
+    in_netns(ns, || http_get(to, path, T))?.with_context(|| format!("GET {path} in {ns}"))
+}
+
+/// Prometheus text exposition: `name{labels}` -> value, for every sample line.
+fn parse_metrics(text: &str) -> Result<BTreeMap<String, f64>> {
+    let mut out = BTreeMap::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (key, value) = line
+            .rsplit_once(' ')
+            .with_context(|| format!("metric line without a value: {line:?}"))?;
+        let v: f64 = match value {
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            v => v
+                .parse()
+                .with_context(|| format!("bad value in metric line {line:?}"))?,
+        };
+        ensure!(
+            out.insert(key.to_string(), v).is_none(),
+            "metric {key} appears twice"
+        );
+    }
+    Ok(out)
+}
+
+fn sample(m: &BTreeMap<String, f64>, key: &str) -> Result<f64> {
+    m.get(key)
+        .copied()
+        .with_context(|| format!("no sample {key} in the metrics"))
+}
+
+/// Scrapes node `ns`'s /metrics, checks the status and content type and parses it.
+fn scrape(ns: &str) -> Result<(String, BTreeMap<String, f64>)> {
+    let r = get(ns, addr("127.0.0.1", 10249), "/metrics")?;
+    ensure!(
+        r.status == 200,
+        "/metrics answered {}: {}",
+        r.status,
+        r.body
+    );
+    ensure!(
+        r.header("content-type")
+            .is_some_and(|c| c.starts_with("text/plain")),
+        "/metrics content type {:?}",
+        r.header("content-type")
+    );
+    let m = parse_metrics(&r.body)?;
+    Ok((r.body, m))
+}
+
+/// Checks a histogram's series: cumulative buckets ending in +Inf == count.
+fn check_histogram(m: &BTreeMap<String, f64>, name: &str) -> Result<f64> {
+    let count = sample(m, &format!("{name}_count"))?;
+    let sum = sample(m, &format!("{name}_sum"))?;
+    ensure!(sum >= 0.0, "{name}_sum is {sum}");
+    let mut buckets: Vec<(f64, f64)> = m
+        .iter()
+        .filter_map(|(k, v)| {
+            let le = k
+                .strip_prefix(&format!("{name}_bucket{{le=\""))?
+                .strip_suffix("\"}")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, *v))
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    ensure!(buckets.len() >= 2, "{name}: buckets {buckets:?}");
+    ensure!(
+        buckets.windows(2).all(|w| w[0].1 <= w[1].1),
+        "{name}: buckets not cumulative: {buckets:?}"
+    );
+    let last = buckets.last().expect("at least two buckets");
+    ensure!(
+        last.0.is_infinite() && last.1 == count,
+        "{name}: +Inf bucket {last:?} differs from count {count}"
+    );
+    Ok(count)
+}
+
+/// Checks a /healthz or /livez answer: 200, JSON with kube-proxy's fields.
+fn check_healthy(r: &HttpResponse, what: &str) -> Result<()> {
+    ensure!(r.status == 200, "{what} answered {}: {}", r.status, r.body);
+    ensure!(
+        r.header("content-type") == Some("application/json"),
+        "{what}: content type {:?}",
+        r.header("content-type")
+    );
+    let v: Value =
+        serde_json::from_str(&r.body).with_context(|| format!("{what}: body {:?}", r.body))?;
+    for field in ["lastUpdated", "currentTime"] {
+        let t = v[field].as_str().unwrap_or_default();
+        // RFC 3339, UTC: 2026-01-02T03:04:05Z (fractions allowed).
+        ensure!(
+            t.len() >= 20 && t.as_bytes()[4] == b'-' && t.contains('T') && t.ends_with('Z'),
+            "{what}: {field} {t:?} is not an RFC 3339 time: {}",
+            r.body
+        );
+    }
+    ensure!(
+        v["nodeEligible"] == Value::Bool(true),
+        "{what}: nodeEligible not true: {}",
+        r.body
+    );
+    Ok(())
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// Every metric family the agent promises, and the sample names it must have.
+const METRICS: [&str; 9] = [
+    "kubeproxy_sync_proxy_rules_duration_seconds",
+    "kubeproxy_network_programming_duration_seconds",
+    "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+    "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+    "proxy_services_not_programmed",
+    "proxy_objects_rejected",
+    "proxy_datapath_packets_total",
+    "proxy_map_entries",
+    "proxy_map_capacity",
+];
+
+/// (1) /metrics, /healthz and /livez answer with sensible content once the
+/// agent synced; healthz is reachable on the node address, metrics only on
+/// loopback; unknown paths are 404; an agent with `--healthz-timeout-s 1`
+/// stays healthy while its changes are programmed in time.
+#[test]
+fn metrics_and_healthz_are_scraped() {
+    with_bed(|bed| {
+        const VIP: &str = "198.18.100.31";
+        let mut backends = Vec::new();
+        for (node, name) in FOUR {
+            let p = bed.add_pod(node, name)?;
+            bed.start_echo(&p, &[8080], &[5353])?;
+            backends.push(p);
+        }
+        let client = bed.add_pod(1, "client")?;
+        let svc = Service::cluster_ip("default", "metered", VIP)
+            .port("http", 80, 8080, Proto::Tcp)
+            .port("dns", 53, 5353, Proto::Udp);
+        let slice = slice_for("metered", &backends)
+            .port("http", 8080, Proto::Tcp)
+            .port("dns", 5353, Proto::Udp);
+        bed.write_manifest("metered-svc.yaml", &svc.to_yaml())?;
+        bed.write_manifest("metered-slice.yaml", &slice.to_yaml())?;
+        let agents = bed.start_agents(SYNC)?;
+        let node1 = bed.node(1).clone();
+
+        let (_, before) = scrape(&node1.ns)?;
+        let new_before = sample(
+            &before,
+            "proxy_datapath_packets_total{outcome=\"translated_new\"}",
+        )?;
+        const N: usize = 30;
+        Tally::new(&tcp_requests(&client.ns, addr(VIP, 80), N, T)?).expect_no_failures()?;
+        Tally::new(&udp_requests(&client.ns, addr(VIP, 53), N, T)?).expect_no_failures()?;
+
+        let (text, m) = scrape(&node1.ns)?;
+        for name in METRICS {
+            ensure!(
+                text.contains(&format!("# TYPE {name} ")),
+                "no `# TYPE {name}` in the metrics:\n{text}"
+            );
+        }
+        let syncs = check_histogram(&m, "kubeproxy_sync_proxy_rules_duration_seconds")?;
+        ensure!(syncs >= 1.0, "sync count {syncs}");
+        let programmed = check_histogram(&m, "kubeproxy_network_programming_duration_seconds")?;
+        ensure!(programmed >= 1.0, "network programming count {programmed}");
+        let now = unix_now();
+        for name in [
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+            "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+        ] {
+            let t = sample(&m, name)?;
+            ensure!(
+                t > now - 600.0 && t <= now + 5.0,
+                "{name} is {t}, now is {now}"
+            );
+        }
+        ensure!(sample(&m, "proxy_services_not_programmed")? == 0.0);
+        ensure!(sample(&m, "proxy_objects_rejected")? == 0.0);
+        let outcome = |o: &str| format!("proxy_datapath_packets_total{{outcome=\"{o}\"}}");
+        let new_after = sample(&m, &outcome("translated_new"))?;
+        ensure!(
+            new_after - new_before >= (2 * N) as f64,
+            "translated_new went from {new_before} to {new_after} over {} new flows",
+            2 * N
+        );
+        ensure!(sample(&m, &outcome("reverse_translated"))? > 0.0);
+
+        // Map usage agrees with `status` and with what was programmed.
+        let status = agents[0].status_json()?;
+        let frontends = status_services(&status).len();
+        ensure!(
+            frontends == 2,
+            "status lists {frontends} frontends: {status:#}"
+        );
+        let svc_entries = sample(&m, "proxy_map_entries{map=\"svc_v1\"}")?;
+        ensure!(
+            svc_entries == frontends as f64,
+            "proxy_map_entries{{map=\"svc_v1\"}} is {svc_entries}, {frontends} frontends programmed"
+        );
+        for map in status["maps"].as_array().context("status has no maps")? {
+            let name = map["name"].as_str().context("map without a name")?;
+            let cap = sample(&m, &format!("proxy_map_capacity{{map=\"{name}\"}}"))?;
+            let entries = sample(&m, &format!("proxy_map_entries{{map=\"{name}\"}}"))?;
+            ensure!(
+                Some(cap as u64) == map["max_entries"].as_u64(),
+                "capacity of {name}: metrics {cap}, status {map}"
+            );
+            ensure!(entries <= cap, "{name}: {entries} entries, capacity {cap}");
+            if name == "backends_v1" {
+                ensure!(
+                    Some(entries as u64) == map["entries"].as_u64(),
+                    "entries of {name}: metrics {entries}, status {map}"
+                );
+            }
+        }
+
+        // Health, on loopback and on the node address, and from the LAN.
+        let hz = addr("127.0.0.1", 10256);
+        check_healthy(&get(&node1.ns, hz, "/healthz")?, "/healthz")?;
+        check_healthy(&get(&node1.ns, hz, "/livez")?, "/livez")?;
+        let node_hz = SocketAddr::new(node1.ip.into(), 10256);
+        check_healthy(
+            &get(&node1.ns, node_hz, "/healthz")?,
+            "node-address /healthz",
+        )?;
+        check_healthy(
+            &get(bed.ext_ns(), node_hz, "/healthz")?,
+            "/healthz from LAN",
+        )?;
+        check_healthy(&get(&bed.node(2).ns, hz, "/healthz")?, "node2 /healthz")?;
+        let (_, m2) = scrape(&bed.node(2).ns)?;
+        ensure!(sample(&m2, "proxy_map_entries{map=\"svc_v1\"}")? == 2.0);
+
+        // Metrics are not served on the node address.
+        let remote_metrics = in_netns(bed.ext_ns(), || {
+            http_get(SocketAddr::new(node1.ip.into(), 10249), "/metrics", T)
+        })?;
+        ensure!(
+            remote_metrics.is_err(),
+            "metrics answered on the node address from the LAN: {remote_metrics:?}"
+        );
+
+        // Unknown paths, wrong server, wrong method.
+        for (port, path) in [
+            (10256, "/nope"),
+            (10256, "/metrics"),
+            (10249, "/healthz"),
+            (10249, "/metricsx"),
+        ] {
+            let r = get(&node1.ns, addr("127.0.0.1", port), path)?;
+            ensure!(r.status == 404, "GET :{port}{path} answered {}", r.status);
+        }
+        let post = in_netns(&node1.ns, || http_request(hz, "POST", "/healthz", T))??;
+        ensure!(post.status == 405, "POST /healthz answered {}", post.status);
+        let head = in_netns(&node1.ns, || http_request(hz, "HEAD", "/healthz", T))??;
+        ensure!(
+            head.status == 200 && head.body.is_empty(),
+            "HEAD /healthz: {head:?}"
+        );
+
+        // An agent with a 1 s healthz timeout: healthy after sync, and still
+        // healthy after a change it programmed in time.
+        let node2 = bed.node(2).clone();
+        bed.stop_agent(&agents[1]);
+        let manifests = bed.manifests_dir().to_path_buf();
+        let strict = bed.start_agent_with(2, &manifests, &["--healthz-timeout-s", "1"])?;
+        let g = strict.wait_for_sync(1, SYNC)?;
+        check_healthy(&get(&node2.ns, hz, "/healthz")?, "strict /healthz")?;
+        let (_, m_before) = scrape(&node2.ns)?;
+        let queued_before = sample(
+            &m_before,
+            "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+        )?;
+        let fewer = slice_for("metered", &backends[..3])
+            .port("http", 8080, Proto::Tcp)
+            .port("dns", 5353, Proto::Udp);
+        bed.write_manifest("metered-slice.yaml", &fewer.to_yaml())?;
+        strict.wait_for_sync(g + 1, SYNC)?;
+        thread::sleep(Duration::from_millis(1500));
+        check_healthy(
+            &get(&node2.ns, hz, "/healthz")?,
+            "strict /healthz 1.5 s after a change",
+        )?;
+        let (_, m_after) = scrape(&node2.ns)?;
+        ensure!(
+            check_histogram(&m_after, "kubeproxy_network_programming_duration_seconds")?
+                > check_histogram(&m_before, "kubeproxy_network_programming_duration_seconds")?,
+            "the change was not counted in kubeproxy_network_programming_duration_seconds"
+        );
+        ensure!(
+            sample(
+                &m_after,
+                "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds"
+            )? > queued_before,
+            "last queued timestamp did not move with the change"
+        );
+        // One backend entry per (address, port): 3 pods x 2 ports.
+        let backend_entries = sample(&m_after, "proxy_map_entries{map=\"backends_v1\"}")?;
+        ensure!(
+            backend_entries == 6.0,
+            "backends_v1 has {backend_entries} entries after the change, want 6"
+        );
+        Ok(())
+    });
+}
+
+/// Results of one long-lived stream's worker.
+struct StreamResult {
+    backend: String,
+    exchanges: u64,
+    error: Option<String>,
+    slowest: Duration,
+}
+
+/// Exchanges a line on `s` every `every` until `stop` (or `limit` passes);
+/// stops at the first error: a broken stream does not come back.
+fn stream_worker(
+    i: usize,
+    mut s: EchoStream,
+    stop: &AtomicBool,
+    every: Duration,
+    limit: Instant,
+) -> StreamResult {
+    let mut r = StreamResult {
+        backend: s.backend.clone(),
+        exchanges: 0,
+        error: None,
+        slowest: Duration::ZERO,
+    };
+    while !stop.load(Ordering::Relaxed) && Instant::now() < limit {
+        let started = Instant::now();
+        if let Err(e) = s.exchange(&format!("s{i}-{}", r.exchanges), T) {
+            r.error = Some(format!("after {} exchanges: {e:#}", r.exchanges));
+            return r;
+        }
+        r.slowest = r.slowest.max(started.elapsed());
+        r.exchanges += 1;
+        thread::sleep(every);
+    }
+    r
+}
+
+/// Short connections one after another until `stop` (or `limit` passes, or
+/// `max` connections); every outcome is kept, with the slowest connection's time.
+fn dial_loop(
+    to: SocketAddr,
+    stop: &AtomicBool,
+    limit: Instant,
+    max: usize,
+) -> (Vec<tests::Outcome>, Duration) {
+    let mut out = Vec::new();
+    let mut slowest = Duration::ZERO;
+    while !stop.load(Ordering::Relaxed) && Instant::now() < limit && out.len() < max {
+        let started = Instant::now();
+        out.push(tcp_request(to, T).map_err(|e| format!("{e:#}")));
+        slowest = slowest.max(started.elapsed());
+        thread::sleep(Duration::from_millis(5));
+    }
+    (out, slowest)
+}
+
+/// Samples the tcx attachments of `ifaces` every 10 ms until `stop`; returns
+/// the number of samples and every distinct snapshot, in the order seen.
+fn tcx_sampler(
+    ifaces: &[(String, u32)],
+    stop: &AtomicBool,
+    limit: Instant,
+) -> (usize, Vec<Vec<TcxAttachment>>) {
+    let mut samples = 0;
+    let mut distinct: Vec<Vec<TcxAttachment>> = Vec::new();
+    while !stop.load(Ordering::Relaxed) && Instant::now() < limit {
+        let now = tcx_attachments_here(ifaces);
+        samples += 1;
+        if distinct.last() != Some(&now) {
+            distinct.push(now);
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    (samples, distinct)
+}
+
+/// Where each thread of `pid` waits in the kernel (for a hung agent).
+fn kernel_stacks(pid: u32) -> String {
+    let mut out = format!("kernel stacks of {pid}:\n");
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten();
+    for t in tasks.flatten().take(64) {
+        let p = t.path();
+        let read = |f: &str| std::fs::read_to_string(p.join(f)).unwrap_or_default();
+        out.push_str(&format!(
+            "{} {} wchan={}\n{}",
+            p.display(),
+            read("comm").trim(),
+            read("wchan"),
+            read("stack")
+        ));
+    }
+    out
+}
+
+/// Sets the flag when dropped, so that workers stop on every exit path.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Opens long-lived streams from the calling thread's namespace until every
+/// backend has `per_backend` of them (at most `attempts` connections).
+fn open_streams(
+    to: SocketAddr,
+    backends: &[String],
+    per_backend: usize,
+    attempts: usize,
+) -> Result<Vec<EchoStream>> {
+    let mut kept: Vec<EchoStream> = Vec::new();
+    for _ in 0..attempts {
+        if kept.len() >= backends.len() * per_backend {
+            break;
+        }
+        let s = EchoStream::connect(to, T)?;
+        ensure!(s.peer == to, "stream peer is {}, dialled {to}", s.peer);
+        ensure!(
+            backends.contains(&s.backend),
+            "unexpected backend {}",
+            s.backend
+        );
+        if kept.iter().filter(|k| k.backend == s.backend).count() < per_backend {
+            kept.push(s);
+        }
+    }
+    ensure!(
+        kept.len() == backends.len() * per_backend,
+        "{attempts} connections did not reach every backend {per_backend} times: {:?}",
+        kept.iter().map(|s| &s.backend).collect::<Vec<_>>()
+    );
+    Ok(kept)
+}
+
+/// The tcx links on node interfaces the agent attaches to (lan0 and the pod
+/// veths), ingress.
+fn agent_links(all: &[TcxAttachment]) -> Vec<&TcxAttachment> {
+    all.iter()
+        .filter(|a| {
+            a.direction == "tcx_ingress" && (a.iface == "lan0" || a.iface.starts_with("pv"))
+        })
+        .collect()
+}
+
+/// (2) Restarting node1's agent five times, alternating SIGTERM and SIGKILL,
+/// while 8 long-lived streams exchange lines every 50 ms and a client dials
+/// short connections back to back: no stream breaks, no connection fails,
+/// the tcx links stay attached the whole time (same link ids, new programs),
+/// and each new agent adopts the pinned maps.
+#[test]
+fn agent_restarts_do_not_disturb_traffic() {
+    with_bed(|bed| {
+        let test_start = Instant::now();
+        const VIP: &str = "198.18.100.32";
+        const STREAM_PORT: u16 = 9000;
+        let mut backends = Vec::new();
+        for (node, name) in FOUR {
+            let p = bed.add_pod(node, name)?;
+            bed.start_echo_streams(&p, &[8080], &[], &[STREAM_PORT])?;
+            backends.push(p);
+        }
+        let streamer = bed.add_pod(1, "streamer")?;
+        let dialer = bed.add_pod(1, "dialer")?;
+        let svc = Service::cluster_ip("default", "steady", VIP)
+            .port("http", 80, 8080, Proto::Tcp)
+            .port("stream", STREAM_PORT, STREAM_PORT, Proto::Tcp);
+        let slice = slice_for("steady", &backends)
+            .port("http", 8080, Proto::Tcp)
+            .port("stream", STREAM_PORT, Proto::Tcp);
+        bed.write_manifest("steady-svc.yaml", &svc.to_yaml())?;
+        bed.write_manifest("steady-slice.yaml", &slice.to_yaml())?;
+        let agents = bed.start_agents(SYNC)?;
+        let mut agent: Agent = agents[0].clone();
+        let node1 = bed.node(1).clone();
+        let names: Vec<String> = backends.iter().map(|p| p.name.clone()).collect();
+        let http = addr(VIP, 80);
+        let stream_vip = addr(VIP, STREAM_PORT);
+
+        let streams = in_netns(&streamer.ns, || open_streams(stream_vip, &names, 2, 200))??;
+        let links_before = tcx_attachments(&node1.ns)?;
+        let attached_before: Vec<TcxAttachment> =
+            agent_links(&links_before).into_iter().cloned().collect();
+        ensure!(
+            attached_before.iter().any(|a| a.iface == "lan0")
+                && attached_before
+                    .iter()
+                    .filter(|a| a.iface.starts_with("pv"))
+                    .count()
+                    == 4,
+            "expected tcx ingress on lan0 and 4 pod veths of node1: {links_before:?}"
+        );
+        ensure!(
+            attached_before.iter().all(|a| a.link_id != 0),
+            "attached without links: {attached_before:?}"
+        );
+        let ifaces = netns_interfaces(&node1.ns)?;
+        let (_, m_before) = scrape(&node1.ns)?;
+        let new_flows_before = sample(
+            &m_before,
+            "proxy_datapath_packets_total{outcome=\"translated_new\"}",
+        )?;
+        eprintln!(
+            "setup took {:?}; streams on {:?}",
+            test_start.elapsed(),
+            streams.iter().map(|s| &s.backend).collect::<Vec<_>>()
+        );
+
+        let stop = AtomicBool::new(false);
+        // Hard limit for every worker, whatever happens in the main thread.
+        let limit = Instant::now() + Duration::from_secs(60);
+        let restarts_started = Instant::now();
+        let (cycles, stream_results, (dials, slowest_dial), (samples, tcx_history)) =
+            thread::scope(|scope| -> Result<_> {
+                let _stop_guard = StopOnDrop(&stop);
+                let stop = &stop;
+                let workers: Vec<_> = streams
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, s)| {
+                        scope.spawn(move || {
+                            stream_worker(i, s, stop, Duration::from_millis(50), limit)
+                        })
+                    })
+                    .collect();
+                let dialer_ns = dialer.ns.clone();
+                let dial = scope
+                    .spawn(move || in_netns(&dialer_ns, || dial_loop(http, stop, limit, 20_000)));
+                let node_ns = node1.ns.clone();
+                let ifaces = &ifaces;
+                let sampler =
+                    scope.spawn(move || in_netns(&node_ns, || tcx_sampler(ifaces, stop, limit)));
+
+                // Let traffic flow before the first restart.
+                thread::sleep(Duration::from_millis(500));
+                let mut cycles: Vec<(Signal, Duration)> = Vec::new();
+                for i in 0..5 {
+                    let started = Instant::now();
+                    let sig = if i % 2 == 0 {
+                        Signal::SIGTERM
+                    } else {
+                        Signal::SIGKILL
+                    };
+                    let exited = bed.kill_with(agent.pid, sig, Duration::from_secs(2))?;
+                    ensure!(
+                        exited,
+                        "agent {} did not exit within 2 s of {sig}",
+                        agent.pid
+                    );
+                    if sig == Signal::SIGTERM {
+                        ensure!(
+                            agent.log_text().contains("datapath left in place"),
+                            "agent did not log a clean stop after SIGTERM:\n{}",
+                            agent.log_tail(20)
+                        );
+                    }
+                    thread::sleep(Duration::from_millis(300));
+                    agent = bed.start_agent(1)?;
+                    agent
+                        .wait_for_sync(1, Duration::from_secs(10))
+                        .map_err(|e| e.context(kernel_stacks(agent.pid)))?;
+                    let took = started.elapsed();
+                    cycles.push((sig, took));
+                    let log = agent.log_text();
+                    ensure!(
+                        log.lines()
+                            .any(|l| l.contains("adopted pinned maps") && l.contains("services=2")),
+                        "restart {i}: the new agent did not adopt the 2 programmed frontends:\n{}",
+                        agent.log_tail(20)
+                    );
+                    ensure!(
+                        !log.contains("defunct pinned link"),
+                        "restart {i}: a pinned link was recreated:\n{}",
+                        agent.log_tail(20)
+                    );
+                    // Same links, each holding a new program.
+                    let now = tcx_attachments(&node1.ns)?;
+                    let now: Vec<&TcxAttachment> = agent_links(&now);
+                    ensure!(
+                        now.len() == attached_before.len(),
+                        "restart {i}: links {now:?}, before {attached_before:?}"
+                    );
+                    for (a, b) in now.iter().zip(&attached_before) {
+                        ensure!(
+                            a.iface == b.iface && a.link_id == b.link_id,
+                            "restart {i}: link of {} changed: {a:?}, before {b:?}",
+                            b.iface
+                        );
+                    }
+                    let h = get(&node1.ns, addr("127.0.0.1", 10256), "/healthz")?;
+                    check_healthy(&h, &format!("/healthz after restart {i}"))?;
+                    ensure!(
+                        took < Duration::from_secs(3),
+                        "restart {i} ({sig}) took {took:?}"
+                    );
+                    thread::sleep(Duration::from_millis(200));
+                }
+                // Traffic on the last agent for a moment, then stop everything.
+                thread::sleep(Duration::from_millis(500));
+                stop.store(true, Ordering::Relaxed);
+                let results: Vec<StreamResult> = workers
+                    .into_iter()
+                    .map(|w| w.join().expect("stream worker panicked"))
+                    .collect();
+                let dials = dial.join().expect("dialer panicked")?;
+                let sampled = sampler.join().expect("sampler panicked")?;
+                Ok((cycles, results, dials, sampled))
+            })?;
+        let traffic_time = restarts_started.elapsed();
+
+        // Streams: all alive, all answered every 50 ms or so.
+        let broken: Vec<String> = stream_results
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| {
+                r.error
+                    .as_ref()
+                    .map(|e| format!("stream {i} ({}): {e}", r.backend))
+            })
+            .collect();
+        ensure!(broken.is_empty(), "streams broke: {broken:#?}");
+        // A lost segment would show as a retransmission (200 ms or more).
+        let slowest = stream_results
+            .iter()
+            .map(|r| r.slowest)
+            .max()
+            .unwrap_or_default();
+        ensure!(
+            slowest < Duration::from_millis(500),
+            "a stream exchange took {slowest:?}"
+        );
+        let min_exchanges = (traffic_time.as_millis() / 50 / 4) as u64;
+        for (i, r) in stream_results.iter().enumerate() {
+            ensure!(
+                r.exchanges >= min_exchanges,
+                "stream {i} ({}) made only {} exchanges in {traffic_time:?}",
+                r.backend,
+                r.exchanges
+            );
+        }
+        // New connections: none failed, all through the VIP.
+        let tally = Tally::new(&dials);
+        tally
+            .expect_no_failures()
+            .context("new connections during restarts")?;
+        ensure!(tally.ok >= 100, "only {} new connections made", tally.ok);
+        let b: Vec<&str> = names.iter().map(String::as_str).collect();
+        tally.expect_spread(&b, 0.3)?;
+        ensure!(
+            dials.iter().flatten().all(|r| r.peer == http),
+            "a new connection saw a peer other than {http}"
+        );
+        // A lost SYN would show as a retransmission after 1 s.
+        ensure!(
+            slowest_dial < Duration::from_millis(900),
+            "a new connection took {slowest_dial:?}"
+        );
+        // tcx: attached in every sample, one link per interface throughout,
+        // a new program after every restart.
+        ensure!(samples >= 50, "only {samples} tcx samples");
+        let mut programs: BTreeMap<String, BTreeSet<u32>> = BTreeMap::new();
+        for (n, snapshot) in tcx_history.iter().enumerate() {
+            let now = agent_links(snapshot);
+            for b in &attached_before {
+                let found: Vec<&&TcxAttachment> =
+                    now.iter().filter(|a| a.iface == b.iface).collect();
+                ensure!(
+                    found.len() == 1 && found[0].link_id == b.link_id,
+                    "tcx snapshot {n}: {} has {found:?}, expected link {}",
+                    b.iface,
+                    b.link_id
+                );
+                programs
+                    .entry(b.iface.clone())
+                    .or_default()
+                    .insert(found[0].prog_id);
+            }
+        }
+        for (iface, progs) in &programs {
+            ensure!(
+                progs.len() == 6,
+                "{iface}: programs {progs:?} over 5 restarts (want 6 distinct)"
+            );
+        }
+
+        // Counters were adopted, not reset.
+        let (_, m_after) = scrape(&node1.ns)?;
+        let new_flows_after = sample(
+            &m_after,
+            "proxy_datapath_packets_total{outcome=\"translated_new\"}",
+        )?;
+        let counter_diff: Vec<String> = m_after
+            .iter()
+            .filter(|(k, _)| k.starts_with("proxy_datapath_packets_total"))
+            .filter_map(|(k, v)| {
+                let d = v - m_before.get(k).copied().unwrap_or(0.0);
+                (d != 0.0).then(|| format!("{k}+{d}"))
+            })
+            .collect();
+        eprintln!("node1 counters during the restarts: {counter_diff:?}");
+        let ports: BTreeSet<u16> = dials.iter().flatten().map(|r| r.local.port()).collect();
+        eprintln!(
+            "dialer: {} connections from {} distinct local ports",
+            tally.ok,
+            ports.len()
+        );
+        // Each distinct 5-tuple is one new flow; a source port the kernel
+        // reuses finds its earlier conntrack entry (same backend).
+        let new_flows = new_flows_after - new_flows_before;
+        ensure!(
+            new_flows >= ports.len() as f64 && new_flows <= tally.ok as f64,
+            "translated_new grew by {new_flows} over {} new connections from {} distinct ports; counter changes {counter_diff:?}",
+            tally.ok,
+            ports.len()
+        );
+
+        // The last agent: service programmed, attachments in place.
+        let status = agent.status_json()?;
+        for port in [80, STREAM_PORT] {
+            let svc = find_status_service(&status, VIP, port, Proto::Tcp)
+                .with_context(|| format!("{VIP}:{port} not in status: {status:#}"))?;
+            ensure!(
+                status_backends(svc).len() == 4,
+                "backends of {VIP}:{port}: {svc}"
+            );
+        }
+        let attached = status["attachments"]
+            .as_array()
+            .context("status has no attachments")?;
+        for b in &attached_before {
+            ensure!(
+                attached.iter().any(|a| a["interface"] == b.iface.as_str()),
+                "status does not list {}: {attached:?}",
+                b.iface
+            );
+        }
+        let kernel_view = netns_attachments(&node1.ns)?;
+        for b in &attached_before {
+            ensure!(
+                kernel_view
+                    .iter()
+                    .any(|l| l.starts_with(&format!("{} tcx_ingress", b.iface))),
+                "{} not attached at the end: {kernel_view:?}",
+                b.iface
+            );
+        }
+
+        let per_stream: Vec<u64> = stream_results.iter().map(|r| r.exchanges).collect();
+        eprintln!(
+            "restarts: {cycles:?}; traffic {traffic_time:?}; stream exchanges {per_stream:?}, slowest {slowest:?}; new connections {tally}, slowest {slowest_dial:?}; tcx samples {samples}, {} distinct; whole test {:?}",
+            tcx_history.len(),
+            test_start.elapsed()
+        );
+        ensure!(
+            test_start.elapsed() < Duration::from_secs(60),
+            "test took {:?}",
+            test_start.elapsed()
+        );
+        Ok(())
+    });
+}
+
+/// (3) Before its first sync the agent answers /healthz and /livez with 503
+/// (kube-proxy's semantics) and its metrics show no sync: an agent whose API
+/// server never answers (a kubeconfig pointing at a closed loopback port).
+#[test]
+fn healthz_fails_before_the_first_sync() {
+    let mut bed = TestBed::new(1).expect("building the test bed (needs root)");
+    let r = (|| -> Result<()> {
+        let kubeconfig = bed.dir().join("kubeconfig-nowhere");
+        // Port 9 on the node's own loopback: nothing listens there.
+        std::fs::write(
+            &kubeconfig,
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: nowhere\n  cluster: {server: \"http://127.0.0.1:9\"}\nusers:\n- name: nobody\n  user: {token: none}\ncontexts:\n- name: nowhere\n  context: {cluster: nowhere, user: nobody}\ncurrent-context: nowhere\n",
+        )?;
+        let agent = bed.start_agent_kube(1, &kubeconfig, &[])?;
+        let ns = bed.node(1).ns.clone();
+        let hz = addr("127.0.0.1", 10256);
+        // Wait (bounded) for the endpoint to listen.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let first = loop {
+            match in_netns(&ns, || http_get(hz, "/healthz", T))? {
+                Ok(r) => break r,
+                Err(e) if Instant::now() > deadline => {
+                    return Err(e.context(format!(
+                        "/healthz never answered; agent log:\n{}",
+                        agent.log_tail(20)
+                    )));
+                }
+                Err(_) => {
+                    ensure!(agent.is_running(), "agent exited:\n{}", agent.log_tail(20));
+                    thread::sleep(Duration::from_millis(50));
+                }
+            }
+        };
+        // Still unsynced a moment later, on both paths.
+        thread::sleep(Duration::from_millis(500));
+        for (path, r) in [
+            ("/healthz (first answer)", first),
+            ("/healthz", get(&ns, hz, "/healthz")?),
+            ("/livez", get(&ns, hz, "/livez")?),
+        ] {
+            ensure!(r.status == 503, "{path} answered {}: {}", r.status, r.body);
+            let v: Value =
+                serde_json::from_str(&r.body).with_context(|| format!("{path}: {:?}", r.body))?;
+            ensure!(
+                v["lastUpdated"] == "" && v["currentTime"].as_str().is_some_and(|t| !t.is_empty()),
+                "{path}: {}",
+                r.body
+            );
+        }
+        let (_, m) = scrape(&ns)?;
+        ensure!(check_histogram(&m, "kubeproxy_sync_proxy_rules_duration_seconds")? == 0.0);
+        ensure!(sample(&m, "kubeproxy_sync_proxy_rules_last_timestamp_seconds")? == 0.0);
+        ensure!(
+            agent.is_running() && agent.generation().is_none(),
+            "the agent synced or exited:\n{}",
+            agent.log_tail(20)
+        );
+        Ok(())
+    })();
+    if let Err(e) = r {
+        bed.keep_dir();
+        eprintln!("{}", bed.log_tails(40));
+        panic!("{e:#}");
+    }
+}
