@@ -47,7 +47,7 @@ struct RunArgs {
     /// Pod-facing interfaces, as globs (e.g. 'veth*,lxc*').
     #[arg(long, value_delimiter = ',')]
     pod_interfaces: Vec<String>,
-    /// NodePort addresses (CIDRs); not used by the ClusterIP datapath yet.
+    /// Which addresses of the --interfaces serve NodePorts, as CIDRs (default: all of them).
     #[arg(long, value_delimiter = ',')]
     nodeport_addresses: Vec<String>,
     /// cgroup v2 directory whose processes get socket LB (default: the cgroup v2 root).
@@ -158,7 +158,7 @@ fn main() -> anyhow::Result<()> {
                 service_proxy_name,
                 interfaces,
                 pod_interfaces,
-                nodeport_addresses: _,
+                nodeport_addresses,
                 cgroup,
                 socket_lb,
                 bpffs,
@@ -207,6 +207,13 @@ fn main() -> anyhow::Result<()> {
                 } else {
                     None
                 },
+                nodeport_cidrs: nodeport_addresses
+                    .iter()
+                    .map(|c| {
+                        c.parse()
+                            .map_err(|e| anyhow::anyhow!("--nodeport-addresses: {e}"))
+                    })
+                    .collect::<anyhow::Result<_>>()?,
                 map_sizes: proxy_agent::datapath::loader::MapSizes {
                     services: map_size_services.max(1),
                     backends: map_size_backends.max(1),

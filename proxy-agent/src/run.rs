@@ -10,10 +10,10 @@ use aya::programs::SchedClassifier;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
-    datapath::{loader, maps::Maps, sockets, writer::Writer},
+    datapath::{external, loader, maps::Maps, sockets, writer::Writer},
     model::{DesiredState, Inputs, Options, translate},
     report,
-    serve::{Health, serve},
+    serve::{Health, HealthCheckState, serve, serve_health_check},
     source::{
         kube::{self, KubeSource},
         manifests::ManifestSource,
@@ -38,6 +38,8 @@ pub struct RunConfig {
     /// How long to wait after an API change for more changes before syncing.
     pub debounce: Duration,
     pub map_sizes: loader::MapSizes,
+    /// `--nodeport-addresses`: which external addresses serve NodePorts (empty: all).
+    pub nodeport_cidrs: Vec<external::Cidr>,
     /// cgroup v2 directory for socket LB; `None` leaves socket LB off.
     pub socket_lb_cgroup: Option<PathBuf>,
     pub metrics_bind_address: Option<std::net::SocketAddr>,
@@ -149,8 +151,78 @@ fn attach_all(
     Ok(())
 }
 
-fn translate_inputs(inputs: &Inputs, opts: &Options) -> (DesiredState, Vec<report::Rejected>) {
+/// healthCheckNodePort servers, one task per port.
+#[derive(Default)]
+struct HealthChecks {
+    servers: std::collections::BTreeMap<u16, (HealthCheckState, tokio::task::JoinHandle<()>)>,
+}
+
+impl HealthChecks {
+    fn update(&mut self, wanted: &std::collections::BTreeMap<u16, crate::model::HealthCheck>) {
+        self.servers.retain(|port, (_, task)| {
+            let keep = wanted.contains_key(port);
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        for (port, hc) in wanted {
+            if let Some((state, _)) = self.servers.get(port) {
+                *state.lock().unwrap() = hc.clone();
+                continue;
+            }
+            let state: HealthCheckState = std::sync::Arc::new(std::sync::Mutex::new(hc.clone()));
+            let addr = std::net::SocketAddr::from(([0, 0, 0, 0], *port));
+            let st = state.clone();
+            let task = tokio::spawn(async move {
+                if let Err(e) = serve_health_check(addr, st).await {
+                    tracing::error!(%addr, error = %e, "healthCheckNodePort server failed");
+                }
+            });
+            tracing::info!(port, service = %format!("{}/{}", hc.namespace, hc.name), "serving healthCheckNodePort");
+            self.servers.insert(*port, (state, task));
+        }
+    }
+}
+
+/// External interfaces as the datapath needs them: NodePort addresses and SNAT sources.
+#[derive(Default, PartialEq)]
+struct ExternalView {
+    node_addresses: Vec<std::net::IpAddr>,
+    /// ifindex -> IPv4 address used for SNAT.
+    snat: std::collections::BTreeMap<u32, u32>,
+}
+
+fn external_view(cfg: &RunConfig) -> ExternalView {
+    let by_iface = external::addresses(&cfg.interfaces);
+    let mut snat = std::collections::BTreeMap::new();
+    if let Ok(list) = nix::net::if_::if_nameindex() {
+        for i in list.iter() {
+            let name = i.name().to_string_lossy();
+            let v4 = by_iface.get(name.as_ref()).and_then(|a| {
+                a.iter().find_map(|ip| match ip {
+                    std::net::IpAddr::V4(v4) => Some(u32::from_ne_bytes(v4.octets())),
+                    _ => None,
+                })
+            });
+            if let Some(a) = v4 {
+                snat.insert(i.index(), a);
+            }
+        }
+    }
+    ExternalView {
+        node_addresses: external::node_addresses(&by_iface, &cfg.nodeport_cidrs),
+        snat,
+    }
+}
+
+fn translate_inputs(
+    inputs: &Inputs,
+    opts: &Options,
+    health_checks: &mut HealthChecks,
+) -> (DesiredState, Vec<report::Rejected>) {
     let t = translate(inputs, opts);
+    health_checks.update(&t.health_checks);
     for e in &t.errors {
         tracing::error!(object = %e.object, field = %e.field, error = %e.message, "object rejected");
     }
@@ -197,10 +269,17 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         backends = writer.programmed().backends.len(),
         "adopted pinned maps"
     );
-    let opts = Options {
+    let mut opts = Options {
         node_name: cfg.node_name.clone(),
         service_proxy_name: cfg.service_proxy_name.clone(),
+        node_addresses: Vec::new(),
     };
+    let mut view = ExternalView::default();
+    let mut health_checks = HealthChecks::default();
+    let mut last_inputs: Option<Inputs> = None;
+    for iface in &cfg.interfaces {
+        external::forwarding_sysctls(iface);
+    }
     let mut source = if cfg.manifests.is_empty() {
         let client = kube::client(cfg.kubeconfig.as_deref()).await?;
         tracing::info!("watching the Kubernetes API");
@@ -232,12 +311,26 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
             ifaces.reconcile(&cfg, loader::tc_program(&mut ebpf)?);
         }
 
-        let changed = source.poll();
+        // Node addresses decide NodePort frontends; a change re-translates the last inputs.
+        let now_view = external_view(&cfg);
+        let mut changed = source.poll();
+        if now_view != view {
+            tracing::info!(addresses = ?now_view.node_addresses, "external addresses");
+            if let Err(e) = external::program_interfaces(writer.maps_mut(), &now_view.snat) {
+                tracing::error!(error = %e, "programming external interfaces");
+            }
+            opts.node_addresses = now_view.node_addresses.clone();
+            view = now_view;
+            if changed.is_none() {
+                changed = last_inputs.clone();
+            }
+        }
         if let Some(inputs) = &changed {
             health.queued();
-            let (state, errs) = translate_inputs(inputs, &opts);
+            let (state, errs) = translate_inputs(inputs, &opts, &mut health_checks);
             desired = Some(state);
             rejected = errs;
+            last_inputs = changed.clone();
         }
         let resync = last_resync.elapsed() >= cfg.resync_period;
         if let Some(want) = desired.as_ref()

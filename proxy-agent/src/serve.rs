@@ -225,13 +225,41 @@ impl Health {
     }
 }
 
+/// An endpoint's answer: status code, content type, body.
+type Response = (u16, &'static str, String);
+
 /// Serves `/metrics` (metrics_server) or `/healthz` and `/livez` until the task is dropped.
 pub async fn serve(addr: SocketAddr, health: Health, metrics_server: bool) -> std::io::Result<()> {
     let listener = TcpListener::bind(addr).await?;
     tracing::info!(%addr, what = if metrics_server { "metrics" } else { "healthz" }, "serving");
+    serve_http(listener, move |path| health.respond(path, metrics_server)).await
+}
+
+/// A healthCheckNodePort's state, updated by the sync loop.
+pub type HealthCheckState = Arc<Mutex<crate::model::HealthCheck>>;
+
+/// Serves one healthCheckNodePort like kube-proxy: 200 with the number of local endpoints, 503
+/// when this node has none (load balancers then send the Service's traffic elsewhere).
+pub async fn serve_health_check(addr: SocketAddr, state: HealthCheckState) -> std::io::Result<()> {
+    let listener = TcpListener::bind(addr).await?;
+    serve_http(listener, move |_path| {
+        let hc = state.lock().unwrap().clone();
+        let body = format!(
+            "{{\"service\": {{\"namespace\": \"{}\", \"name\": \"{}\"}}, \"localEndpoints\": {}, \"serviceProxyHealthy\": true}}",
+            hc.namespace, hc.name, hc.local_endpoints
+        );
+        (if hc.local_endpoints > 0 { 200 } else { 503 }, "application/json", body)
+    })
+    .await
+}
+
+async fn serve_http(
+    listener: TcpListener,
+    respond: impl Fn(&str) -> Response + Clone + Send + 'static,
+) -> std::io::Result<()> {
     loop {
         let (mut sock, _) = listener.accept().await?;
-        let health = health.clone();
+        let respond = respond.clone();
         tokio::spawn(async move {
             let mut buf = vec![0u8; 8192];
             let mut n = 0;
@@ -258,7 +286,7 @@ pub async fn serve(addr: SocketAddr, health: Health, metrics_server: bool) -> st
             let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
             let path = target.split('?').next().unwrap_or("");
             let (code, ctype, body) = if method == "GET" || method == "HEAD" {
-                health.respond(path, metrics_server)
+                respond(path)
             } else {
                 (405, "text/plain", "method not allowed\n".into())
             };

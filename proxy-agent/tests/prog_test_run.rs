@@ -200,6 +200,7 @@ fn fe(addr: Ipv4Addr, port: u16, protocol: Protocol) -> Frontend {
         addr: IpAddr::V4(addr),
         port,
         protocol,
+        scope: Default::default(),
     }
 }
 
@@ -208,6 +209,7 @@ fn ep(addr: Ipv4Addr, port: u16) -> Endpoint {
         addr: IpAddr::V4(addr),
         port,
         state: EndpointState::Active,
+        local: false,
     }
 }
 

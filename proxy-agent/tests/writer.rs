@@ -52,6 +52,7 @@ fn state(n: u8, ports: u16, eps: u8) -> DesiredState {
                     addr: IpAddr::from([198, 18, 100, i]),
                     port: 80 + p,
                     protocol: Protocol::Tcp,
+                    scope: Default::default(),
                 },
                 DesiredService {
                     service: format!("test/svc-{i}"),
@@ -62,6 +63,7 @@ fn state(n: u8, ports: u16, eps: u8) -> DesiredState {
                             addr: IpAddr::from([198, 19, i, e]),
                             port: 8080 + p,
                             state: EndpointState::Active,
+                            local: false,
                         })
                         .collect(),
                     affinity_timeout_s: 0,
@@ -185,6 +187,7 @@ fn services_past_capacity_are_reported_and_leave_the_rest_intact() {
             addr: IpAddr::from([198, 19, 50, e]),
             port: 80,
             state: EndpointState::Active,
+            local: false,
         })
         .collect();
     let r = w.sync(&big);

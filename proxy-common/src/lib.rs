@@ -21,9 +21,10 @@ pub mod names {
     pub const COUNTERS: &str = "counters_v1";
     pub const SVC_NAMES: &str = "svc_names_v1";
     pub const SOCKETS: &str = "sock_v1";
+    pub const INTERFACES: &str = "ifaces_v1";
     /// Every map the agent pins, in the order `status` reports them.
-    pub const ALL: [&str; 8] = [
-        SERVICES, SLOTS, BACKENDS, CONNTRACK, FRAGMENTS, COUNTERS, SVC_NAMES, SOCKETS,
+    pub const ALL: [&str; 9] = [
+        SERVICES, SLOTS, BACKENDS, CONNTRACK, FRAGMENTS, COUNTERS, SVC_NAMES, SOCKETS, INTERFACES,
     ];
 }
 
@@ -56,6 +57,11 @@ pub mod limits {
     pub const FRAGMENTS: u32 = 8_192;
     pub const SVC_NAMES: u32 = 65_536;
     pub const SOCKETS: u32 = 131_072;
+    pub const INTERFACES: u32 = 256;
+    /// Source ports used when SNATing external traffic to a backend on another node: above the
+    /// kernel's default ephemeral range (32768-60999) and the NodePort range.
+    pub const SNAT_PORT_MIN: u16 = 61_000;
+    pub const SNAT_PORT_COUNT: u16 = 4_536;
     /// Backends of one Service port (one slot each).
     pub const MAX_BACKENDS_PER_SERVICE: u32 = 4_096;
 }
@@ -66,6 +72,13 @@ pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 
+/// Which clients a frontend entry is for. A Service with externalTrafficPolicy Local has two
+/// entries for each external address: the external one (node-local endpoints, client source
+/// kept) for traffic from outside the node, and the internal one (every endpoint) for pods and
+/// host processes, which kube-proxy short-circuits to the whole Service.
+pub const SCOPE_INTERNAL: u8 = 0;
+pub const SCOPE_EXTERNAL: u8 = 1;
+
 /// Frontend: a Service address, port and protocol as clients dial it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -73,7 +86,7 @@ pub struct ServiceKey {
     pub addr: [u32; 4],
     pub port_be: u16,
     pub proto: u8,
-    /// Reserved for traffic-policy scopes (0: cluster-wide).
+    /// `SCOPE_INTERNAL` or `SCOPE_EXTERNAL`.
     pub scope: u8,
 }
 
@@ -150,7 +163,12 @@ pub struct Backend {
     pub family: u8,
     /// [`BackendState`] as u8.
     pub state: u8,
+    /// `BACKEND_LOCAL` when the backend runs on this node.
+    pub flags: u8,
+    pub _pad: [u8; 3],
 }
+
+pub const BACKEND_LOCAL: u8 = 1;
 
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -177,7 +195,9 @@ pub struct CtKey {
 }
 
 /// Forward entries hold the chosen backend (and its address, to notice a replaced backend);
-/// reverse entries hold the frontend to restore as the reply's source.
+/// reverse entries hold the frontend to restore as the reply's source. With `CT_SNAT`, the
+/// forward entry's `orig_*` is the node address and port the client was SNATed to, and the
+/// reverse entry's `orig_*` is the client to restore as the reply's destination.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CtValue {
@@ -186,8 +206,21 @@ pub struct CtValue {
     pub flags: u16,
     pub backend_id: u32,
     pub svc_id: u32,
-    pub _pad: u32,
+    pub orig_addr: [u32; 4],
+    pub orig_port_be: u16,
+    pub _pad: u16,
     pub last_seen_ns: u64,
+}
+
+pub const CT_SNAT: u16 = 1;
+
+/// An interface the agent marked as external (node-facing), keyed by ifindex: traffic entering
+/// it may be SNATed to `addr4` when its backend runs on another node.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IfaceConfig {
+    pub addr4: u32,
+    pub flags: u32,
 }
 
 /// IPv4 fragments after the first carry no ports; the first fragment records them here.
@@ -288,9 +321,13 @@ pub enum Counter {
     SockReverseTranslated = 15,
     /// Socket LB: connect/sendmsg to a frontend without endpoints refused.
     SockDroppedNoBackend = 16,
+    /// External traffic SNATed to the node address (backend on another node).
+    Snat = 17,
+    /// No free SNAT port for this backend; fail closed.
+    DroppedSnatPorts = 18,
 }
 
-pub const COUNTER_COUNT: u32 = 17;
+pub const COUNTER_COUNT: u32 = 19;
 
 pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
     "translated_new",
@@ -310,6 +347,8 @@ pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
     "sock_translated",
     "sock_reverse_translated",
     "sock_dropped_no_backend",
+    "snat",
+    "dropped_snat_ports",
 ];
 
 #[cfg(feature = "user")]
@@ -328,14 +367,15 @@ mod user {
     unsafe impl aya::Pod for SvcName {}
     unsafe impl aya::Pod for SockKey {}
     unsafe impl aya::Pod for SockValue {}
+    unsafe impl aya::Pod for IfaceConfig {}
 }
 
 // Layout checks: both sides compile these, so a size change fails the build, not the kernel.
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
 const _: () = assert!(core::mem::size_of::<ServiceValue>() == 16);
-const _: () = assert!(core::mem::size_of::<Backend>() == 20);
+const _: () = assert!(core::mem::size_of::<Backend>() == 24);
 const _: () = assert!(core::mem::size_of::<CtKey>() == 40);
-const _: () = assert!(core::mem::size_of::<CtValue>() == 40);
+const _: () = assert!(core::mem::size_of::<CtValue>() == 56);
 const _: () = assert!(core::mem::size_of::<FragKey>() == 12);
 const _: () = assert!(core::mem::size_of::<SvcName>() == 128);
 const _: () = assert!(core::mem::size_of::<SockKey>() == 32);

@@ -1,8 +1,9 @@
 //! Service lookup, backend choice and conntrack: the decision every hook makes the same way.
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
 use proxy_common::{
-    AF_INET, BackendKey, CT_FORWARD, CT_REVERSE, Counter, CtKey, CtValue, ServiceKey, ServiceValue,
-    SlotKey,
+    AF_INET, BACKEND_LOCAL, BackendKey, CT_FORWARD, CT_REVERSE, CT_SNAT, Counter, CtKey, CtValue,
+    IfaceConfig, SCOPE_EXTERNAL, SCOPE_INTERNAL, ServiceKey, ServiceValue, SlotKey,
+    limits::{SNAT_PORT_COUNT, SNAT_PORT_MIN},
 };
 
 use crate::{
@@ -12,16 +13,20 @@ use crate::{
 
 /// What to do with a packet.
 pub enum Verdict {
-    /// Rewrite the destination to this backend.
+    /// Rewrite the destination to this backend (and, for external traffic to a backend on
+    /// another node, the source to this node's address and port `snat`).
     Dnat {
         addr: u32,
         port_be: u16,
+        snat: Option<(u32, u16)>,
         counter: Counter,
     },
-    /// Rewrite the source back to the frontend the client dialled.
+    /// Rewrite the source back to the frontend the client dialled (and the destination back to
+    /// the client, `unsnat`, when the flow was SNATed).
     ReverseNat {
         addr: u32,
         port_be: u16,
+        unsnat: Option<(u32, u16)>,
     },
     Pass(Counter),
     Drop(Counter),
@@ -64,16 +69,18 @@ pub struct Chosen {
     pub backend_id: u32,
     pub addr: [u32; 4],
     pub port_be: u16,
+    /// The backend runs on this node.
+    pub local: bool,
 }
 
 /// The frontend of (address, port, protocol), if it is one.
 #[inline(always)]
-pub fn lookup_service(addr: [u32; 4], port_be: u16, proto: u8) -> Option<ServiceValue> {
+pub fn lookup_service(addr: [u32; 4], port_be: u16, proto: u8, scope: u8) -> Option<ServiceValue> {
     let key = ServiceKey {
         addr,
         port_be,
         proto,
-        scope: 0,
+        scope,
     };
     // SAFETY: plain-data value copied out at once.
     unsafe { SERVICES.get(key) }.copied()
@@ -90,6 +97,7 @@ pub fn select_backend(svc_id: u32, count: u32) -> Option<Chosen> {
         backend_id,
         addr: b.addr,
         port_be: b.port_be,
+        local: b.flags & BACKEND_LOCAL != 0,
     })
 }
 
@@ -102,16 +110,39 @@ pub fn backend_valid(backend_id: u32, addr: [u32; 4], port_be: u16) -> bool {
         .is_some_and(|b| b.addr == addr && b.port_be == port_be)
 }
 
+/// `iface` is set when the packet entered an external (node-facing) interface: it then sees
+/// the external view of a frontend first, and may be SNATed.
 #[inline(always)]
-pub fn decide(flow: &Flow) -> Verdict {
-    match lookup_service(v4(flow.daddr), flow.dport_be, flow.proto) {
-        Some(svc) => forward(flow, svc.svc_id, svc.count),
+pub fn decide(flow: &Flow, iface: Option<IfaceConfig>) -> Verdict {
+    let internal = || lookup_service(v4(flow.daddr), flow.dport_be, flow.proto, SCOPE_INTERNAL);
+    let svc = match iface {
+        Some(_) => lookup_service(v4(flow.daddr), flow.dport_be, flow.proto, SCOPE_EXTERNAL)
+            .or_else(internal),
+        None => internal(),
+    };
+    match svc {
+        Some(svc) => forward(flow, svc.svc_id, svc.count, iface),
         None => reverse(flow),
     }
 }
 
+/// A free source port on this node's address towards the backend, from the SNAT range.
 #[inline(always)]
-fn forward(flow: &Flow, svc_id: u32, count: u32) -> Verdict {
+fn snat_port(node: u32, backend: u32, bport: u16, proto: u8) -> Option<u16> {
+    let start = unsafe { bpf_get_prandom_u32() } as u16 % SNAT_PORT_COUNT;
+    for i in 0..8u16 {
+        let port_be = (SNAT_PORT_MIN + (start + i * 97) % SNAT_PORT_COUNT).to_be();
+        let rkey = ct_key(backend, node, bport, port_be, proto, CT_REVERSE);
+        // SAFETY: only presence is checked.
+        if unsafe { CONNTRACK.get(rkey) }.is_none() {
+            return Some(port_be);
+        }
+    }
+    None
+}
+
+#[inline(always)]
+fn forward(flow: &Flow, svc_id: u32, count: u32, iface: Option<IfaceConfig>) -> Verdict {
     if count == 0 {
         return Verdict::Drop(Counter::DroppedNoBackend);
     }
@@ -127,12 +158,15 @@ fn forward(flow: &Flow, svc_id: u32, count: u32) -> Verdict {
     let mut reselected = false;
     if let Some(ct) = CONNTRACK.get_ptr_mut(fkey) {
         // SAFETY: pointer from a successful lookup; fields copied out.
-        let (backend_id, nat_addr, nat_port, ct_svc) = unsafe {
+        let (backend_id, nat_addr, nat_port, ct_svc, flags, orig_addr, orig_port) = unsafe {
             (
                 (*ct).backend_id,
                 (*ct).nat_addr[0],
                 (*ct).nat_port_be,
                 (*ct).svc_id,
+                (*ct).flags,
+                (*ct).orig_addr[0],
+                (*ct).orig_port_be,
             )
         };
         if ct_svc == svc_id && backend_valid(backend_id, v4(nat_addr), nat_port) {
@@ -140,6 +174,7 @@ fn forward(flow: &Flow, svc_id: u32, count: u32) -> Verdict {
             return Verdict::Dnat {
                 addr: nat_addr,
                 port_be: nat_port,
+                snat: (flags & CT_SNAT != 0).then_some((orig_addr, orig_port)),
                 counter: Counter::TranslatedEstablished,
             };
         }
@@ -150,34 +185,47 @@ fn forward(flow: &Flow, svc_id: u32, count: u32) -> Verdict {
         backend_id,
         addr: [baddr, ..],
         port_be: bport,
+        local,
     }) = select_backend(svc_id, count)
     else {
         return Verdict::Drop(Counter::DroppedBackendMissing);
     };
-
+    // Traffic from outside the node to a backend on another node is SNATed to this node, so
+    // the replies come back through it (kube-proxy masquerades it too). Local backends reply
+    // through this node anyway, and keep seeing the client's address.
+    let snat = match iface {
+        Some(cfg) if !local && cfg.addr4 != 0 => {
+            match snat_port(cfg.addr4, baddr, bport, flow.proto) {
+                Some(p) => Some((cfg.addr4, p)),
+                None => return Verdict::Drop(Counter::DroppedSnatPorts),
+            }
+        }
+        _ => None,
+    };
+    let (flags, (src, sport)) = match snat {
+        Some(s) => (CT_SNAT, s),
+        None => (0, (flow.saddr, flow.sport_be)),
+    };
     let fval = CtValue {
         nat_addr: v4(baddr),
         nat_port_be: bport,
-        flags: 0,
+        flags,
         backend_id,
         svc_id,
+        orig_addr: v4(src),
+        orig_port_be: sport,
         _pad: 0,
         last_seen_ns: now,
     };
-    let rkey = ct_key(
-        baddr,
-        flow.saddr,
-        bport,
-        flow.sport_be,
-        flow.proto,
-        CT_REVERSE,
-    );
+    let rkey = ct_key(baddr, src, bport, sport, flow.proto, CT_REVERSE);
     let rval = CtValue {
         nat_addr: v4(flow.daddr),
         nat_port_be: flow.dport_be,
-        flags: 0,
+        flags,
         backend_id,
         svc_id,
+        orig_addr: v4(flow.saddr),
+        orig_port_be: flow.sport_be,
         _pad: 0,
         last_seen_ns: now,
     };
@@ -188,6 +236,7 @@ fn forward(flow: &Flow, svc_id: u32, count: u32) -> Verdict {
     Verdict::Dnat {
         addr: baddr,
         port_be: bport,
+        snat,
         counter: if reselected {
             Counter::Reselected
         } else {
@@ -224,8 +273,20 @@ fn reverse(flow: &Flow) -> Verdict {
         Some(ct) => {
             touch(ct, unsafe { bpf_ktime_get_ns() });
             // SAFETY: pointer from a successful lookup; fields copied out.
-            let (addr, port_be) = unsafe { ((*ct).nat_addr[0], (*ct).nat_port_be) };
-            Verdict::ReverseNat { addr, port_be }
+            let (addr, port_be, flags, orig_addr, orig_port) = unsafe {
+                (
+                    (*ct).nat_addr[0],
+                    (*ct).nat_port_be,
+                    (*ct).flags,
+                    (*ct).orig_addr[0],
+                    (*ct).orig_port_be,
+                )
+            };
+            Verdict::ReverseNat {
+                addr,
+                port_be,
+                unsnat: (flags & CT_SNAT != 0).then_some((orig_addr, orig_port)),
+            }
         }
         None => Verdict::Pass(Counter::PassedNoMatch),
     }

@@ -4,8 +4,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use proxy_common::{
-    Backend, BackendKey, COUNTER_COUNT, Counter, CtKey, CtValue, FragKey, FragValue, ServiceKey,
-    ServiceValue, SlotKey, SlotValue, SockKey, SockValue, SvcName, limits,
+    Backend, BackendKey, COUNTER_COUNT, Counter, CtKey, CtValue, FragKey, FragValue, IfaceConfig,
+    ServiceKey, ServiceValue, SlotKey, SlotValue, SockKey, SockValue, SvcName, limits,
 };
 
 #[btf_map(name = "svc_v1")]
@@ -36,6 +36,9 @@ pub static SVC_NAMES: HashMap<u32, SvcName, { limits::SVC_NAMES as usize }> = Ha
 #[btf_map(name = "sock_v1")]
 pub static SOCKETS: LruHashMap<SockKey, SockValue, { limits::SOCKETS as usize }> =
     LruHashMap::new();
+
+#[btf_map(name = "ifaces_v1")]
+pub static INTERFACES: HashMap<u32, IfaceConfig, { limits::INTERFACES as usize }> = HashMap::new();
 
 #[inline(always)]
 pub fn count(c: Counter) {

@@ -7,8 +7,8 @@ use aya_ebpf::{
     macros::cgroup_sock_addr, programs::SockAddrContext,
 };
 use proxy_common::{
-    AF_INET, AF_INET6, CT_FORWARD, CT_REVERSE, Counter, IPPROTO_TCP, IPPROTO_UDP, SockKey,
-    SockValue,
+    AF_INET, AF_INET6, CT_FORWARD, CT_REVERSE, Counter, IPPROTO_TCP, IPPROTO_UDP, SCOPE_INTERNAL,
+    SockKey, SockValue,
 };
 
 use crate::{
@@ -130,7 +130,7 @@ fn forward<const V6: bool>(ctx: &SockAddrContext) -> i32 {
         return ALLOW;
     }
     let vport = sa.user_port as u16;
-    let Some(svc) = lookup_service(vip, vport, proto) else {
+    let Some(svc) = lookup_service(vip, vport, proto, SCOPE_INTERNAL) else {
         return ALLOW;
     };
     if svc.count == 0 {
@@ -151,6 +151,7 @@ fn forward<const V6: bool>(ctx: &SockAddrContext) -> i32 {
             backend_id: v.backend_id,
             addr: v.addr,
             port_be: v.port_be,
+            local: false,
         },
         None => match select_backend(svc.svc_id, svc.count) {
             Some(c) => c,

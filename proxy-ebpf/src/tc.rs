@@ -8,10 +8,28 @@ use proxy_common::Counter;
 
 use crate::{
     lb::{Verdict, decide},
-    maps::count,
+    maps::{INTERFACES, count},
     nat::{Side, rewrite},
-    parse::parse,
+    parse::{Flow, parse},
 };
+
+/// Applies up to two rewrites; any failure drops the packet (a half-rewritten packet must not
+/// leave).
+#[inline(always)]
+fn apply(
+    ctx: &TcContext,
+    flow: &Flow,
+    first: (Side, u32, u16),
+    second: Option<(Side, u32, u16)>,
+) -> bool {
+    if rewrite(ctx, flow, first.0, first.1, first.2).is_err() {
+        return false;
+    }
+    match second {
+        Some((side, addr, port)) => rewrite(ctx, flow, side, addr, port).is_ok(),
+        None => true,
+    }
+}
 
 #[classifier]
 pub fn tc_ingress(ctx: TcContext) -> i32 {
@@ -22,15 +40,35 @@ pub fn tc_ingress(ctx: TcContext) -> i32 {
             return TC_ACT_OK;
         }
     };
-    let (side, addr, port_be, counter) = match decide(&flow) {
+    // SAFETY: the context's skb pointer is valid for the whole program run.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: plain-data value copied out at once.
+    let iface = unsafe { INTERFACES.get(ifindex) }.copied();
+    let (first, second, counter) = match decide(&flow, iface) {
         Verdict::Dnat {
             addr,
             port_be,
+            snat,
             counter,
-        } => (Side::Destination, addr, port_be, counter),
-        Verdict::ReverseNat { addr, port_be } => {
-            (Side::Source, addr, port_be, Counter::ReverseTranslated)
+        } => {
+            if snat.is_some() && counter != Counter::TranslatedEstablished {
+                count(Counter::Snat);
+            }
+            (
+                (Side::Destination, addr, port_be),
+                snat.map(|(a, p)| (Side::Source, a, p)),
+                counter,
+            )
         }
+        Verdict::ReverseNat {
+            addr,
+            port_be,
+            unsnat,
+        } => (
+            (Side::Source, addr, port_be),
+            unsnat.map(|(a, p)| (Side::Destination, a, p)),
+            Counter::ReverseTranslated,
+        ),
         Verdict::Pass(c) => {
             count(c);
             return TC_ACT_OK;
@@ -40,7 +78,7 @@ pub fn tc_ingress(ctx: TcContext) -> i32 {
             return TC_ACT_SHOT;
         }
     };
-    if rewrite(&ctx, &flow, side, addr, port_be).is_err() {
+    if !apply(&ctx, &flow, first, second) {
         count(Counter::DroppedRewriteFailed);
         return TC_ACT_SHOT;
     }

@@ -23,6 +23,7 @@ pub struct Maps {
     pub slots: HashMap<MapData, SlotKey, SlotValue>,
     pub backends: HashMap<MapData, BackendKey, Backend>,
     pub names: HashMap<MapData, u32, SvcName>,
+    pub interfaces: HashMap<MapData, u32, proxy_common::IfaceConfig>,
 }
 
 pub fn pin_path(bpffs: &Path, name: &str) -> PathBuf {
@@ -63,6 +64,7 @@ impl Maps {
             slots: typed(bpffs, names::SLOTS)?,
             backends: typed(bpffs, names::BACKENDS)?,
             names: typed(bpffs, names::SVC_NAMES)?,
+            interfaces: typed(bpffs, names::INTERFACES)?,
         })
     }
 }
@@ -108,6 +110,10 @@ pub fn usage(bpffs: &Path) -> Result<Vec<MapUsage>, DatapathError> {
             names::CONNTRACK => count_keys::<CtKey, proxy_common::CtValue>(bpffs, name)?,
             names::FRAGMENTS => count_keys::<FragKey, proxy_common::FragValue>(bpffs, name)?,
             names::SVC_NAMES => count_keys::<u32, SvcName>(bpffs, name)?,
+            names::SOCKETS => {
+                count_keys::<proxy_common::SockKey, proxy_common::SockValue>(bpffs, name)?
+            }
+            names::INTERFACES => count_keys::<u32, proxy_common::IfaceConfig>(bpffs, name)?,
             // An array: every slot always exists.
             _ => max_entries as u64,
         };

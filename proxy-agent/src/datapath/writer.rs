@@ -8,8 +8,8 @@ use std::{
 
 use aya::maps::MapError;
 use proxy_common::{
-    Backend, BackendKey, BackendState, SVC_NAME_LEN, ServiceKey, ServiceKind, ServiceValue,
-    SlotKey, SlotValue, SvcName,
+    BACKEND_LOCAL, Backend, BackendKey, BackendState, SVC_NAME_LEN, ServiceKey, ServiceKind,
+    ServiceValue, SlotKey, SlotValue, SvcName,
 };
 
 use super::{
@@ -17,7 +17,9 @@ use super::{
     addr::{family, from_words, to_words},
     maps::Maps,
 };
-use crate::model::{DesiredService, DesiredState, Endpoint, EndpointState, Frontend, Protocol};
+use crate::model::{
+    DesiredService, DesiredState, Endpoint, EndpointState, Frontend, Protocol, Scope,
+};
 
 /// One frontend as it is programmed in the maps.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -49,6 +51,11 @@ impl Programmed {
                 addr: from_words(k.addr, v.family),
                 port: u16::from_be(k.port_be),
                 protocol,
+                scope: if k.scope == proxy_common::SCOPE_EXTERNAL {
+                    Scope::External
+                } else {
+                    Scope::Internal
+                },
             };
             let slots = (0..v.count)
                 .map(|slot| {
@@ -99,6 +106,7 @@ impl Programmed {
             } else {
                 EndpointState::Active
             },
+            local: b.flags & BACKEND_LOCAL != 0,
         })
     }
 }
@@ -112,7 +120,7 @@ fn service_key(fe: &Frontend) -> ServiceKey {
         addr: to_words(fe.addr),
         port_be: fe.port.to_be(),
         proto: fe.protocol.number(),
-        scope: 0,
+        scope: fe.scope.number(),
     }
 }
 
@@ -125,6 +133,8 @@ fn backend_value(ep: &Endpoint) -> Backend {
             EndpointState::Active => BackendState::Active as u8,
             EndpointState::Terminating => BackendState::Terminating as u8,
         },
+        flags: if ep.local { BACKEND_LOCAL } else { 0 },
+        _pad: [0; 3],
     }
 }
 
@@ -177,6 +187,10 @@ impl Writer {
             next_svc_id,
             next_backend_id,
         })
+    }
+
+    pub fn maps_mut(&mut self) -> &mut Maps {
+        &mut self.maps
     }
 
     pub fn programmed(&self) -> &Programmed {

@@ -31,20 +31,44 @@ impl Protocol {
     }
 }
 
+/// Which clients a frontend entry serves (see `proxy_common::SCOPE_*`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Scope {
+    /// Everyone (and, for externalTrafficPolicy Local, pods and host processes).
+    #[default]
+    Internal,
+    /// Traffic entering the node from outside, for externalTrafficPolicy Local.
+    External,
+}
+
+impl Scope {
+    pub fn number(self) -> u8 {
+        match self {
+            Self::Internal => proxy_common::SCOPE_INTERNAL,
+            Self::External => proxy_common::SCOPE_EXTERNAL,
+        }
+    }
+}
+
 /// An address, port and protocol that clients dial.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Frontend {
     pub addr: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
+    pub scope: Scope,
 }
 
 impl fmt::Display for Frontend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.addr {
-            IpAddr::V4(a) => write!(f, "{a}:{}/{}", self.port, self.protocol.as_str()),
-            IpAddr::V6(a) => write!(f, "[{a}]:{}/{}", self.port, self.protocol.as_str()),
+            IpAddr::V4(a) => write!(f, "{a}:{}/{}", self.port, self.protocol.as_str())?,
+            IpAddr::V6(a) => write!(f, "[{a}]:{}/{}", self.port, self.protocol.as_str())?,
         }
+        if self.scope == Scope::External {
+            write!(f, " (external)")?;
+        }
+        Ok(())
     }
 }
 
@@ -61,6 +85,8 @@ pub struct Endpoint {
     pub addr: IpAddr,
     pub port: u16,
     pub state: EndpointState,
+    /// Runs on this node (external traffic to other nodes' endpoints is SNATed).
+    pub local: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

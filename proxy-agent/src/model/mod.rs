@@ -2,5 +2,7 @@
 pub mod desired;
 pub mod translate;
 
-pub use desired::{DesiredService, DesiredState, Endpoint, EndpointState, Frontend, Protocol};
-pub use translate::{Inputs, Options, TranslateError, Translation, translate};
+pub use desired::{
+    DesiredService, DesiredState, Endpoint, EndpointState, Frontend, Protocol, Scope,
+};
+pub use translate::{HealthCheck, Inputs, Options, TranslateError, Translation, translate};

@@ -12,7 +12,9 @@ use k8s_openapi::api::{
 };
 use proxy_common::{ServiceKind, limits::MAX_BACKENDS_PER_SERVICE};
 
-use super::desired::{DesiredService, DesiredState, Endpoint, EndpointState, Frontend, Protocol};
+use super::desired::{
+    DesiredService, DesiredState, Endpoint, EndpointState, Frontend, Protocol, Scope,
+};
 
 /// Label that hands a Service to another proxy (kube-proxy skips Services carrying it).
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
@@ -38,6 +40,8 @@ pub struct Options {
     pub node_name: String,
     /// `--service-proxy-name`: Services labelled with this name are ours; others labelled are not.
     pub service_proxy_name: Option<String>,
+    /// This node's addresses that serve NodePorts (`--nodeport-addresses`).
+    pub node_addresses: Vec<IpAddr>,
 }
 
 /// Options plus what is known about this node.
@@ -70,6 +74,17 @@ pub struct Translation {
     pub errors: Vec<TranslateError>,
     /// Services deliberately not handled (headless, ExternalName, other proxy), for logs.
     pub skipped: Vec<String>,
+    /// healthCheckNodePort servers this node runs: port -> the Service and its local endpoints.
+    pub health_checks: BTreeMap<u16, HealthCheck>,
+}
+
+/// One healthCheckNodePort (externalTrafficPolicy Local): load balancers ask each node whether
+/// it has local endpoints for the Service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub namespace: String,
+    pub name: String,
+    pub local_endpoints: usize,
 }
 
 fn ns_name(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (String, String) {
@@ -137,16 +152,22 @@ pub fn translate(inputs: &Inputs, opts: &Options) -> Translation {
             &node,
         ) {
             Ok(None) => out.skipped.push(format!("{ns}/{name}")),
-            Ok(Some(frontends)) => {
+            Ok(Some((frontends, health))) => {
                 // A frontend already owned by another Service: reject this one whole, so no
                 // Service is ever half-programmed (the earlier one in name order keeps it).
                 if let Some((fe, _)) = frontends
                     .iter()
                     .find(|(fe, _)| out.state.services.contains_key(fe))
                 {
+                    let field = match frontends.iter().find(|(f, _)| f == fe).map(|(_, d)| d.kind) {
+                        Some(ServiceKind::NodePort) => "spec.ports[].nodePort",
+                        Some(ServiceKind::LoadBalancer) => "status.loadBalancer.ingress",
+                        Some(ServiceKind::ExternalIp) => "spec.externalIPs",
+                        _ => "spec.clusterIPs",
+                    };
                     out.errors.push(TranslateError {
                         object: format!("Service {ns}/{name}"),
-                        field: "spec.clusterIPs".into(),
+                        field: field.into(),
                         message: format!(
                             "frontend {fe} is already used by {}",
                             out.state.services[fe].name
@@ -155,6 +176,9 @@ pub fn translate(inputs: &Inputs, opts: &Options) -> Translation {
                     continue;
                 }
                 out.state.services.extend(frontends);
+                if let Some((port, hc)) = health {
+                    out.health_checks.insert(port, hc);
+                }
             }
             Err(e) => out.errors.push(e),
         }
@@ -337,13 +361,16 @@ fn collect_endpoints(
     by_service
 }
 
+/// A Service's frontends, and its health check port if it has one.
+type Translated = (Vec<(Frontend, DesiredService)>, Option<(u16, HealthCheck)>);
+
 /// `Ok(None)`: a Service this proxy does not handle. `Err`: rejected whole.
 fn translate_service(
     svc: &Service,
     endpoints: Option<&ServiceEndpoints>,
     opts: &Options,
     node: &NodeContext,
-) -> Result<Option<Vec<(Frontend, DesiredService)>>, TranslateError> {
+) -> Result<Option<Translated>, TranslateError> {
     let (ns, name) = ns_name(&svc.metadata);
     let err = |field: String, message: String| TranslateError {
         object: format!("Service {ns}/{name}"),
@@ -432,23 +459,75 @@ fn translate_service(
         checked.push((pname, port, proto));
     }
 
+    // External addresses: NodePorts on this node's addresses, load-balancer ingress IPs
+    // (except ipMode Proxy: those must reach the load balancer, not be short-circuited), and
+    // externalIPs. Validated up front so a Service is never half-programmed.
+    let svc_type = spec.type_.as_deref().unwrap_or("ClusterIP");
+    let mut external: Vec<(IpAddr, ServiceKind)> = Vec::new();
+    for (i, ip) in spec.external_ips.iter().flatten().enumerate() {
+        let a = ip.parse::<IpAddr>().map_err(|_| {
+            err(
+                format!("spec.externalIPs[{i}]"),
+                format!("{ip:?} is not an IP address"),
+            )
+        })?;
+        external.push((a, ServiceKind::ExternalIp));
+    }
+    if svc_type == "LoadBalancer" {
+        let ingress = svc
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_ref());
+        for (i, ing) in ingress.into_iter().flatten().enumerate() {
+            let Some(ip) = &ing.ip else { continue };
+            if ing.ip_mode.as_deref() == Some("Proxy") {
+                continue;
+            }
+            let a = ip.parse::<IpAddr>().map_err(|_| {
+                err(
+                    format!("status.loadBalancer.ingress[{i}].ip"),
+                    format!("{ip:?} is not an IP address"),
+                )
+            })?;
+            external.push((a, ServiceKind::LoadBalancer));
+        }
+    }
+    let node_ports = matches!(svc_type, "NodePort" | "LoadBalancer");
+    let etp_local = spec.external_traffic_policy.as_deref() == Some("Local");
+
     let mut out = Vec::new();
-    for (pname, port, proto) in checked {
+    let mut local_endpoints = BTreeSet::new();
+    for (i, (pname, port, proto)) in checked.into_iter().enumerate() {
         let display = if pname.is_empty() {
             format!("{ns}/{name}")
         } else {
             format!("{ns}/{name}:{pname}")
         };
-        for vip in &vips {
-            let eps = endpoints_for(endpoints, &pname, proto, vip.is_ipv4());
+        let node_port = match ports[i].node_port {
+            Some(np) if node_ports => Some(valid_port(np).ok_or_else(|| {
+                err(
+                    format!("spec.ports[{i}].nodePort"),
+                    format!("{np} is not a port in 1-65535"),
+                )
+            })?),
+            _ => None,
+        };
+        let mut frontends: Vec<(IpAddr, u16, ServiceKind)> = vips
+            .iter()
+            .map(|v| (*v, port, ServiceKind::ClusterIp))
+            .collect();
+        frontends.extend(external.iter().map(|(a, k)| (*a, port, *k)));
+        if let Some(np) = node_port {
+            frontends.extend(
+                opts.node_addresses
+                    .iter()
+                    .map(|a| (*a, np, ServiceKind::NodePort)),
+            );
+        }
+        for (addr, fport, kind) in frontends {
+            let eps = endpoints_for(endpoints, &pname, proto, addr.is_ipv4());
             let cat = categorize(&eps, node);
-            // internalTrafficPolicy Local: cluster-IP traffic only to this node's endpoints
-            // (none: dropped, as kube-proxy does).
-            let eps = if spec.internal_traffic_policy.as_deref() == Some("Local") {
-                cat.local
-            } else {
-                cat.cluster
-            };
             if eps.len() > MAX_BACKENDS_PER_SERVICE as usize {
                 return Err(err(
                     "endpoints".into(),
@@ -458,23 +537,65 @@ fn translate_service(
                     ),
                 ));
             }
-            out.push((
-                Frontend {
-                    addr: *vip,
-                    port,
-                    protocol: proto,
-                },
-                DesiredService {
-                    service: format!("{ns}/{name}"),
-                    name: display.clone(),
-                    kind: ServiceKind::ClusterIp,
-                    endpoints: eps,
-                    affinity_timeout_s,
-                },
-            ));
+            local_endpoints.extend(
+                cat.local
+                    .iter()
+                    .filter(|e| e.state == EndpointState::Active)
+                    .map(|e| e.addr),
+            );
+            let entry = |scope, endpoints| {
+                (
+                    Frontend {
+                        addr,
+                        port: fport,
+                        protocol: proto,
+                        scope,
+                    },
+                    DesiredService {
+                        service: format!("{ns}/{name}"),
+                        name: display.clone(),
+                        kind,
+                        endpoints,
+                        affinity_timeout_s,
+                    },
+                )
+            };
+            if kind == ServiceKind::ClusterIp {
+                // internalTrafficPolicy Local: cluster-IP traffic only to this node's endpoints
+                // (none: dropped, as kube-proxy does).
+                let local = spec.internal_traffic_policy.as_deref() == Some("Local");
+                out.push(entry(
+                    Scope::Internal,
+                    if local { cat.local } else { cat.cluster },
+                ));
+            } else if etp_local {
+                // externalTrafficPolicy Local: traffic from outside only to this node's
+                // endpoints, client address kept; pods and host processes still reach every
+                // endpoint (kube-proxy's short-circuit).
+                out.push(entry(Scope::External, cat.local));
+                out.push(entry(Scope::Internal, cat.cluster));
+            } else {
+                out.push(entry(Scope::Internal, cat.cluster));
+            }
         }
     }
-    Ok(Some(out))
+    let health = match spec.health_check_node_port {
+        Some(p) if etp_local && node_ports => Some((
+            valid_port(p).ok_or_else(|| {
+                err(
+                    "spec.healthCheckNodePort".into(),
+                    format!("{p} is not a port in 1-65535"),
+                )
+            })?,
+            HealthCheck {
+                namespace: ns.clone(),
+                name: name.clone(),
+                local_endpoints: local_endpoints.len(),
+            },
+        )),
+        _ => None,
+    };
+    Ok(Some((out, health)))
 }
 
 /// An endpoint of one Service port, with what topology and traffic policies need.
@@ -573,6 +694,7 @@ fn categorize(eps: &[PortEndpoint], node: &NodeContext) -> Categorized {
                 addr: e.addr,
                 port: e.port,
                 state: EndpointState::Active,
+                local: is_local(e),
             })
             .collect();
         if !ready.is_empty() {
@@ -584,6 +706,7 @@ fn categorize(eps: &[PortEndpoint], node: &NodeContext) -> Categorized {
                 addr: e.addr,
                 port: e.port,
                 state: EndpointState::Terminating,
+                local: is_local(e),
             })
             .collect()
     };
@@ -601,6 +724,7 @@ mod tests {
         Options {
             node_name: "node1".into(),
             service_proxy_name: None,
+            node_addresses: vec!["198.18.0.1".parse().unwrap()],
         }
     }
 
@@ -650,6 +774,7 @@ endpoints:
             addr: addr.parse().unwrap(),
             port,
             protocol,
+            scope: Scope::Internal,
         }
     }
 
@@ -1125,7 +1250,7 @@ endpoints:
         );
         let other = Options {
             node_name: "node2".into(),
-            service_proxy_name: None,
+            ..opts()
         };
         let t = translate(&objs(y), &other);
         assert_eq!(
@@ -1161,6 +1286,149 @@ endpoints:
             names(&ours),
             ["n/s"],
             "exactly the Services labelled with our name"
+        );
+    }
+
+    #[test]
+    fn external_frontends_and_traffic_policies() {
+        let y = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: lb, namespace: default}
+spec:
+  type: LoadBalancer
+  clusterIP: 198.18.100.80
+  externalIPs: [198.18.200.1]
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 32000
+  selector: {a: b}
+  ports: [{name: http, port: 80, nodePort: 30080}]
+status:
+  loadBalancer:
+    ingress: [{ip: 198.18.201.1}, {ip: 198.18.201.2, ipMode: Proxy}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: np, namespace: default}
+spec:
+  type: NodePort
+  clusterIP: 198.18.100.81
+  selector: {a: b}
+  ports: [{name: http, port: 80, nodePort: 30081}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: lb-1, namespace: default, labels: {kubernetes.io/service-name: lb}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints:
+- {addresses: [198.19.1.2], nodeName: node1}
+- {addresses: [198.19.2.2], nodeName: node2}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: np-1, namespace: default, labels: {kubernetes.io/service-name: np}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints:
+- {addresses: [198.19.2.3], nodeName: node2}
+"#;
+        let t = translate(&objs(y), &opts());
+        assert!(t.errors.is_empty(), "{:?}", t.errors);
+        let ext = |addr: &str, port| Frontend {
+            scope: Scope::External,
+            ..fe(addr, port, Protocol::Tcp)
+        };
+        let kind = |f: Frontend| t.state.services[&f].kind;
+        // Each row: rule, frontend, backends.
+        let rows: Vec<(&str, Frontend, Vec<&str>)> = vec![
+            (
+                "ClusterIP keeps every endpoint",
+                fe("198.18.100.80", 80, Protocol::Tcp),
+                vec!["198.19.1.2:8080:Active", "198.19.2.2:8080:Active"],
+            ),
+            (
+                "eTP Local NodePort from outside: local endpoints only",
+                ext("198.18.0.1", 30080),
+                vec!["198.19.1.2:8080:Active"],
+            ),
+            (
+                "eTP Local NodePort from pods: short-circuit to every endpoint",
+                fe("198.18.0.1", 30080, Protocol::Tcp),
+                vec!["198.19.1.2:8080:Active", "198.19.2.2:8080:Active"],
+            ),
+            (
+                "LB ingress IP (VIP mode) on the Service port",
+                ext("198.18.201.1", 80),
+                vec!["198.19.1.2:8080:Active"],
+            ),
+            (
+                "externalIPs on the Service port",
+                ext("198.18.200.1", 80),
+                vec!["198.19.1.2:8080:Active"],
+            ),
+            (
+                "eTP Cluster NodePort: one entry, every endpoint",
+                fe("198.18.0.1", 30081, Protocol::Tcp),
+                vec!["198.19.2.3:8080:Active"],
+            ),
+        ];
+        for (rule, f, want) in rows {
+            assert_eq!(backends(&t, f), want, "{rule}");
+        }
+        assert_eq!(kind(ext("198.18.0.1", 30080)), ServiceKind::NodePort);
+        assert_eq!(kind(ext("198.18.201.1", 80)), ServiceKind::LoadBalancer);
+        assert_eq!(kind(ext("198.18.200.1", 80)), ServiceKind::ExternalIp);
+        assert!(
+            !t.state
+                .services
+                .keys()
+                .any(|f| f.addr.to_string() == "198.18.201.2"),
+            "ipMode Proxy ingress IPs are left to the load balancer"
+        );
+        assert!(
+            !t.state.services.contains_key(&ext("198.18.0.1", 30081)),
+            "no external view for eTP Cluster"
+        );
+        assert!(t.state.services[&ext("198.18.0.1", 30080)].endpoints[0].local);
+        assert!(!t.state.services[&fe("198.18.0.1", 30081, Protocol::Tcp)].endpoints[0].local);
+        assert_eq!(
+            t.health_checks[&32000],
+            HealthCheck {
+                namespace: "default".into(),
+                name: "lb".into(),
+                local_endpoints: 1
+            }
+        );
+        // Another node without local endpoints: its external view is empty (dropped there).
+        let t2 = translate(
+            &objs(y),
+            &Options {
+                node_name: "node3".into(),
+                ..opts()
+            },
+        );
+        assert!(
+            t2.state.services[&ext("198.18.0.1", 30080)]
+                .endpoints
+                .is_empty()
+        );
+        assert_eq!(t2.health_checks[&32000].local_endpoints, 0);
+
+        // A NodePort already taken rejects the later Service whole, naming the field.
+        let dup = format!(
+            "{y}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: zz, namespace: default}}\nspec: {{type: NodePort, clusterIP: 198.18.100.82, ports: [{{port: 80, nodePort: 30081}}]}}\n"
+        );
+        let t3 = translate(&objs(&dup), &opts());
+        assert_eq!(t3.errors.len(), 1, "{:?}", t3.errors);
+        assert_eq!(
+            (t3.errors[0].object.as_str(), t3.errors[0].field.as_str()),
+            ("Service default/zz", "spec.ports[].nodePort")
+        );
+        assert!(
+            !t3.state
+                .services
+                .contains_key(&fe("198.18.100.82", 80, Protocol::Tcp))
         );
     }
 }
