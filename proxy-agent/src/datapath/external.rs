@@ -53,7 +53,7 @@ pub fn addresses(interfaces: &[String]) -> BTreeMap<String, Vec<IpAddr>> {
         return out;
     };
     for ifa in addrs {
-        if !interfaces.iter().any(|i| *i == ifa.interface_name) {
+        if !interfaces.contains(&ifa.interface_name) {
             continue;
         }
         let Some(sa) = ifa.address else { continue };
