@@ -108,6 +108,9 @@ impl Interfaces {
             if !wanted(name) || self.attached.contains(&key) {
                 continue;
             }
+            // Reverse-translated replies and SNATed packets carry this node's own address as
+            // their source when the kernel forwards them on: allow that on every hooked interface.
+            external::forwarding_sysctls(name);
             match loader::attach_tc(prog, &cfg.bpffs, name) {
                 Ok(()) => {
                     tracing::info!(iface = %name, ifindex = index, "attached tc ingress");
@@ -277,9 +280,6 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let mut view = ExternalView::default();
     let mut health_checks = HealthChecks::default();
     let mut last_inputs: Option<Inputs> = None;
-    for iface in &cfg.interfaces {
-        external::forwarding_sysctls(iface);
-    }
     let mut source = if cfg.manifests.is_empty() {
         let client = kube::client(cfg.kubeconfig.as_deref()).await?;
         tracing::info!("watching the Kubernetes API");

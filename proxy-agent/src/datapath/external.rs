@@ -116,9 +116,9 @@ pub fn program_interfaces(
     Ok(())
 }
 
-/// SNATed traffic leaves through the interface it came in on with this node's own address as
-/// its source: the kernel must accept that (accept_local) and not answer it with ICMP
-/// redirects.
+/// Translated packets may arrive with this node's own address as their source (replies to a
+/// NodePort, SNATed requests): the kernel must accept that when forwarding (accept_local), and
+/// not answer traffic that leaves the way it came with ICMP redirects.
 pub fn forwarding_sysctls(iface: &str) {
     for (key, value) in [("accept_local", "1"), ("send_redirects", "0")] {
         let path = format!("/proc/sys/net/ipv4/conf/{iface}/{key}");
