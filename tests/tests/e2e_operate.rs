@@ -547,9 +547,16 @@ fn agent_restarts_do_not_disturb_traffic() {
         }
         let streamer = bed.add_pod(1, "streamer")?;
         let dialer = bed.add_pod(1, "dialer")?;
+        // A NodePort Service: the ClusterIP from pods, the NodePorts from the external client.
         let svc = Service::cluster_ip("default", "steady", VIP)
-            .port("http", 80, 8080, Proto::Tcp)
-            .port("stream", STREAM_PORT, STREAM_PORT, Proto::Tcp);
+            .type_("NodePort")
+            .spec(
+                "ports",
+                serde_json::json!([
+                    {"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP", "nodePort": 30800},
+                    {"name": "stream", "port": STREAM_PORT, "targetPort": STREAM_PORT, "protocol": "TCP", "nodePort": 30900},
+                ]),
+            );
         let slice = slice_for("steady", &backends)
             .port("http", 8080, Proto::Tcp)
             .port("stream", STREAM_PORT, Proto::Tcp);
@@ -562,7 +569,15 @@ fn agent_restarts_do_not_disturb_traffic() {
         let http = addr(VIP, 80);
         let stream_vip = addr(VIP, STREAM_PORT);
 
-        let streams = in_netns(&streamer.ns, || open_streams(stream_vip, &names, 2, 200))??;
+        let mut streams = in_netns(&streamer.ns, || open_streams(stream_vip, &names, 2, 200))??;
+        // Through node1's NodePort from outside: one per backend, so half of them are SNATed
+        // to node2's backends.
+        let np_http = addr("198.18.0.1", 30800);
+        let np_stream = addr("198.18.0.1", 30900);
+        let ext_ns = bed.ext_ns().to_string();
+        streams.extend(in_netns(&ext_ns, || {
+            open_streams(np_stream, &names, 1, 200)
+        })??);
         let links_before = tcx_attachments(&node1.ns)?;
         let attached_before: Vec<TcxAttachment> =
             agent_links(&links_before).into_iter().cloned().collect();
@@ -595,102 +610,108 @@ fn agent_restarts_do_not_disturb_traffic() {
         // Hard limit for every worker, whatever happens in the main thread.
         let limit = Instant::now() + Duration::from_secs(60);
         let restarts_started = Instant::now();
-        let (cycles, stream_results, (dials, slowest_dial), (samples, tcx_history)) =
-            thread::scope(|scope| -> Result<_> {
-                let _stop_guard = StopOnDrop(&stop);
-                let stop = &stop;
-                let workers: Vec<_> = streams
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, s)| {
-                        scope.spawn(move || {
-                            stream_worker(i, s, stop, Duration::from_millis(50), limit)
-                        })
-                    })
-                    .collect();
-                let dialer_ns = dialer.ns.clone();
-                let dial = scope
-                    .spawn(move || in_netns(&dialer_ns, || dial_loop(http, stop, limit, 20_000)));
-                let node_ns = node1.ns.clone();
-                let ifaces = &ifaces;
-                let sampler =
-                    scope.spawn(move || in_netns(&node_ns, || tcx_sampler(ifaces, stop, limit)));
+        let (
+            cycles,
+            stream_results,
+            ((dials, slowest_dial), (np_dials, np_slowest)),
+            (samples, tcx_history),
+        ) = thread::scope(|scope| -> Result<_> {
+            let _stop_guard = StopOnDrop(&stop);
+            let stop = &stop;
+            let workers: Vec<_> = streams
+                .into_iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    scope.spawn(move || stream_worker(i, s, stop, Duration::from_millis(50), limit))
+                })
+                .collect();
+            let dialer_ns = dialer.ns.clone();
+            let dial =
+                scope.spawn(move || in_netns(&dialer_ns, || dial_loop(http, stop, limit, 20_000)));
+            let ext_ns = ext_ns.clone();
+            let dial_np =
+                scope.spawn(move || in_netns(&ext_ns, || dial_loop(np_http, stop, limit, 20_000)));
+            let node_ns = node1.ns.clone();
+            let ifaces = &ifaces;
+            let sampler =
+                scope.spawn(move || in_netns(&node_ns, || tcx_sampler(ifaces, stop, limit)));
 
-                // Let traffic flow before the first restart.
-                thread::sleep(Duration::from_millis(500));
-                let mut cycles: Vec<(Signal, Duration)> = Vec::new();
-                for i in 0..5 {
-                    let started = Instant::now();
-                    let sig = if i % 2 == 0 {
-                        Signal::SIGTERM
-                    } else {
-                        Signal::SIGKILL
-                    };
-                    let exited = bed.kill_with(agent.pid, sig, Duration::from_secs(2))?;
+            // Let traffic flow before the first restart.
+            thread::sleep(Duration::from_millis(500));
+            let mut cycles: Vec<(Signal, Duration)> = Vec::new();
+            for i in 0..5 {
+                let started = Instant::now();
+                let sig = if i % 2 == 0 {
+                    Signal::SIGTERM
+                } else {
+                    Signal::SIGKILL
+                };
+                let exited = bed.kill_with(agent.pid, sig, Duration::from_secs(2))?;
+                ensure!(
+                    exited,
+                    "agent {} did not exit within 2 s of {sig}",
+                    agent.pid
+                );
+                if sig == Signal::SIGTERM {
                     ensure!(
-                        exited,
-                        "agent {} did not exit within 2 s of {sig}",
-                        agent.pid
-                    );
-                    if sig == Signal::SIGTERM {
-                        ensure!(
-                            agent.log_text().contains("datapath left in place"),
-                            "agent did not log a clean stop after SIGTERM:\n{}",
-                            agent.log_tail(20)
-                        );
-                    }
-                    thread::sleep(Duration::from_millis(300));
-                    agent = bed.start_agent(1)?;
-                    agent
-                        .wait_for_sync(1, Duration::from_secs(10))
-                        .map_err(|e| e.context(kernel_stacks(agent.pid)))?;
-                    let took = started.elapsed();
-                    cycles.push((sig, took));
-                    let log = agent.log_text();
-                    ensure!(
-                        log.lines()
-                            .any(|l| l.contains("adopted pinned maps") && l.contains("services=2")),
-                        "restart {i}: the new agent did not adopt the 2 programmed frontends:\n{}",
+                        agent.log_text().contains("datapath left in place"),
+                        "agent did not log a clean stop after SIGTERM:\n{}",
                         agent.log_tail(20)
                     );
-                    ensure!(
-                        !log.contains("defunct pinned link"),
-                        "restart {i}: a pinned link was recreated:\n{}",
-                        agent.log_tail(20)
-                    );
-                    // Same links, each holding a new program.
-                    let now = tcx_attachments(&node1.ns)?;
-                    let now: Vec<&TcxAttachment> = agent_links(&now);
-                    ensure!(
-                        now.len() == attached_before.len(),
-                        "restart {i}: links {now:?}, before {attached_before:?}"
-                    );
-                    for (a, b) in now.iter().zip(&attached_before) {
-                        ensure!(
-                            a.iface == b.iface && a.link_id == b.link_id,
-                            "restart {i}: link of {} changed: {a:?}, before {b:?}",
-                            b.iface
-                        );
-                    }
-                    let h = get(&node1.ns, addr("127.0.0.1", 10256), "/healthz")?;
-                    check_healthy(&h, &format!("/healthz after restart {i}"))?;
-                    ensure!(
-                        took < Duration::from_secs(3),
-                        "restart {i} ({sig}) took {took:?}"
-                    );
-                    thread::sleep(Duration::from_millis(200));
                 }
-                // Traffic on the last agent for a moment, then stop everything.
-                thread::sleep(Duration::from_millis(500));
-                stop.store(true, Ordering::Relaxed);
-                let results: Vec<StreamResult> = workers
-                    .into_iter()
-                    .map(|w| w.join().expect("stream worker panicked"))
-                    .collect();
-                let dials = dial.join().expect("dialer panicked")?;
-                let sampled = sampler.join().expect("sampler panicked")?;
-                Ok((cycles, results, dials, sampled))
-            })?;
+                thread::sleep(Duration::from_millis(300));
+                agent = bed.start_agent(1)?;
+                agent
+                    .wait_for_sync(1, Duration::from_secs(10))
+                    .map_err(|e| e.context(kernel_stacks(agent.pid)))?;
+                let took = started.elapsed();
+                cycles.push((sig, took));
+                let log = agent.log_text();
+                ensure!(
+                    log.lines()
+                        .any(|l| l.contains("adopted pinned maps") && l.contains("services=6")),
+                    "restart {i}: the new agent did not adopt the 6 programmed frontends (2 ClusterIP, 2 NodePort x IPv4/IPv6):\n{}",
+                    agent.log_tail(20)
+                );
+                ensure!(
+                    !log.contains("defunct pinned link"),
+                    "restart {i}: a pinned link was recreated:\n{}",
+                    agent.log_tail(20)
+                );
+                // Same links, each holding a new program.
+                let now = tcx_attachments(&node1.ns)?;
+                let now: Vec<&TcxAttachment> = agent_links(&now);
+                ensure!(
+                    now.len() == attached_before.len(),
+                    "restart {i}: links {now:?}, before {attached_before:?}"
+                );
+                for (a, b) in now.iter().zip(&attached_before) {
+                    ensure!(
+                        a.iface == b.iface && a.link_id == b.link_id,
+                        "restart {i}: link of {} changed: {a:?}, before {b:?}",
+                        b.iface
+                    );
+                }
+                let h = get(&node1.ns, addr("127.0.0.1", 10256), "/healthz")?;
+                check_healthy(&h, &format!("/healthz after restart {i}"))?;
+                ensure!(
+                    took < Duration::from_secs(3),
+                    "restart {i} ({sig}) took {took:?}"
+                );
+                thread::sleep(Duration::from_millis(200));
+            }
+            // Traffic on the last agent for a moment, then stop everything.
+            thread::sleep(Duration::from_millis(500));
+            stop.store(true, Ordering::Relaxed);
+            let results: Vec<StreamResult> = workers
+                .into_iter()
+                .map(|w| w.join().expect("stream worker panicked"))
+                .collect();
+            let dials = dial.join().expect("dialer panicked")?;
+            let np_dials = dial_np.join().expect("NodePort dialer panicked")?;
+            let sampled = sampler.join().expect("sampler panicked")?;
+            Ok((cycles, results, (dials, np_dials), sampled))
+        })?;
         let traffic_time = restarts_started.elapsed();
 
         // Streams: all alive, all answered every 50 ms or so.
@@ -740,6 +761,25 @@ fn agent_restarts_do_not_disturb_traffic() {
             slowest_dial < Duration::from_millis(900),
             "a new connection took {slowest_dial:?}"
         );
+        // The same through the NodePort, from outside the cluster.
+        let np_tally = Tally::new(&np_dials);
+        np_tally
+            .expect_no_failures()
+            .context("new NodePort connections during restarts")?;
+        ensure!(
+            np_tally.ok >= 50,
+            "only {} NodePort connections made",
+            np_tally.ok
+        );
+        np_tally.expect_spread(&b, 0.3)?;
+        ensure!(
+            np_dials.iter().flatten().all(|r| r.peer == np_http),
+            "a NodePort connection saw a peer other than {np_http}"
+        );
+        ensure!(
+            np_slowest < Duration::from_millis(900),
+            "a new NodePort connection took {np_slowest:?}"
+        );
         // tcx: attached in every sample, one link per interface throughout,
         // a new program after every restart.
         ensure!(samples >= 50, "only {samples} tcx samples");
@@ -784,6 +824,7 @@ fn agent_restarts_do_not_disturb_traffic() {
             .collect();
         eprintln!("node1 counters during the restarts: {counter_diff:?}");
         let ports: BTreeSet<u16> = dials.iter().flatten().map(|r| r.local.port()).collect();
+        let np_ports: BTreeSet<u16> = np_dials.iter().flatten().map(|r| r.local.port()).collect();
         eprintln!(
             "dialer: {} connections from {} distinct local ports",
             tally.ok,
@@ -793,7 +834,8 @@ fn agent_restarts_do_not_disturb_traffic() {
         // reuses finds its earlier conntrack entry (same backend).
         let new_flows = new_flows_after - new_flows_before;
         ensure!(
-            new_flows >= ports.len() as f64 && new_flows <= tally.ok as f64,
+            new_flows >= (ports.len() + np_ports.len()) as f64
+                && new_flows <= (tally.ok + np_tally.ok) as f64,
             "translated_new grew by {new_flows} over {} new connections from {} distinct ports; counter changes {counter_diff:?}",
             tally.ok,
             ports.len()
