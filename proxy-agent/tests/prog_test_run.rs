@@ -21,6 +21,7 @@ const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 10);
 const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 11);
 const B1: Ipv4Addr = Ipv4Addr::new(198, 19, 1, 2);
 const B2: Ipv4Addr = Ipv4Addr::new(198, 19, 2, 2);
+const STICKY_VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 12);
 
 /// Packet construction and checking, written independently of the datapath.
 mod pkt {
@@ -257,6 +258,21 @@ fn bed() -> Bed {
         writer,
         bpffs,
     }
+}
+
+/// A bed whose one frontend has sessionAffinity ClientIP over four backends.
+fn sticky_bed() -> Bed {
+    let mut b = bed();
+    let mut d = desired(&[(
+        fe(STICKY_VIP, 80, Protocol::Tcp),
+        (2..6).map(|i| ep(Ipv4Addr::new(198, 19, 3, i), 8080)).collect(),
+    )]);
+    d.services
+        .values_mut()
+        .for_each(|s| s.affinity_timeout_s = 30);
+    let report = b.writer.sync(&d);
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    b
 }
 
 impl Bed {
@@ -576,4 +592,25 @@ fn a_direct_connection_reusing_a_translated_tuple_is_not_reverse_translated() {
         out, reply,
         "the direct connection's reply must keep the backend's address"
     );
+}
+
+#[test]
+fn session_affinity_keeps_a_client_on_one_backend() {
+    let mut b = sticky_bed();
+    let syn = |client: Ipv4Addr, sport: u16| {
+        pkt::Ip::new(client, STICKY_VIP, pkt::TCP)
+            .frame(&pkt::l4(pkt::TCP, client, STICKY_VIP, sport, 80, b""))
+    };
+    let first = pkt::parse(&b.run(&syn(CLIENT, 45000)).1).dst;
+    for sport in 45001..45040 {
+        assert_eq!(
+            pkt::parse(&b.run(&syn(CLIENT, sport)).1).dst,
+            first,
+            "a new connection of the same client moved"
+        );
+    }
+    let others: std::collections::BTreeSet<Ipv4Addr> = (10..26)
+        .map(|i| pkt::parse(&b.run(&syn(Ipv4Addr::new(198, 19, 1, i), 46000)).1).dst)
+        .collect();
+    assert!(others.len() >= 2, "other clients are still balanced: {others:?}");
 }

@@ -22,9 +22,11 @@ pub mod names {
     pub const SVC_NAMES: &str = "svc_names_v1";
     pub const SOCKETS: &str = "sock_v1";
     pub const INTERFACES: &str = "ifaces_v1";
+    pub const AFFINITY: &str = "affinity_v1";
     /// Every map the agent pins, in the order `status` reports them.
-    pub const ALL: [&str; 9] = [
+    pub const ALL: [&str; 10] = [
         SERVICES, SLOTS, BACKENDS, CONNTRACK, FRAGMENTS, COUNTERS, SVC_NAMES, SOCKETS, INTERFACES,
+        AFFINITY,
     ];
 }
 
@@ -58,6 +60,7 @@ pub mod limits {
     pub const SVC_NAMES: u32 = 65_536;
     pub const SOCKETS: u32 = 131_072;
     pub const INTERFACES: u32 = 256;
+    pub const AFFINITY: u32 = 131_072;
     /// Source ports used when SNATing external traffic to a backend on another node: above the
     /// kernel's default ephemeral range (32768-60999) and the NodePort range.
     pub const SNAT_PORT_MIN: u16 = 61_000;
@@ -223,6 +226,26 @@ pub struct IfaceConfig {
     pub flags: u32,
 }
 
+/// sessionAffinity ClientIP: the backend a client was last sent to, per frontend. The client is
+/// its address on the per-packet path, and its network namespace (a pod) for socket LB.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    pub svc_id: u32,
+    /// 0: `client` is an address; 1: `client[0..2]` is a network namespace cookie.
+    pub kind: u32,
+    pub client: [u32; 4],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AffinityValue {
+    pub backend_id: u32,
+    pub _pad: u32,
+    /// When a connection last used it (kube-proxy's timeout counts from the last connection).
+    pub last_used_ns: u64,
+}
+
 /// IPv4 fragments after the first carry no ports; the first fragment records them here.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -368,6 +391,8 @@ mod user {
     unsafe impl aya::Pod for SockKey {}
     unsafe impl aya::Pod for SockValue {}
     unsafe impl aya::Pod for IfaceConfig {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityValue {}
 }
 
 // Layout checks: both sides compile these, so a size change fails the build, not the kernel.

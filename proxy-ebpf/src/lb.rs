@@ -1,13 +1,14 @@
 //! Service lookup, backend choice and conntrack: the decision every hook makes the same way.
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
 use proxy_common::{
-    AF_INET, BACKEND_LOCAL, BackendKey, CT_FORWARD, CT_REVERSE, CT_SNAT, Counter, CtKey, CtValue,
-    IfaceConfig, SCOPE_EXTERNAL, SCOPE_INTERNAL, ServiceKey, ServiceValue, SlotKey,
+    AF_INET, AffinityKey, AffinityValue, BACKEND_LOCAL, BackendKey, CT_FORWARD, CT_REVERSE,
+    CT_SNAT, Counter, CtKey, CtValue, IfaceConfig, SCOPE_EXTERNAL, SCOPE_INTERNAL, ServiceKey,
+    ServiceValue, SlotKey,
     limits::{SNAT_PORT_COUNT, SNAT_PORT_MIN},
 };
 
 use crate::{
-    maps::{BACKENDS, CONNTRACK, SERVICES, SLOTS},
+    maps::{AFFINITY, BACKENDS, CONNTRACK, SERVICES, SLOTS},
     parse::{Flow, TCP_ACK, TCP_SYN},
 };
 
@@ -101,6 +102,72 @@ pub fn select_backend(svc_id: u32, count: u32) -> Option<Chosen> {
     })
 }
 
+/// The client a sessionAffinity entry is for.
+#[derive(Clone, Copy)]
+pub enum Client {
+    Addr([u32; 4]),
+    Netns(u64),
+}
+
+/// Backend choice with sessionAffinity ClientIP: a client sent to a backend keeps it while it
+/// opens connections less than `timeout` apart, and the backend exists.
+#[inline(always)]
+pub fn choose(svc: &ServiceValue, client: Client) -> Option<Chosen> {
+    if svc.affinity_timeout_s == 0 {
+        return select_backend(svc.svc_id, svc.count);
+    }
+    let key = match client {
+        Client::Addr(a) => AffinityKey {
+            svc_id: svc.svc_id,
+            kind: 0,
+            client: a,
+        },
+        Client::Netns(c) => AffinityKey {
+            svc_id: svc.svc_id,
+            kind: 1,
+            client: [c as u32, (c >> 32) as u32, 0, 0],
+        },
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: plain-data value copied out at once.
+    if let Some(a) = unsafe { AFFINITY.get(key) }.copied()
+        && now.wrapping_sub(a.last_used_ns) <= svc.affinity_timeout_s as u64 * 1_000_000_000
+        && let Some(b) = unsafe {
+            BACKENDS.get(BackendKey {
+                backend_id: a.backend_id,
+            })
+        }
+    {
+        let chosen = Chosen {
+            backend_id: a.backend_id,
+            addr: b.addr,
+            port_be: b.port_be,
+            local: b.flags & BACKEND_LOCAL != 0,
+        };
+        let _ = AFFINITY.insert(
+            key,
+            AffinityValue {
+                backend_id: a.backend_id,
+                _pad: 0,
+                last_used_ns: now,
+            },
+            0,
+        );
+        return Some(chosen);
+    }
+    let chosen = select_backend(svc.svc_id, svc.count)?;
+    let _ = AFFINITY.insert(
+        key,
+        AffinityValue {
+            backend_id: chosen.backend_id,
+            _pad: 0,
+            last_used_ns: now,
+        },
+        0,
+    );
+    Some(chosen)
+}
+
 /// A remembered backend is still valid if its id still exists with the same address: the ids of
 /// removed backends are deleted, so flows to them choose again.
 #[inline(always)]
@@ -121,7 +188,7 @@ pub fn decide(flow: &Flow, iface: Option<IfaceConfig>) -> Verdict {
         None => internal(),
     };
     match svc {
-        Some(svc) => forward(flow, svc.svc_id, svc.count, iface),
+        Some(svc) => forward(flow, &svc, iface),
         None => reverse(flow),
     }
 }
@@ -142,8 +209,9 @@ fn snat_port(node: u32, backend: u32, bport: u16, proto: u8) -> Option<u16> {
 }
 
 #[inline(always)]
-fn forward(flow: &Flow, svc_id: u32, count: u32, iface: Option<IfaceConfig>) -> Verdict {
-    if count == 0 {
+fn forward(flow: &Flow, svc: &ServiceValue, iface: Option<IfaceConfig>) -> Verdict {
+    let svc_id = svc.svc_id;
+    if svc.count == 0 {
         return Verdict::Drop(Counter::DroppedNoBackend);
     }
     let now = unsafe { bpf_ktime_get_ns() };
@@ -186,7 +254,7 @@ fn forward(flow: &Flow, svc_id: u32, count: u32, iface: Option<IfaceConfig>) -> 
         addr: [baddr, ..],
         port_be: bport,
         local,
-    }) = select_backend(svc_id, count)
+    }) = choose(svc, Client::Addr(v4(flow.saddr)))
     else {
         return Verdict::Drop(Counter::DroppedBackendMissing);
     };

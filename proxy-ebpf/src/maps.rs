@@ -4,8 +4,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use proxy_common::{
-    Backend, BackendKey, COUNTER_COUNT, Counter, CtKey, CtValue, FragKey, FragValue, IfaceConfig,
-    ServiceKey, ServiceValue, SlotKey, SlotValue, SockKey, SockValue, SvcName, limits,
+    AffinityKey, AffinityValue, Backend, BackendKey, COUNTER_COUNT, Counter, CtKey, CtValue,
+    FragKey, FragValue, IfaceConfig, ServiceKey, ServiceValue, SlotKey, SlotValue, SockKey,
+    SockValue, SvcName, limits,
 };
 
 #[btf_map(name = "svc_v1")]
@@ -39,6 +40,10 @@ pub static SOCKETS: LruHashMap<SockKey, SockValue, { limits::SOCKETS as usize }>
 
 #[btf_map(name = "ifaces_v1")]
 pub static INTERFACES: HashMap<u32, IfaceConfig, { limits::INTERFACES as usize }> = HashMap::new();
+
+#[btf_map(name = "affinity_v1")]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue, { limits::AFFINITY as usize }> =
+    LruHashMap::new();
 
 #[inline(always)]
 pub fn count(c: Counter) {

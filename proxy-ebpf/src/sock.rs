@@ -3,8 +3,11 @@
 //! getpeername show the frontend again. Backend choice is the tc path's (`lb.rs`). IPv4, IPv6,
 //! and IPv4-mapped IPv6 addresses on dual-stack sockets.
 use aya_ebpf::{
-    EbpfContext as _, bindings::bpf_sock_addr, helpers::bpf_get_socket_cookie,
-    macros::cgroup_sock_addr, programs::SockAddrContext,
+    EbpfContext as _,
+    bindings::bpf_sock_addr,
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    macros::cgroup_sock_addr,
+    programs::SockAddrContext,
 };
 use proxy_common::{
     AF_INET, AF_INET6, CT_FORWARD, CT_REVERSE, Counter, IPPROTO_TCP, IPPROTO_UDP, SCOPE_INTERNAL,
@@ -12,7 +15,7 @@ use proxy_common::{
 };
 
 use crate::{
-    lb::{Chosen, backend_valid, lookup_service, select_backend},
+    lb::{Chosen, Client, backend_valid, choose, lookup_service},
     maps::{SOCKETS, count},
 };
 
@@ -153,7 +156,10 @@ fn forward<const V6: bool>(ctx: &SockAddrContext) -> i32 {
             port_be: v.port_be,
             local: false,
         },
-        None => match select_backend(svc.svc_id, svc.count) {
+        None => match choose(
+            &svc,
+            Client::Netns(unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }),
+        ) {
             Some(c) => c,
             None => return ALLOW, // mid-update: let the tc path handle it
         },

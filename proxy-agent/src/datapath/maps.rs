@@ -114,6 +114,9 @@ pub fn usage(bpffs: &Path) -> Result<Vec<MapUsage>, DatapathError> {
                 count_keys::<proxy_common::SockKey, proxy_common::SockValue>(bpffs, name)?
             }
             names::INTERFACES => count_keys::<u32, proxy_common::IfaceConfig>(bpffs, name)?,
+            names::AFFINITY => {
+                count_keys::<proxy_common::AffinityKey, proxy_common::AffinityValue>(bpffs, name)?
+            }
             // An array: every slot always exists.
             _ => max_entries as u64,
         };
