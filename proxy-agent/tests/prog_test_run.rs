@@ -227,6 +227,7 @@ fn desired(services: &[(Frontend, Vec<Endpoint>)]) -> DesiredState {
                         kind: ServiceKind::ClusterIp,
                         endpoints: eps.clone(),
                         affinity_timeout_s: 0,
+                        source_ranges: Vec::new(),
                     },
                 )
             })
@@ -265,7 +266,9 @@ fn sticky_bed() -> Bed {
     let mut b = bed();
     let mut d = desired(&[(
         fe(STICKY_VIP, 80, Protocol::Tcp),
-        (2..6).map(|i| ep(Ipv4Addr::new(198, 19, 3, i), 8080)).collect(),
+        (2..6)
+            .map(|i| ep(Ipv4Addr::new(198, 19, 3, i), 8080))
+            .collect(),
     )]);
     d.services
         .values_mut()
@@ -598,8 +601,14 @@ fn a_direct_connection_reusing_a_translated_tuple_is_not_reverse_translated() {
 fn session_affinity_keeps_a_client_on_one_backend() {
     let mut b = sticky_bed();
     let syn = |client: Ipv4Addr, sport: u16| {
-        pkt::Ip::new(client, STICKY_VIP, pkt::TCP)
-            .frame(&pkt::l4(pkt::TCP, client, STICKY_VIP, sport, 80, b""))
+        pkt::Ip::new(client, STICKY_VIP, pkt::TCP).frame(&pkt::l4(
+            pkt::TCP,
+            client,
+            STICKY_VIP,
+            sport,
+            80,
+            b"",
+        ))
     };
     let first = pkt::parse(&b.run(&syn(CLIENT, 45000)).1).dst;
     for sport in 45001..45040 {
@@ -612,5 +621,8 @@ fn session_affinity_keeps_a_client_on_one_backend() {
     let others: std::collections::BTreeSet<Ipv4Addr> = (10..26)
         .map(|i| pkt::parse(&b.run(&syn(Ipv4Addr::new(198, 19, 1, i), 46000)).1).dst)
         .collect();
-    assert!(others.len() >= 2, "other clients are still balanced: {others:?}");
+    assert!(
+        others.len() >= 2,
+        "other clients are still balanced: {others:?}"
+    );
 }

@@ -23,10 +23,20 @@ pub mod names {
     pub const SOCKETS: &str = "sock_v1";
     pub const INTERFACES: &str = "ifaces_v1";
     pub const AFFINITY: &str = "affinity_v1";
+    pub const SOURCE_RANGES: &str = "srcranges_v1";
     /// Every map the agent pins, in the order `status` reports them.
-    pub const ALL: [&str; 10] = [
-        SERVICES, SLOTS, BACKENDS, CONNTRACK, FRAGMENTS, COUNTERS, SVC_NAMES, SOCKETS, INTERFACES,
+    pub const ALL: [&str; 11] = [
+        SERVICES,
+        SLOTS,
+        BACKENDS,
+        CONNTRACK,
+        FRAGMENTS,
+        COUNTERS,
+        SVC_NAMES,
+        SOCKETS,
+        INTERFACES,
         AFFINITY,
+        SOURCE_RANGES,
     ];
 }
 
@@ -61,6 +71,7 @@ pub mod limits {
     pub const SOCKETS: u32 = 131_072;
     pub const INTERFACES: u32 = 256;
     pub const AFFINITY: u32 = 131_072;
+    pub const SOURCE_RANGES: u32 = 16_384;
     /// Source ports used when SNATing external traffic to a backend on another node: above the
     /// kernel's default ephemeral range (32768-60999) and the NodePort range.
     pub const SNAT_PORT_MIN: u16 = 61_000;
@@ -105,6 +116,18 @@ pub struct ServiceValue {
     /// [`ServiceKind`] as u8.
     pub kind: u8,
     pub family: u8,
+}
+
+/// `ServiceValue::flags`: only clients in the frontend's loadBalancerSourceRanges may use it.
+pub const SVC_SOURCE_RANGES: u16 = 1;
+
+/// loadBalancerSourceRanges, in an LPM trie keyed by (service id, client prefix): the prefix
+/// length counts the 32 service-id bits plus the CIDR's own.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceRange {
+    pub svc_id_be: u32,
+    pub addr: [u32; 4],
 }
 
 /// Service types, as reported by `status`.
@@ -348,9 +371,11 @@ pub enum Counter {
     Snat = 17,
     /// No free SNAT port for this backend; fail closed.
     DroppedSnatPorts = 18,
+    /// Client outside the frontend's loadBalancerSourceRanges.
+    DroppedSourceRange = 19,
 }
 
-pub const COUNTER_COUNT: u32 = 19;
+pub const COUNTER_COUNT: u32 = 20;
 
 pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
     "translated_new",
@@ -372,6 +397,7 @@ pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
     "sock_dropped_no_backend",
     "snat",
     "dropped_snat_ports",
+    "dropped_source_range",
 ];
 
 #[cfg(feature = "user")]
@@ -393,6 +419,7 @@ mod user {
     unsafe impl aya::Pod for IfaceConfig {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
+    unsafe impl aya::Pod for SourceRange {}
 }
 
 // Layout checks: both sides compile these, so a size change fails the build, not the kernel.

@@ -2,13 +2,13 @@
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
 use proxy_common::{
     AF_INET, AffinityKey, AffinityValue, BACKEND_LOCAL, BackendKey, CT_FORWARD, CT_REVERSE,
-    CT_SNAT, Counter, CtKey, CtValue, IfaceConfig, SCOPE_EXTERNAL, SCOPE_INTERNAL, ServiceKey,
-    ServiceValue, SlotKey,
+    CT_SNAT, Counter, CtKey, CtValue, IfaceConfig, SCOPE_EXTERNAL, SCOPE_INTERNAL,
+    SVC_SOURCE_RANGES, ServiceKey, ServiceValue, SlotKey,
     limits::{SNAT_PORT_COUNT, SNAT_PORT_MIN},
 };
 
 use crate::{
-    maps::{AFFINITY, BACKENDS, CONNTRACK, SERVICES, SLOTS},
+    maps::{AFFINITY, BACKENDS, CONNTRACK, SERVICES, SLOTS, source_allowed},
     parse::{Flow, TCP_ACK, TCP_SYN},
 };
 
@@ -211,6 +211,9 @@ fn snat_port(node: u32, backend: u32, bport: u16, proto: u8) -> Option<u16> {
 #[inline(always)]
 fn forward(flow: &Flow, svc: &ServiceValue, iface: Option<IfaceConfig>) -> Verdict {
     let svc_id = svc.svc_id;
+    if svc.flags & SVC_SOURCE_RANGES != 0 && !source_allowed(svc_id, v4(flow.saddr)) {
+        return Verdict::Drop(Counter::DroppedSourceRange);
+    }
     if svc.count == 0 {
         return Verdict::Drop(Counter::DroppedNoBackend);
     }

@@ -1,12 +1,12 @@
 //! The BPF maps (BTF-defined so `bpftool map dump` shows field names), pinned by the agent.
 use aya_ebpf::{
-    btf_maps::{HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
     macros::btf_map,
 };
 use proxy_common::{
     AffinityKey, AffinityValue, Backend, BackendKey, COUNTER_COUNT, Counter, CtKey, CtValue,
     FragKey, FragValue, IfaceConfig, ServiceKey, ServiceValue, SlotKey, SlotValue, SockKey,
-    SockValue, SvcName, limits,
+    SockValue, SourceRange, SvcName, limits,
 };
 
 #[btf_map(name = "svc_v1")]
@@ -44,6 +44,23 @@ pub static INTERFACES: HashMap<u32, IfaceConfig, { limits::INTERFACES as usize }
 #[btf_map(name = "affinity_v1")]
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue, { limits::AFFINITY as usize }> =
     LruHashMap::new();
+
+#[btf_map(name = "srcranges_v1")]
+pub static SOURCE_RANGES: LpmTrie<SourceRange, u32, { limits::SOURCE_RANGES as usize }> =
+    LpmTrie::new();
+
+/// Whether `client` is in the loadBalancerSourceRanges of frontend `svc_id`.
+#[inline(always)]
+pub fn source_allowed(svc_id: u32, client: [u32; 4]) -> bool {
+    let key = Key::new(
+        32 + 128,
+        SourceRange {
+            svc_id_be: svc_id.to_be(),
+            addr: client,
+        },
+    );
+    SOURCE_RANGES.get(&key).is_some()
+}
 
 #[inline(always)]
 pub fn count(c: Counter) {

@@ -209,3 +209,100 @@ fn local_policy_keeps_the_client_address_and_serves_health_checks() {
         Ok(())
     });
 }
+
+/// One TCP request from a chosen source address (the external client has two), returning the
+/// answering backend's reply line.
+fn tcp_from(src: std::net::Ipv4Addr, dst: SocketAddr, timeout: Duration) -> Result<String> {
+    use std::io::Read as _;
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, IntoRawFd as _};
+
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, setsockopt, socket,
+        sockopt::{ReceiveTimeout, SendTimeout},
+    };
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    let tv = nix::sys::time::TimeVal::new(timeout.as_secs() as i64, timeout.subsec_micros() as i64);
+    // On Linux a send timeout also bounds connect().
+    setsockopt(&fd, SendTimeout, &tv)?;
+    setsockopt(&fd, ReceiveTimeout, &tv)?;
+    bind(
+        fd.as_raw_fd(),
+        &SockaddrIn::from(std::net::SocketAddrV4::new(src, 0)),
+    )?;
+    let SocketAddr::V4(d) = dst else {
+        anyhow::bail!("IPv4 only")
+    };
+    connect(fd.as_raw_fd(), &SockaddrIn::from(d))?;
+    // SAFETY: the descriptor is ours and moves into the stream.
+    let mut s = unsafe { std::net::TcpStream::from_raw_fd(fd.into_raw_fd()) };
+    let mut line = String::new();
+    s.read_to_string(&mut line)?;
+    Ok(line)
+}
+
+#[test]
+fn load_balancer_source_ranges_admit_only_listed_clients() {
+    with_bed(|bed| {
+        let pods = backends(bed, &[(1, "sr-1a"), (2, "sr-2a")])?;
+        let svc = Service::cluster_ip("default", "sr", "198.18.100.93")
+            .type_("LoadBalancer")
+            .spec(
+                "ports",
+                json!([{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP", "nodePort": 30111}]),
+            )
+            .spec("loadBalancerSourceRanges", json!(["198.18.0.100/32"]));
+        let mut v = svc.to_value();
+        v["status"] = json!({"loadBalancer": {"ingress": [{"ip": "198.18.211.1"}]}});
+        bed.write_manifest("sr-svc.yaml", &serde_yaml::to_string(&v)?)?;
+        bed.write_manifest("sr-slice.yaml", &slice("sr", &pods).to_yaml())?;
+        let ext = bed.ext_ns().to_string();
+        tests::cmd::ip(&[
+            "-n",
+            &ext,
+            "route",
+            "add",
+            "198.18.211.0/24",
+            "via",
+            "198.18.0.1",
+        ])?;
+        tests::cmd::ip(&["-n", &ext, "addr", "add", "198.18.0.101/24", "dev", "lan0"])?;
+        let agents = bed.start_agents(SYNC)?;
+        let lb: SocketAddr = "198.18.211.1:80".parse()?;
+        let np = nodeport(node_ip(1), 30111);
+        let (allowed, other) = (EXT_IP, std::net::Ipv4Addr::new(198, 18, 0, 101));
+        let results = tests::in_netns(&ext, move || {
+            let lb_allowed: Vec<Result<String>> =
+                (0..10).map(|_| tcp_from(allowed, lb, T)).collect();
+            let lb_denied = tcp_from(other, lb, Duration::from_millis(700));
+            let np_other: Vec<Result<String>> = (0..10).map(|_| tcp_from(other, np, T)).collect();
+            (lb_allowed, lb_denied, np_other)
+        })?;
+        for r in &results.0 {
+            ensure!(
+                r.as_ref().is_ok_and(|l| l.starts_with("sr-")),
+                "listed client refused: {r:?}"
+            );
+        }
+        ensure!(
+            results.1.is_err(),
+            "a client outside the ranges got through: {:?}",
+            results.1
+        );
+        for r in &results.2 {
+            ensure!(
+                r.as_ref().is_ok_and(|l| l.starts_with("sr-")),
+                "source ranges must not apply to the NodePort: {r:?}"
+            );
+        }
+        let dropped = agents[0].status_json()?["counters"]["dropped_source_range"]
+            .as_u64()
+            .unwrap_or(0);
+        ensure!(dropped > 0, "drops were not counted");
+        Ok(())
+    });
+}

@@ -24,6 +24,7 @@ pub struct Maps {
     pub backends: HashMap<MapData, BackendKey, Backend>,
     pub names: HashMap<MapData, u32, SvcName>,
     pub interfaces: HashMap<MapData, u32, proxy_common::IfaceConfig>,
+    pub source_ranges: aya::maps::LpmTrie<MapData, proxy_common::SourceRange, u32>,
 }
 
 pub fn pin_path(bpffs: &Path, name: &str) -> PathBuf {
@@ -65,6 +66,7 @@ impl Maps {
             backends: typed(bpffs, names::BACKENDS)?,
             names: typed(bpffs, names::SVC_NAMES)?,
             interfaces: typed(bpffs, names::INTERFACES)?,
+            source_ranges: typed(bpffs, names::SOURCE_RANGES)?,
         })
     }
 }
@@ -114,6 +116,11 @@ pub fn usage(bpffs: &Path) -> Result<Vec<MapUsage>, DatapathError> {
                 count_keys::<proxy_common::SockKey, proxy_common::SockValue>(bpffs, name)?
             }
             names::INTERFACES => count_keys::<u32, proxy_common::IfaceConfig>(bpffs, name)?,
+            names::SOURCE_RANGES => {
+                let m: aya::maps::LpmTrie<MapData, proxy_common::SourceRange, u32> =
+                    typed(bpffs, name)?;
+                m.keys().filter(|k| k.is_ok()).count() as u64
+            }
             names::AFFINITY => {
                 count_keys::<proxy_common::AffinityKey, proxy_common::AffinityValue>(bpffs, name)?
             }

@@ -2,14 +2,14 @@
 //! where a packet never sees a half-written Service: new backends, then slots, then the frontend;
 //! stale slots and backends are removed last.
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::IpAddr,
 };
 
 use aya::maps::MapError;
 use proxy_common::{
-    BACKEND_LOCAL, Backend, BackendKey, BackendState, SVC_NAME_LEN, ServiceKey, ServiceKind,
-    ServiceValue, SlotKey, SlotValue, SvcName,
+    BACKEND_LOCAL, Backend, BackendKey, BackendState, SVC_NAME_LEN, SVC_SOURCE_RANGES, ServiceKey,
+    ServiceKind, ServiceValue, SlotKey, SlotValue, SourceRange, SvcName,
 };
 
 use super::{
@@ -36,6 +36,8 @@ pub struct ProgrammedService {
 pub struct Programmed {
     pub services: BTreeMap<Frontend, ProgrammedService>,
     pub backends: HashMap<u32, Backend>,
+    /// loadBalancerSourceRanges entries: (service id, prefix address, prefix length).
+    pub source_ranges: BTreeSet<(u32, IpAddr, u8)>,
 }
 
 impl Programmed {
@@ -93,6 +95,20 @@ impl Programmed {
             let (k, v) = item.map_err(map_err("backends_v1"))?;
             out.backends.insert(k.backend_id, v);
         }
+        for key in maps.source_ranges.keys() {
+            let key = key.map_err(map_err("srcranges_v1"))?;
+            let d = key.data();
+            let family = if key.prefix_len() > 32 + 32 || d.addr[1..] != [0, 0, 0] {
+                proxy_common::AF_INET6
+            } else {
+                proxy_common::AF_INET
+            };
+            out.source_ranges.insert((
+                u32::from_be(d.svc_id_be),
+                from_words(d.addr, family),
+                (key.prefix_len() - 32) as u8,
+            ));
+        }
         Ok(out)
     }
 
@@ -122,6 +138,18 @@ fn service_key(fe: &Frontend) -> ServiceKey {
         proto: fe.protocol.number(),
         scope: fe.scope.number(),
     }
+}
+
+/// The trie key of one loadBalancerSourceRanges prefix. IPv4 prefixes live in word 0, so an
+/// IPv4 /n is 32 + n bits and an IPv6 /n is 32 + n bits of the 128-bit address.
+fn range_key(svc_id: u32, addr: IpAddr, prefix: u8) -> aya::maps::lpm_trie::Key<SourceRange> {
+    aya::maps::lpm_trie::Key::new(
+        32 + prefix as u32,
+        SourceRange {
+            svc_id_be: svc_id.to_be(),
+            addr: to_words(addr),
+        },
+    )
 }
 
 fn backend_value(ep: &Endpoint) -> Backend {
@@ -274,6 +302,23 @@ impl Writer {
                 }
             }
         }
+        // Source ranges of frontends that no longer exist.
+        let live: HashSet<u32> = self
+            .programmed
+            .services
+            .values()
+            .map(|s| s.svc_id)
+            .collect();
+        let dead: BTreeSet<u32> = self
+            .programmed
+            .source_ranges
+            .iter()
+            .map(|r| r.0)
+            .filter(|id| !live.contains(id))
+            .collect();
+        for id in dead {
+            self.remove_ranges(id, &BTreeSet::new(), &mut report);
+        }
         // Backends no frontend references (left by a crash or a hand edit).
         let used: HashSet<u32> = self
             .programmed
@@ -424,11 +469,30 @@ impl Writer {
                 .map_err(map_err("svc_names_v1"))?;
             report.writes += 1;
         }
+        let ranges: BTreeSet<(u32, IpAddr, u8)> = ds
+            .source_ranges
+            .iter()
+            .map(|(a, p)| (svc_id, *a, *p))
+            .collect();
+        for (id, a, p) in ranges.difference(&self.programmed.source_ranges.clone()) {
+            if *id == svc_id {
+                self.maps
+                    .source_ranges
+                    .insert(&range_key(*id, *a, *p), 1, 0)
+                    .map_err(map_err("srcranges_v1"))?;
+                self.programmed.source_ranges.insert((*id, *a, *p));
+                report.writes += 1;
+            }
+        }
         let value = ServiceValue {
             svc_id,
             count: slots.len() as u32,
             affinity_timeout_s: ds.affinity_timeout_s,
-            flags: 0,
+            flags: if ranges.is_empty() {
+                0
+            } else {
+                SVC_SOURCE_RANGES
+            },
             kind: ds.kind as u8,
             family: family(fe.addr),
         };
@@ -439,6 +503,7 @@ impl Writer {
                 .map_err(map_err("svc_v1"))?;
             report.writes += 1;
         }
+        self.remove_ranges(svc_id, &ranges, report);
         // The frontend now points at the new slots only: drop what it no longer uses.
         for slot in slots.len()..old_slots.len() {
             let _ = self.maps.slots.remove(&SlotKey {
@@ -497,8 +562,30 @@ impl Writer {
             report.deletes += 1;
         }
         let _ = self.maps.names.remove(&old.svc_id);
+        self.remove_ranges(old.svc_id, &BTreeSet::new(), report);
         self.programmed.services.remove(fe);
         Ok(())
+    }
+
+    /// Removes the source-range entries of `svc_id` that are not in `keep`.
+    fn remove_ranges(
+        &mut self,
+        svc_id: u32,
+        keep: &BTreeSet<(u32, IpAddr, u8)>,
+        report: &mut SyncReport,
+    ) {
+        let stale: Vec<(u32, IpAddr, u8)> = self
+            .programmed
+            .source_ranges
+            .iter()
+            .filter(|r| r.0 == svc_id && !keep.contains(r))
+            .copied()
+            .collect();
+        for (id, a, p) in stale {
+            let _ = self.maps.source_ranges.remove(&range_key(id, a, p));
+            self.programmed.source_ranges.remove(&(id, a, p));
+            report.deletes += 1;
+        }
     }
 }
 

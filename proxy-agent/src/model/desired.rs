@@ -100,6 +100,8 @@ pub struct DesiredService {
     pub endpoints: Vec<Endpoint>,
     /// sessionAffinity ClientIP timeout; 0 when affinity is off.
     pub affinity_timeout_s: u32,
+    /// loadBalancerSourceRanges (load-balancer frontends only): allowed client prefixes.
+    pub source_ranges: Vec<(IpAddr, u8)>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

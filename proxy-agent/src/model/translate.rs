@@ -494,6 +494,27 @@ fn translate_service(
         }
     }
     let node_ports = matches!(svc_type, "NodePort" | "LoadBalancer");
+    let mut source_ranges = Vec::new();
+    for (i, c) in spec
+        .load_balancer_source_ranges
+        .iter()
+        .flatten()
+        .enumerate()
+    {
+        let bad = || {
+            err(
+                format!("spec.loadBalancerSourceRanges[{i}]"),
+                format!("{c:?} is not a CIDR"),
+            )
+        };
+        let (a, p) = c.trim().split_once('/').ok_or_else(bad)?;
+        let addr: IpAddr = a.parse().map_err(|_| bad())?;
+        let prefix: u8 = p.parse().map_err(|_| bad())?;
+        if prefix > if addr.is_ipv4() { 32 } else { 128 } {
+            return Err(bad());
+        }
+        source_ranges.push((addr, prefix));
+    }
     let etp_local = spec.external_traffic_policy.as_deref() == Some("Local");
 
     let mut out = Vec::new();
@@ -557,6 +578,16 @@ fn translate_service(
                         kind,
                         endpoints,
                         affinity_timeout_s,
+                        // kube-proxy applies them to the load balancer's addresses only.
+                        source_ranges: if kind == ServiceKind::LoadBalancer {
+                            source_ranges
+                                .iter()
+                                .filter(|(a, _)| a.is_ipv4() == addr.is_ipv4())
+                                .copied()
+                                .collect()
+                        } else {
+                            Vec::new()
+                        },
                     },
                 )
             };
@@ -1301,6 +1332,7 @@ spec:
   externalIPs: [198.18.200.1]
   externalTrafficPolicy: Local
   healthCheckNodePort: 32000
+  loadBalancerSourceRanges: [198.18.0.0/24, " 198.19.0.0/16 ", "fd00::/8"]
   selector: {a: b}
   ports: [{name: http, port: 80, nodePort: 30080}]
 status:
@@ -1391,6 +1423,21 @@ endpoints:
             "no external view for eTP Cluster"
         );
         assert!(t.state.services[&ext("198.18.0.1", 30080)].endpoints[0].local);
+        let v4 = |a: &str, p| (a.parse::<IpAddr>().unwrap(), p);
+        assert_eq!(
+            t.state.services[&ext("198.18.201.1", 80)].source_ranges,
+            vec![v4("198.18.0.0", 24), v4("198.19.0.0", 16)],
+            "source ranges on the load balancer's address, of its family"
+        );
+        assert!(
+            t.state.services[&ext("198.18.0.1", 30080)]
+                .source_ranges
+                .is_empty(),
+            "not on NodePorts"
+        );
+        let bad = y.replace("198.18.0.0/24,", "198.18.0.0/33,");
+        let tb = translate(&objs(&bad), &opts());
+        assert_eq!(tb.errors[0].field, "spec.loadBalancerSourceRanges[0]");
         assert!(!t.state.services[&fe("198.18.0.1", 30081, Protocol::Tcp)].endpoints[0].local);
         assert_eq!(
             t.health_checks[&32000],
