@@ -213,6 +213,10 @@ fn external_view(cfg: &RunConfig) -> ExternalView {
             }
         }
     }
+    // Hairpin traffic is SNATed to the node's first external IPv4 address (index 0).
+    if let Some(first) = snat.values().next().copied() {
+        snat.insert(0, first);
+    }
     ExternalView {
         node_addresses: external::node_addresses(&by_iface, &cfg.nodeport_cidrs),
         snat,

@@ -241,7 +241,8 @@ pub struct CtValue {
 pub const CT_SNAT: u16 = 1;
 
 /// An interface the agent marked as external (node-facing), keyed by ifindex: traffic entering
-/// it may be SNATed to `addr4` when its backend runs on another node.
+/// it may be SNATed to `addr4` when its backend runs on another node. Key 0 (no interface has
+/// index 0) holds the node address used for hairpin traffic.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct IfaceConfig {

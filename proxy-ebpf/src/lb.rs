@@ -8,7 +8,7 @@ use proxy_common::{
 };
 
 use crate::{
-    maps::{AFFINITY, BACKENDS, CONNTRACK, SERVICES, SLOTS, source_allowed},
+    maps::{AFFINITY, BACKENDS, CONNTRACK, INTERFACES, SERVICES, SLOTS, source_allowed},
     parse::{Flow, TCP_ACK, TCP_SYN},
 };
 
@@ -264,13 +264,21 @@ fn forward(flow: &Flow, svc: &ServiceValue, iface: Option<IfaceConfig>) -> Verdi
     // Traffic from outside the node to a backend on another node is SNATed to this node, so
     // the replies come back through it (kube-proxy masquerades it too). Local backends reply
     // through this node anyway, and keep seeing the client's address.
-    let snat = match iface {
-        Some(cfg) if !local && cfg.addr4 != 0 => {
-            match snat_port(cfg.addr4, baddr, bport, flow.proto) {
-                Some(p) => Some((cfg.addr4, p)),
-                None => return Verdict::Drop(Counter::DroppedSnatPorts),
-            }
-        }
+    // Hairpin: a backend that reached its own Service and was picked itself would otherwise
+    // get its own packet from itself and answer it directly, never through the reverse NAT;
+    // its source becomes this node's address (entry 0 of the interfaces map), as kube-proxy
+    // masquerades it.
+    let snat_addr = if baddr == flow.saddr {
+        // SAFETY: plain-data value read at once.
+        unsafe { INTERFACES.get(0u32) }.map(|c| c.addr4)
+    } else {
+        iface.filter(|_| !local).map(|c| c.addr4)
+    };
+    let snat = match snat_addr {
+        Some(node) if node != 0 => match snat_port(node, baddr, bport, flow.proto) {
+            Some(p) => Some((node, p)),
+            None => return Verdict::Drop(Counter::DroppedSnatPorts),
+        },
         _ => None,
     };
     let (flags, (src, sport)) = match snat {
