@@ -626,3 +626,58 @@ fn session_affinity_keeps_a_client_on_one_backend() {
         "other clients are still balanced: {others:?}"
     );
 }
+
+#[test]
+fn icmp_errors_about_translated_flows_are_translated_back() {
+    let mut b = bed();
+    // A UDP flow through the VIP, then the backend reports "port unreachable" for it.
+    let query =
+        pkt::Ip::new(CLIENT, VIP, pkt::UDP).frame(&pkt::l4(pkt::UDP, CLIENT, VIP, 40008, 53, b"q"));
+    let translated = b.run(&query).1;
+    let backend = pkt::parse(&translated).dst;
+    // The error quotes the translated packet's IP header and first 8 L4 bytes.
+    let quoted = translated[14..14 + 28].to_vec();
+    let mut icmp = vec![3, 3, 0, 0, 0, 0, 0, 0];
+    icmp.extend_from_slice(&quoted);
+    let c = pkt::csum(&icmp, 0);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let error = pkt::Ip::new(backend, CLIENT, pkt::ICMP).frame(&icmp);
+    let (rc, out, moved) = b.run_counted(&error);
+    assert_eq!((rc, moved), (TC_ACT_OK, vec!["icmp_translated"]));
+    let (src, dst, ip_ok) = pkt::parse_ip_only(&out);
+    assert_eq!(
+        (src, dst),
+        (VIP, CLIENT),
+        "reported by the backend: from the VIP"
+    );
+    assert!(ip_ok, "outer IP checksum");
+    let icmp_out = &out[34..];
+    assert_eq!(pkt::csum(icmp_out, 0), 0, "ICMP checksum");
+    let inner = &icmp_out[8..];
+    assert_eq!(pkt::csum(&inner[..20], 0), 0, "quoted IP header checksum");
+    assert_eq!(&inner[12..16], &CLIENT.octets(), "quoted source unchanged");
+    assert_eq!(
+        &inner[16..20],
+        &VIP.octets(),
+        "quoted destination is the VIP again"
+    );
+    assert_eq!(
+        u16::from_be_bytes([inner[22], inner[23]]),
+        53,
+        "quoted port is the Service port"
+    );
+
+    // An ICMP error about a flow the proxy never translated passes untouched.
+    let mut foreign = icmp.clone();
+    foreign[8 + 20..8 + 22].copy_from_slice(&41234u16.to_be_bytes());
+    let c = {
+        foreign[2] = 0;
+        foreign[3] = 0;
+        pkt::csum(&foreign, 0)
+    };
+    foreign[2..4].copy_from_slice(&c.to_be_bytes());
+    let frame = pkt::Ip::new(backend, CLIENT, pkt::ICMP).frame(&foreign);
+    let (rc, out, moved) = b.run_counted(&frame);
+    assert_eq!((rc, moved), (TC_ACT_OK, vec!["passed_other_protocol"]));
+    assert_eq!(out, frame);
+}

@@ -374,9 +374,11 @@ pub enum Counter {
     DroppedSnatPorts = 18,
     /// Client outside the frontend's loadBalancerSourceRanges.
     DroppedSourceRange = 19,
+    /// ICMP error about a translated flow, translated back for the client.
+    IcmpTranslated = 20,
 }
 
-pub const COUNTER_COUNT: u32 = 20;
+pub const COUNTER_COUNT: u32 = 21;
 
 pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
     "translated_new",
@@ -399,6 +401,7 @@ pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
     "snat",
     "dropped_snat_ports",
     "dropped_source_range",
+    "icmp_translated",
 ];
 
 #[cfg(feature = "user")]

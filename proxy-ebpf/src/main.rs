@@ -2,6 +2,7 @@
 #![no_std]
 #![no_main]
 
+mod icmp;
 mod lb;
 mod maps;
 mod nat;

@@ -7,6 +7,7 @@ use aya_ebpf::{
 use proxy_common::Counter;
 
 use crate::{
+    icmp,
     lb::{Verdict, decide},
     maps::{INTERFACES, count},
     nat::{Side, rewrite},
@@ -35,6 +36,22 @@ fn apply(
 pub fn tc_ingress(ctx: TcContext) -> i32 {
     let flow = match parse(&ctx) {
         Ok(f) => f,
+        Err(Counter::PassedOtherProtocol) => {
+            return match icmp::translate(&ctx) {
+                Some(Ok(c)) => {
+                    count(c);
+                    TC_ACT_OK
+                }
+                Some(Err(c)) => {
+                    count(c);
+                    TC_ACT_SHOT
+                }
+                None => {
+                    count(Counter::PassedOtherProtocol);
+                    TC_ACT_OK
+                }
+            };
+        }
         Err(c) => {
             count(c);
             return TC_ACT_OK;
