@@ -192,8 +192,8 @@ impl HealthChecks {
 #[derive(Default, PartialEq)]
 struct ExternalView {
     node_addresses: Vec<std::net::IpAddr>,
-    /// ifindex -> IPv4 address used for SNAT.
-    snat: std::collections::BTreeMap<u32, u32>,
+    /// ifindex -> the addresses used for SNAT.
+    snat: std::collections::BTreeMap<u32, proxy_common::IfaceConfig>,
 }
 
 fn external_view(cfg: &RunConfig) -> ExternalView {
@@ -202,18 +202,25 @@ fn external_view(cfg: &RunConfig) -> ExternalView {
     if let Ok(list) = nix::net::if_::if_nameindex() {
         for i in list.iter() {
             let name = i.name().to_string_lossy();
-            let v4 = by_iface.get(name.as_ref()).and_then(|a| {
-                a.iter().find_map(|ip| match ip {
-                    std::net::IpAddr::V4(v4) => Some(u32::from_ne_bytes(v4.octets())),
-                    _ => None,
-                })
-            });
-            if let Some(a) = v4 {
-                snat.insert(i.index(), a);
+            let Some(addrs) = by_iface.get(name.as_ref()) else {
+                continue;
+            };
+            let mut c = proxy_common::IfaceConfig::default();
+            for ip in addrs {
+                match ip {
+                    std::net::IpAddr::V4(v4) if c.addr4 == 0 => {
+                        c.addr4 = u32::from_ne_bytes(v4.octets())
+                    }
+                    std::net::IpAddr::V6(_) if c.addr6 == [0; 4] => {
+                        c.addr6 = crate::datapath::addr::to_words(*ip)
+                    }
+                    _ => {}
+                }
             }
+            snat.insert(i.index(), c);
         }
     }
-    // Hairpin traffic is SNATed to the node's first external IPv4 address (index 0).
+    // Hairpin traffic is SNATed to the node's first external addresses (index 0).
     if let Some(first) = snat.values().next().copied() {
         snat.insert(0, first);
     }

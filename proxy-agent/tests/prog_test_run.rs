@@ -414,7 +414,11 @@ fn misses_and_foreign_packets_pass_untouched() {
         ),
         ("ARP", arp, "passed_not_ip"),
         ("ICMP echo to the VIP", icmp, "passed_other_protocol"),
-        ("IPv6", ipv6, "passed_ipv6"),
+        (
+            "IPv6 header without its UDP header",
+            ipv6,
+            "passed_malformed",
+        ),
     ];
     for (what, frame, counter) in cases {
         let (rc, out, moved) = b.run_counted(&frame);
@@ -680,4 +684,101 @@ fn icmp_errors_about_translated_flows_are_translated_back() {
     let (rc, out, moved) = b.run_counted(&frame);
     assert_eq!((rc, moved), (TC_ACT_OK, vec!["passed_other_protocol"]));
     assert_eq!(out, frame);
+}
+
+/// IPv6 frames, built and checked independently of the datapath.
+mod pkt6 {
+    use std::net::Ipv6Addr;
+
+    fn pseudo(src: Ipv6Addr, dst: Ipv6Addr, next: u8, len: usize) -> u32 {
+        let mut p = Vec::new();
+        p.extend_from_slice(&src.octets());
+        p.extend_from_slice(&dst.octets());
+        p.extend_from_slice(&(len as u32).to_be_bytes());
+        p.extend_from_slice(&[0, 0, 0, next]);
+        p.chunks(2)
+            .map(|c| u16::from_be_bytes([c[0], c[1]]) as u32)
+            .sum()
+    }
+
+    /// Ethernet + IPv6 (+ one destination-options extension header if `ext`) + UDP.
+    pub fn udp(src: Ipv6Addr, dst: Ipv6Addr, sport: u16, dport: u16, ext: bool) -> Vec<u8> {
+        let mut u = Vec::new();
+        u.extend_from_slice(&sport.to_be_bytes());
+        u.extend_from_slice(&dport.to_be_bytes());
+        u.extend_from_slice(&12u16.to_be_bytes());
+        u.extend_from_slice(&[0, 0]);
+        u.extend_from_slice(b"q6q6");
+        let c = super::pkt::csum(&u, pseudo(src, dst, 17, u.len()));
+        u[6..8].copy_from_slice(&c.to_be_bytes());
+        let mut f = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2, 0x86, 0xdd];
+        let ext_hdr: &[u8] = if ext { &[17, 0, 1, 4, 0, 0, 0, 0] } else { &[] };
+        f.extend_from_slice(&[0x60, 0, 0, 0]);
+        f.extend_from_slice(&((ext_hdr.len() + u.len()) as u16).to_be_bytes());
+        f.extend_from_slice(&[if ext { 60 } else { 17 }, 64]);
+        f.extend_from_slice(&src.octets());
+        f.extend_from_slice(&dst.octets());
+        f.extend_from_slice(ext_hdr);
+        f.extend_from_slice(&u);
+        f
+    }
+
+    /// (source, destination, ports, UDP checksum valid) of a frame built by `udp`.
+    pub fn parse(f: &[u8], ext: bool) -> (Ipv6Addr, Ipv6Addr, u16, u16, bool) {
+        let ip = &f[14..];
+        let src = Ipv6Addr::from(<[u8; 16]>::try_from(&ip[8..24]).unwrap());
+        let dst = Ipv6Addr::from(<[u8; 16]>::try_from(&ip[24..40]).unwrap());
+        let u = &ip[40 + if ext { 8 } else { 0 }..];
+        let ok = super::pkt::csum(u, pseudo(src, dst, 17, u.len())) == 0;
+        (
+            src,
+            dst,
+            u16::from_be_bytes([u[0], u[1]]),
+            u16::from_be_bytes([u[2], u[3]]),
+            ok,
+        )
+    }
+}
+
+#[test]
+fn ipv6_translates_with_extension_headers_and_replies() {
+    use std::net::Ipv6Addr;
+    let mut b = bed();
+    let vip6: Ipv6Addr = "fd00:18:100::10".parse().unwrap();
+    let backend: Ipv6Addr = "fd00:19:2::2".parse().unwrap();
+    let client: Ipv6Addr = "fd00:19:1::50".parse().unwrap();
+    let f = Frontend {
+        addr: IpAddr::V6(vip6),
+        port: 53,
+        protocol: Protocol::Udp,
+        scope: Default::default(),
+    };
+    let e = Endpoint {
+        addr: IpAddr::V6(backend),
+        port: 5353,
+        state: EndpointState::Active,
+        local: false,
+    };
+    let report = b.writer.sync(&desired(&[(f, vec![e])]));
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    for ext in [false, true] {
+        let q = pkt6::udp(client, vip6, 40010 + ext as u16, 53, ext);
+        let (rc, out, moved) = b.run_counted(&q);
+        assert_eq!(
+            (rc, moved),
+            (TC_ACT_OK, vec!["translated_new"]),
+            "ext {ext}"
+        );
+        assert_eq!(
+            pkt6::parse(&out, ext),
+            (client, backend, 40010 + ext as u16, 5353, true)
+        );
+        let reply = pkt6::udp(backend, client, 5353, 40010 + ext as u16, ext);
+        let (rc, out, moved) = b.run_counted(&reply);
+        assert_eq!((rc, moved), (TC_ACT_OK, vec!["reverse_translated"]));
+        assert_eq!(
+            pkt6::parse(&out, ext),
+            (vip6, client, 53, 40010 + ext as u16, true)
+        );
+    }
 }

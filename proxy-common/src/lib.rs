@@ -248,6 +248,8 @@ pub const CT_SNAT: u16 = 1;
 pub struct IfaceConfig {
     pub addr4: u32,
     pub flags: u32,
+    /// The interface's IPv6 address (zero: none), for IPv6 SNAT.
+    pub addr6: [u32; 4],
 }
 
 /// sessionAffinity ClientIP: the backend a client was last sent to, per frontend. The client is

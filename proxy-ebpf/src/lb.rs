@@ -17,17 +17,17 @@ pub enum Verdict {
     /// Rewrite the destination to this backend (and, for external traffic to a backend on
     /// another node, the source to this node's address and port `snat`).
     Dnat {
-        addr: u32,
+        addr: [u32; 4],
         port_be: u16,
-        snat: Option<(u32, u16)>,
+        snat: Option<([u32; 4], u16)>,
         counter: Counter,
     },
     /// Rewrite the source back to the frontend the client dialled (and the destination back to
     /// the client, `unsnat`, when the flow was SNATed).
     ReverseNat {
-        addr: u32,
+        addr: [u32; 4],
         port_be: u16,
-        unsnat: Option<(u32, u16)>,
+        unsnat: Option<([u32; 4], u16)>,
     },
     Pass(Counter),
     Drop(Counter),
@@ -37,21 +37,34 @@ pub enum Verdict {
 const TOUCH_NS: u64 = 1_000_000_000;
 
 #[inline(always)]
-pub fn v4(a: u32) -> [u32; 4] {
-    [a, 0, 0, 0]
-}
-
-#[inline(always)]
-fn ct_key(saddr: u32, daddr: u32, sport_be: u16, dport_be: u16, proto: u8, dir: u8) -> CtKey {
+fn ct_key(
+    saddr: [u32; 4],
+    daddr: [u32; 4],
+    sport_be: u16,
+    dport_be: u16,
+    proto: u8,
+    family: u8,
+    dir: u8,
+) -> CtKey {
     CtKey {
-        saddr: v4(saddr),
-        daddr: v4(daddr),
+        saddr,
+        daddr,
         sport_be,
         dport_be,
         proto,
-        family: AF_INET,
+        family,
         dir,
         _pad: 0,
+    }
+}
+
+/// This node's address of `family` in an interface entry, if it has one.
+#[inline(always)]
+fn node_addr(c: &IfaceConfig, family: u8) -> Option<[u32; 4]> {
+    if family == AF_INET {
+        (c.addr4 != 0).then_some([c.addr4, 0, 0, 0])
+    } else {
+        (c.addr6 != [0; 4]).then_some(c.addr6)
     }
 }
 
@@ -181,10 +194,11 @@ pub fn backend_valid(backend_id: u32, addr: [u32; 4], port_be: u16) -> bool {
 /// the external view of a frontend first, and may be SNATed.
 #[inline(always)]
 pub fn decide(flow: &Flow, iface: Option<IfaceConfig>) -> Verdict {
-    let internal = || lookup_service(v4(flow.daddr), flow.dport_be, flow.proto, SCOPE_INTERNAL);
+    let internal = || lookup_service(flow.daddr, flow.dport_be, flow.proto, SCOPE_INTERNAL);
     let svc = match iface {
-        Some(_) => lookup_service(v4(flow.daddr), flow.dport_be, flow.proto, SCOPE_EXTERNAL)
-            .or_else(internal),
+        Some(_) => {
+            lookup_service(flow.daddr, flow.dport_be, flow.proto, SCOPE_EXTERNAL).or_else(internal)
+        }
         None => internal(),
     };
     match svc {
@@ -195,11 +209,11 @@ pub fn decide(flow: &Flow, iface: Option<IfaceConfig>) -> Verdict {
 
 /// A free source port on this node's address towards the backend, from the SNAT range.
 #[inline(always)]
-fn snat_port(node: u32, backend: u32, bport: u16, proto: u8) -> Option<u16> {
+fn snat_port(node: [u32; 4], backend: [u32; 4], bport: u16, proto: u8, family: u8) -> Option<u16> {
     let start = unsafe { bpf_get_prandom_u32() } as u16 % SNAT_PORT_COUNT;
     for i in 0..8u16 {
         let port_be = (SNAT_PORT_MIN + (start + i * 97) % SNAT_PORT_COUNT).to_be();
-        let rkey = ct_key(backend, node, bport, port_be, proto, CT_REVERSE);
+        let rkey = ct_key(backend, node, bport, port_be, proto, family, CT_REVERSE);
         // SAFETY: only presence is checked.
         if unsafe { CONNTRACK.get(rkey) }.is_none() {
             return Some(port_be);
@@ -211,7 +225,7 @@ fn snat_port(node: u32, backend: u32, bport: u16, proto: u8) -> Option<u16> {
 #[inline(always)]
 fn forward(flow: &Flow, svc: &ServiceValue, iface: Option<IfaceConfig>) -> Verdict {
     let svc_id = svc.svc_id;
-    if svc.flags & SVC_SOURCE_RANGES != 0 && !source_allowed(svc_id, v4(flow.saddr)) {
+    if svc.flags & SVC_SOURCE_RANGES != 0 && !source_allowed(svc_id, flow.saddr) {
         return Verdict::Drop(Counter::DroppedSourceRange);
     }
     if svc.count == 0 {
@@ -224,6 +238,7 @@ fn forward(flow: &Flow, svc: &ServiceValue, iface: Option<IfaceConfig>) -> Verdi
         flow.sport_be,
         flow.dport_be,
         flow.proto,
+        flow.family,
         CT_FORWARD,
     );
     let mut reselected = false;
@@ -232,15 +247,15 @@ fn forward(flow: &Flow, svc: &ServiceValue, iface: Option<IfaceConfig>) -> Verdi
         let (backend_id, nat_addr, nat_port, ct_svc, flags, orig_addr, orig_port) = unsafe {
             (
                 (*ct).backend_id,
-                (*ct).nat_addr[0],
+                (*ct).nat_addr,
                 (*ct).nat_port_be,
                 (*ct).svc_id,
                 (*ct).flags,
-                (*ct).orig_addr[0],
+                (*ct).orig_addr,
                 (*ct).orig_port_be,
             )
         };
-        if ct_svc == svc_id && backend_valid(backend_id, v4(nat_addr), nat_port) {
+        if ct_svc == svc_id && backend_valid(backend_id, nat_addr, nat_port) {
             touch(ct, now);
             return Verdict::Dnat {
                 addr: nat_addr,
@@ -254,10 +269,10 @@ fn forward(flow: &Flow, svc: &ServiceValue, iface: Option<IfaceConfig>) -> Verdi
 
     let Some(Chosen {
         backend_id,
-        addr: [baddr, ..],
+        addr: baddr,
         port_be: bport,
         local,
-    }) = choose(svc, Client::Addr(v4(flow.saddr)))
+    }) = choose(svc, Client::Addr(flow.saddr))
     else {
         return Verdict::Drop(Counter::DroppedBackendMissing);
     };
@@ -270,40 +285,50 @@ fn forward(flow: &Flow, svc: &ServiceValue, iface: Option<IfaceConfig>) -> Verdi
     // masquerades it.
     let snat_addr = if baddr == flow.saddr {
         // SAFETY: plain-data value read at once.
-        unsafe { INTERFACES.get(0u32) }.map(|c| c.addr4)
+        unsafe { INTERFACES.get(0u32) }.and_then(|c| node_addr(c, flow.family))
     } else {
-        iface.filter(|_| !local).map(|c| c.addr4)
+        iface
+            .filter(|_| !local)
+            .and_then(|c| node_addr(&c, flow.family))
     };
     let snat = match snat_addr {
-        Some(node) if node != 0 => match snat_port(node, baddr, bport, flow.proto) {
+        Some(node) => match snat_port(node, baddr, bport, flow.proto, flow.family) {
             Some(p) => Some((node, p)),
             None => return Verdict::Drop(Counter::DroppedSnatPorts),
         },
-        _ => None,
+        None => None,
     };
     let (flags, (src, sport)) = match snat {
         Some(s) => (CT_SNAT, s),
         None => (0, (flow.saddr, flow.sport_be)),
     };
     let fval = CtValue {
-        nat_addr: v4(baddr),
+        nat_addr: baddr,
         nat_port_be: bport,
         flags,
         backend_id,
         svc_id,
-        orig_addr: v4(src),
+        orig_addr: src,
         orig_port_be: sport,
         _pad: 0,
         last_seen_ns: now,
     };
-    let rkey = ct_key(baddr, src, bport, sport, flow.proto, CT_REVERSE);
+    let rkey = ct_key(
+        baddr,
+        src,
+        bport,
+        sport,
+        flow.proto,
+        flow.family,
+        CT_REVERSE,
+    );
     let rval = CtValue {
-        nat_addr: v4(flow.daddr),
+        nat_addr: flow.daddr,
         nat_port_be: flow.dport_be,
         flags,
         backend_id,
         svc_id,
-        orig_addr: v4(flow.saddr),
+        orig_addr: flow.saddr,
         orig_port_be: flow.sport_be,
         _pad: 0,
         last_seen_ns: now,
@@ -336,6 +361,7 @@ fn reverse(flow: &Flow) -> Verdict {
             flow.dport_be,
             flow.sport_be,
             flow.proto,
+            flow.family,
             CT_REVERSE,
         );
         let _ = CONNTRACK.remove(stale);
@@ -346,6 +372,7 @@ fn reverse(flow: &Flow) -> Verdict {
         flow.sport_be,
         flow.dport_be,
         flow.proto,
+        flow.family,
         CT_REVERSE,
     );
     match CONNTRACK.get_ptr_mut(rkey) {
@@ -354,10 +381,10 @@ fn reverse(flow: &Flow) -> Verdict {
             // SAFETY: pointer from a successful lookup; fields copied out.
             let (addr, port_be, flags, orig_addr, orig_port) = unsafe {
                 (
-                    (*ct).nat_addr[0],
+                    (*ct).nat_addr,
                     (*ct).nat_port_be,
                     (*ct).flags,
-                    (*ct).orig_addr[0],
+                    (*ct).orig_addr,
                     (*ct).orig_port_be,
                 )
             };

@@ -1,6 +1,6 @@
 //! Header parsing shared by every hook: one `Flow` per packet, or the reason it has none.
 use aya_ebpf::programs::TcContext;
-use proxy_common::{Counter, FragKey, FragValue, IPPROTO_TCP, IPPROTO_UDP};
+use proxy_common::{AF_INET, AF_INET6, Counter, FragKey, FragValue, IPPROTO_TCP, IPPROTO_UDP};
 
 use crate::maps::FRAGMENTS;
 
@@ -10,11 +10,13 @@ const ETH_P_IPV6: u16 = 0x86DD;
 const IP_MF: u16 = 0x2000;
 const IP_OFFSET: u16 = 0x1fff;
 
-/// An IPv4 TCP/UDP packet's addressing, with the offsets needed to rewrite it.
+/// A TCP/UDP packet's addressing (IPv4 in word 0, or IPv6), with the offsets needed to
+/// rewrite it.
 #[derive(Clone, Copy)]
 pub struct Flow {
-    pub saddr: u32,
-    pub daddr: u32,
+    pub saddr: [u32; 4],
+    pub daddr: [u32; 4],
+    pub family: u8,
     pub sport_be: u16,
     pub dport_be: u16,
     pub proto: u8,
@@ -35,7 +37,7 @@ pub fn parse(ctx: &TcContext) -> Result<Flow, Counter> {
     let ethertype = u16::from_be(ctx.load::<u16>(12).map_err(|_| Counter::PassedMalformed)?);
     match ethertype {
         ETH_P_IP => {}
-        ETH_P_IPV6 => return Err(Counter::PassedIpv6),
+        ETH_P_IPV6 => return parse6(ctx),
         _ => return Err(Counter::PassedNotIp),
     }
     let l3_off = ETH_HLEN;
@@ -68,8 +70,9 @@ pub fn parse(ctx: &TcContext) -> Result<Flow, Counter> {
     let l4_off = l3_off + ihl;
 
     let mut flow = Flow {
-        saddr,
-        daddr,
+        saddr: [saddr, 0, 0, 0],
+        daddr: [daddr, 0, 0, 0],
+        family: AF_INET,
         sport_be: 0,
         dport_be: 0,
         proto,
@@ -117,6 +120,77 @@ pub fn parse(ctx: &TcContext) -> Result<Flow, Counter> {
         };
         // Best effort: if it fails, later fragments are passed and counted.
         let _ = FRAGMENTS.insert(fkey()?, v, 0);
+    }
+    Ok(flow)
+}
+
+const NEXTHDR_HOP: u8 = 0;
+const NEXTHDR_ROUTING: u8 = 43;
+const NEXTHDR_FRAGMENT: u8 = 44;
+const NEXTHDR_DEST: u8 = 60;
+
+/// IPv6: skips up to four extension headers to the TCP/UDP header. Later fragments are passed
+/// (counted); fragmented IPv6 datagrams are not translated yet.
+#[inline(always)]
+fn parse6(ctx: &TcContext) -> Result<Flow, Counter> {
+    let l3_off = ETH_HLEN;
+    let m = |_| Counter::PassedMalformed;
+    let vtc: u8 = ctx.load(l3_off).map_err(m)?;
+    if vtc >> 4 != 6 {
+        return Err(Counter::PassedMalformed);
+    }
+    let mut next: u8 = ctx.load(l3_off + 6).map_err(m)?;
+    let mut off = l3_off + 40;
+    for _ in 0..4 {
+        match next {
+            NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
+                let len: u8 = ctx.load(off + 1).map_err(m)?;
+                next = ctx.load(off).map_err(m)?;
+                off += (len as usize + 1) * 8;
+            }
+            NEXTHDR_FRAGMENT => {
+                let frag = u16::from_be(ctx.load::<u16>(off + 2).map_err(m)?);
+                if frag & 0xfff8 != 0 || frag & 1 != 0 {
+                    return Err(Counter::PassedFragmentUnknown);
+                }
+                next = ctx.load(off).map_err(m)?;
+                off += 8;
+            }
+            _ => break,
+        }
+    }
+    if next != IPPROTO_TCP && next != IPPROTO_UDP {
+        return Err(Counter::PassedOtherProtocol);
+    }
+    let l4_min = if next == IPPROTO_TCP { 20 } else { 8 };
+    if (ctx.len() as usize) < off + l4_min {
+        return Err(Counter::PassedMalformed);
+    }
+    let word = |o: usize| -> Result<u32, Counter> { ctx.load::<u32>(o).map_err(m) };
+    let mut flow = Flow {
+        saddr: [
+            word(l3_off + 8)?,
+            word(l3_off + 12)?,
+            word(l3_off + 16)?,
+            word(l3_off + 20)?,
+        ],
+        daddr: [
+            word(l3_off + 24)?,
+            word(l3_off + 28)?,
+            word(l3_off + 32)?,
+            word(l3_off + 36)?,
+        ],
+        family: AF_INET6,
+        sport_be: ctx.load(off).map_err(m)?,
+        dport_be: ctx.load(off + 2).map_err(m)?,
+        proto: next,
+        l3_off,
+        l4_off: off,
+        has_l4: true,
+        tcp_flags: 0,
+    };
+    if next == IPPROTO_TCP {
+        flow.tcp_flags = ctx.load(off + 13).map_err(m)?;
     }
     Ok(flow)
 }

@@ -20,8 +20,8 @@ use crate::{
 fn apply(
     ctx: &TcContext,
     flow: &Flow,
-    first: (Side, u32, u16),
-    second: Option<(Side, u32, u16)>,
+    first: (Side, [u32; 4], u16),
+    second: Option<(Side, [u32; 4], u16)>,
 ) -> bool {
     if rewrite(ctx, flow, first.0, first.1, first.2).is_err() {
         return false;

@@ -37,6 +37,8 @@ use crate::netns;
 
 /// Address of the external client namespace on the LAN.
 pub const EXT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
+/// The external client's IPv6 address on the LAN.
+pub const EXT_IP6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xfd00, 0x18, 0, 0, 0, 0, 0, 0x64);
 
 /// Node N's IPv6 LAN address: fd00:18::N (in fd00::/8, like every test address).
 pub fn node_ip6(n: u8) -> std::net::Ipv6Addr {
@@ -272,6 +274,8 @@ impl TestBed {
             ],
         )?;
         self.lan_port(&ext, "ext", EXT_IP)?;
+        let ext6 = format!("{EXT_IP6}/64");
+        ip(&["-n", &ext, "addr", "add", &ext6, "dev", "lan0", "nodad"])?;
         for node in &self.nodes {
             ip(&[
                 "-n",

@@ -306,3 +306,65 @@ fn load_balancer_source_ranges_admit_only_listed_clients() {
         Ok(())
     });
 }
+
+#[test]
+fn ipv6_nodeport_and_clusterip_on_the_per_packet_path() {
+    with_bed(|bed| {
+        let pods = backends(bed, &[(1, "v6-1a"), (2, "v6-2a")])?;
+        let svc = Service::cluster_ip("default", "v6", "198.18.100.98")
+            .type_("NodePort")
+            .spec(
+                "ports",
+                json!([{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP", "nodePort": 30086}]),
+            )
+            .spec("clusterIPs", json!(["198.18.100.98", "fd00:18:100::98"]))
+            .spec("ipFamilies", json!(["IPv4", "IPv6"]));
+        let mut s6 = EndpointSlice::new("default", "v6", "x6").port("http", 8080, Proto::Tcp);
+        s6.address_type = "IPv6".into();
+        for p in &pods {
+            s6 = s6.endpoint(Endpoint::ready(
+                &p.ip6.to_string(),
+                &format!("node{}", p.node),
+            ));
+        }
+        bed.write_manifest("v6-svc.yaml", &svc.to_yaml())?;
+        bed.write_manifest("v6-slice4.yaml", &slice("v6", &pods).to_yaml())?;
+        bed.write_manifest("v6-slice6.yaml", &s6.to_yaml())?;
+        let client = bed.add_pod(1, "client")?;
+        let agents = bed.start_agents(SYNC)?;
+        let all: Vec<&Pod> = pods.iter().collect();
+        let node6 = tests::node_ip6(1);
+        let np: SocketAddr = SocketAddr::new(IpAddr::V6(node6), 30086);
+        let ext = bed.ext_ns().to_string();
+        let seen = answered(&tcp_requests(&ext, np, 60, T)?, np, &all, "IPv6 NodePort")?;
+        for (backend, src) in seen {
+            let local = pods.iter().any(|p| p.name == backend && p.node == 1);
+            let want = if local {
+                IpAddr::V6(tests::EXT_IP6)
+            } else {
+                IpAddr::V6(node6)
+            };
+            ensure!(src == want, "{backend} saw {src}, want {want}");
+        }
+        // From a pod thread (outside the pod's cgroup): the per-packet path for IPv6.
+        let vip6: SocketAddr = "[fd00:18:100::98]:80".parse()?;
+        let before = agents[0].status_json()?["counters"]["translated_new"]
+            .as_u64()
+            .unwrap_or(0);
+        answered(
+            &tcp_requests(&client.ns, vip6, 60, T)?,
+            vip6,
+            &all,
+            "IPv6 ClusterIP (tc)",
+        )?;
+        let after = agents[0].status_json()?["counters"]["translated_new"]
+            .as_u64()
+            .unwrap_or(0);
+        ensure!(
+            after >= before + 50,
+            "the tc path translated {} IPv6 flows",
+            after - before
+        );
+        Ok(())
+    });
+}

@@ -88,10 +88,10 @@ pub fn node_addresses(by_iface: &BTreeMap<String, Vec<IpAddr>>, cidrs: &[Cidr]) 
     v
 }
 
-/// Makes `ifindex -> first IPv4 address` the interfaces map's whole content.
+/// Makes `wanted` (ifindex -> SNAT addresses) the interfaces map's whole content.
 pub fn program_interfaces(
     maps: &mut Maps,
-    wanted: &BTreeMap<u32, u32>,
+    wanted: &BTreeMap<u32, IfaceConfig>,
 ) -> Result<(), DatapathError> {
     let name = proxy_common::names::INTERFACES;
     let err = |source| DatapathError::Map { name, source };
@@ -104,11 +104,8 @@ pub fn program_interfaces(
     for k in stale {
         maps.interfaces.remove(&k).map_err(err)?;
     }
-    for (ifindex, addr4) in wanted {
-        let v = IfaceConfig {
-            addr4: *addr4,
-            flags: 0,
-        };
+    for (ifindex, v) in wanted {
+        let v = *v;
         if maps.interfaces.get(ifindex, 0).ok() != Some(v) {
             maps.interfaces.insert(ifindex, v, 0).map_err(err)?;
         }
