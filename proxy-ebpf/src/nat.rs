@@ -79,10 +79,12 @@ fn rewrite6(
         Side::Source => (flow.saddr, flow.sport_be, 8, 0),
         Side::Destination => (flow.daddr, flow.dport_be, 24, 2),
     };
-    let csum_off = if flow.proto == IPPROTO_TCP {
-        flow.l4_off + 16
+    // UDP over IPv6 must never carry a zero checksum (RFC 8200 8.1): a result of zero is sent
+    // as 0xffff.
+    let (csum_off, mangled) = if flow.proto == IPPROTO_TCP {
+        (flow.l4_off + 16, 0)
     } else {
-        flow.l4_off + 6
+        (flow.l4_off + 6, BPF_F_MARK_MANGLED_0 as u64)
     };
     for i in 0..4 {
         if old[i] != addr[i] {
@@ -90,7 +92,7 @@ fn rewrite6(
                 csum_off,
                 old[i] as u64,
                 addr[i] as u64,
-                BPF_F_PSEUDO_HDR as u64 | 4,
+                BPF_F_PSEUDO_HDR as u64 | mangled | 4,
             )
             .map_err(|_| ())?;
             ctx.store(flow.l3_off + ip_off + 4 * i, &addr[i], 0)
@@ -98,7 +100,7 @@ fn rewrite6(
         }
     }
     if old_port != port_be {
-        ctx.l4_csum_replace(csum_off, old_port as u64, port_be as u64, 2)
+        ctx.l4_csum_replace(csum_off, old_port as u64, port_be as u64, mangled | 2)
             .map_err(|_| ())?;
         ctx.store(flow.l4_off + port_off, &port_be, 0)
             .map_err(|_| ())?;
