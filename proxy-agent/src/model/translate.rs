@@ -159,15 +159,25 @@ pub fn translate(inputs: &Inputs, opts: &Options) -> Translation {
                     .iter()
                     .find(|(fe, _)| out.state.services.contains_key(fe))
                 {
-                    let field = match frontends.iter().find(|(f, _)| f == fe).map(|(_, d)| d.kind) {
-                        Some(ServiceKind::NodePort) => "spec.ports[].nodePort",
-                        Some(ServiceKind::LoadBalancer) => "status.loadBalancer.ingress",
-                        Some(ServiceKind::ExternalIp) => "spec.externalIPs",
-                        _ => "spec.clusterIPs",
+                    let kind = frontends.iter().find(|(f, _)| f == fe).map(|(_, d)| d.kind);
+                    let spec = svc.spec.as_ref();
+                    let port_index = |pred: &dyn Fn(&ServicePort) -> bool| {
+                        spec.and_then(|sp| sp.ports.as_ref())
+                            .and_then(|ps| ps.iter().position(pred))
+                            .unwrap_or(0)
+                    };
+                    let field = match kind {
+                        Some(ServiceKind::NodePort) => format!(
+                            "spec.ports[{}].nodePort",
+                            port_index(&|p| p.node_port == Some(fe.port as i32))
+                        ),
+                        Some(ServiceKind::LoadBalancer) => "status.loadBalancer.ingress".into(),
+                        Some(ServiceKind::ExternalIp) => "spec.externalIPs".into(),
+                        _ => "spec.clusterIPs".into(),
                     };
                     out.errors.push(TranslateError {
                         object: format!("Service {ns}/{name}"),
-                        field: field.into(),
+                        field,
                         message: format!(
                             "frontend {fe} is already used by {}",
                             out.state.services[fe].name
@@ -377,6 +387,9 @@ fn translate_service(
         field,
         message,
     };
+    if name.is_empty() {
+        return Err(err("metadata.name".into(), "a Service needs a name".into()));
+    }
     // kube-proxy watches Services with `!service.kubernetes.io/service-proxy-name`; a proxy
     // started with --service-proxy-name takes exactly the Services labelled with its name.
     let proxy_label = svc
@@ -413,7 +426,12 @@ fn translate_service(
             Ok(a) => vips.push(a),
             Err(_) => {
                 return Err(err(
-                    format!("{field}[{i}]"),
+                    // clusterIP is one string; clusterIPs a list.
+                    if field == "spec.clusterIP" {
+                        field.to_string()
+                    } else {
+                        format!("{field}[{i}]")
+                    },
                     format!("{ip:?} is not an IP address"),
                 ));
             }
@@ -882,7 +900,7 @@ endpoints:
         let cases = [
             (
                 "clusterIP: 198.18.300.1\n  ports: [{port: 80}]",
-                "spec.clusterIP[0]",
+                "spec.clusterIP",
             ),
             (
                 "clusterIP: 198.18.100.2\n  ports: [{port: 0}]",
@@ -1470,7 +1488,7 @@ endpoints:
         assert_eq!(t3.errors.len(), 1, "{:?}", t3.errors);
         assert_eq!(
             (t3.errors[0].object.as_str(), t3.errors[0].field.as_str()),
-            ("Service default/zz", "spec.ports[].nodePort")
+            ("Service default/zz", "spec.ports[0].nodePort")
         );
         assert!(
             !t3.state
