@@ -16,7 +16,8 @@ pub mod netns;
 
 pub use agent::{Agent, agent_bin, find_status_service, status_backends, status_services};
 pub use bed::{
-    EXT_IP, EXT_IP6, LAN_BRIDGE, Node, Pod, TestBed, node_ip, node_ip6, pod_cidr, pod_cidr6, pod_ip6,
+    EXT_IP, EXT_IP6, LAN_BRIDGE, Node, Pod, TestBed, node_ip, node_ip6, pod_cidr, pod_cidr6,
+    pod_ip6,
 };
 pub use client::{
     Outcome, Proto, Reply, Tally, parse_reply_line, tcp_request, tcp_requests, udp_request,
