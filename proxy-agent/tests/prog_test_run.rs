@@ -245,8 +245,11 @@ fn bed() -> Bed {
         std::process::id(),
         rand::random::<u32>()
     ));
-    let ebpf = loader::load(&bpffs, loader::MapSizes::default())
-        .expect("load datapath (is bpffs mounted at /sys/fs/bpf?)");
+    let ebpf = loader::load(&bpffs, loader::MapSizes::default()).unwrap_or_else(|e| {
+        // Pins made before the failure must not outlive the test.
+        let _ = loader::cleanup(&bpffs);
+        panic!("load datapath (is bpffs mounted at /sys/fs/bpf?): {e:?}")
+    });
     let mut writer = Writer::adopt(maps::Maps::open(&bpffs).unwrap()).unwrap();
     let report = writer.sync(&desired(&[
         (fe(VIP, 80, Protocol::Tcp), vec![ep(B1, 8080), ep(B2, 8080)]),

@@ -34,7 +34,10 @@ fn bed(sizes: MapSizes) -> Bed {
         std::process::id(),
         rand::random::<u32>()
     ));
-    let ebpf = loader::load(&bpffs, sizes).expect("load datapath");
+    let ebpf = loader::load(&bpffs, sizes).unwrap_or_else(|e| {
+        let _ = loader::cleanup(&bpffs);
+        panic!("load datapath: {e:?}")
+    });
     Bed { _ebpf: ebpf, bpffs }
 }
 

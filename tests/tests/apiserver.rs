@@ -30,7 +30,7 @@ fn svc(ns: &str, name: &str, port: u16) -> Value {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": {"name": name, "namespace": ns, "labels": {"app": name}},
-        "spec": {"clusterIP": "10.96.0.10", "ports": [{"name": "http", "port": port, "protocol": "TCP"}]},
+        "spec": {"clusterIP": "198.18.100.250", "ports": [{"name": "http", "port": port, "protocol": "TCP"}]},
     })
 }
 
@@ -189,14 +189,14 @@ async fn list_pagination_selectors_and_kubeconfig() {
         let (code, _) = api_error(Api::<Pod>::all(client.clone()).list(&ListParams::default()).await.unwrap_err());
         assert_eq!(code, 404);
         s.apply_yaml(
-            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-abc\n  namespace: ns-a\n  labels:\n    kubernetes.io/service-name: web\naddressType: IPv4\nendpoints:\n- addresses: [\"10.0.0.1\"]\nports:\n- port: 8080\n---\napiVersion: v1\nkind: Node\nmetadata:\n  name: node-1\n---\napiVersion: v1\nkind: Endpoints\nmetadata:\n  name: web\n  namespace: ns-a\n",
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-abc\n  namespace: ns-a\n  labels:\n    kubernetes.io/service-name: web\naddressType: IPv4\nendpoints:\n- addresses: [\"198.19.9.1\"]\nports:\n- port: 8080\n---\napiVersion: v1\nkind: Node\nmetadata:\n  name: node-1\n---\napiVersion: v1\nkind: Endpoints\nmetadata:\n  name: web\n  namespace: ns-a\n",
         );
         let slices = Api::<EndpointSlice>::all(client.clone())
             .list(&ListParams::default().labels("kubernetes.io/service-name=web"))
             .await
             .unwrap();
         assert_eq!(slices.items.len(), 1);
-        assert_eq!(slices.items[0].endpoints.as_ref().unwrap()[0].addresses, vec!["10.0.0.1".to_string()]);
+        assert_eq!(slices.items[0].endpoints.as_ref().unwrap()[0].addresses, vec!["198.19.9.1".to_string()]);
         let nodes = Api::<Node>::all(client.clone()).list(&ListParams::default()).await.unwrap();
         assert_eq!(nodes.items[0].name_any(), "node-1");
         assert_eq!(nodes.items[0].namespace(), None);
