@@ -1,4 +1,6 @@
-//! `cargo xtask setup | build | test | demo`: everything a person or CI runs (Debian 12, as root).
+//! `cargo xtask setup | build | test | demo | bench`: everything a person or CI runs (Debian 12, as root).
+
+mod bench;
 
 use anyhow::{Context, Result, bail, ensure};
 use clap::{Parser, Subcommand};
@@ -28,6 +30,9 @@ enum Cmd {
     },
     /// Setup, build, then run the demo on an emulated two-node cluster.
     Demo,
+    /// Setup, release build, then benchmark against kube-proxy's modes into BENCHMARKS.md
+    /// (`BENCH_QUICK=1` for a short run).
+    Bench,
 }
 
 const DEBIAN_PACKAGES: &[&str] = &["iproute2", "bpftool", "iperf3", "util-linux"];
@@ -56,6 +61,10 @@ fn xtask(cmd: Cmd) -> Result<()> {
             setup(&root)?;
             let agent = build(&root)?;
             test(&root, &agent, &args)
+        }
+        Cmd::Bench => {
+            setup(&root)?;
+            bench::bench(&root)
         }
         Cmd::Demo => {
             setup(&root)?;

@@ -1,0 +1,312 @@
+//! The benchmark's Services: addresses, ports and endpoints, the same for every mode.
+//!
+//! Address plan (everything in 198.18.0.0/15, inside the bench's own namespaces):
+//! - 198.18.0.0/24: the test bed's LAN (node 198.18.0.1).
+//! - 198.19.0.0/18: the pod ("cluster") CIDR. Real pods live in 198.19.1.0/24 (the bed's node1
+//!   pod CIDR); the endpoints of Services that never carry traffic come from 198.19.16.0/20.
+//! - Service ClusterIPs: 198.18.32.0 .. 198.18.255.255 then 198.19.64.0 .. 198.19.255.255
+//!   ([`SERVICE_CIDRS`], 106,496 addresses), disjoint from every pod address.
+
+use std::fmt::Write as _;
+use std::net::Ipv4Addr;
+
+use tests::Proto;
+
+/// Pod CIDR: the `! -s` / `ip saddr !=` masquerade match of kube-proxy.
+pub const CLUSTER_CIDR: &str = "198.19.0.0/18";
+/// Service CIDRs (kube-proxy's nftables mode drops traffic to unallocated addresses in them).
+pub const SERVICE_CIDRS: [&str; 5] = [
+    "198.18.32.0/19",
+    "198.18.64.0/18",
+    "198.18.128.0/17",
+    "198.19.64.0/18",
+    "198.19.128.0/17",
+];
+/// Kubernetes namespace of every benchmark Service.
+pub const NAMESPACE: &str = "bench";
+/// Target ports of the exercised Services on the real backend pod.
+pub const HTTP_TARGET: u16 = 8080;
+pub const DNS_TARGET: u16 = 5353;
+pub const IPERF_PORT: u16 = 5201;
+
+/// i-th Service address.
+pub fn vip(i: usize) -> Ipv4Addr {
+    const FIRST: usize = 57_344; // 198.18.32.0 .. 198.18.255.255
+    let base = if i < FIRST {
+        u32::from(Ipv4Addr::new(198, 18, 32, 0)) + i as u32
+    } else {
+        u32::from(Ipv4Addr::new(198, 19, 64, 0)) + (i - FIRST) as u32
+    };
+    assert!(
+        i < FIRST + 49_152,
+        "Service index {i} out of the VIP ranges"
+    );
+    Ipv4Addr::from(base)
+}
+
+/// Endpoint `j` (0..3) of a Service that never carries traffic: unique (address, port) pairs
+/// from 198.19.16.0/20; the port depends only on the Service, so one EndpointSlice holds all.
+fn idle_endpoint(i: usize, j: usize) -> (Ipv4Addr, u16) {
+    let k = 3 * (i % 1000) + j;
+    let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 19, 16, 0)) + k as u32);
+    (ip, 20_000 + (i / 1000) as u16)
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortDef {
+    pub name: &'static str,
+    pub proto: Proto,
+    pub port: u16,
+    pub target: u16,
+}
+
+impl PortDef {
+    pub fn proto_lower(&self) -> &'static str {
+        match self.proto {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        }
+    }
+}
+
+/// One Service with its endpoints (every port has the same endpoint addresses).
+#[derive(Clone, Debug)]
+pub struct Svc {
+    pub name: String,
+    pub vip: Ipv4Addr,
+    pub ports: Vec<PortDef>,
+    pub endpoints: Vec<Ipv4Addr>,
+}
+
+impl Svc {
+    /// `namespace/name:port` (kube-proxy's ServicePortName).
+    pub fn port_name(&self, p: &PortDef) -> String {
+        format!("{NAMESPACE}/{}:{}", self.name, p.name)
+    }
+}
+
+/// The real backend pods the exercised Services lead to.
+///
+/// The first, the last and the added Service each get three addresses of their own on pod A:
+/// were two Services' endpoints the same, one client port reused towards both would give two
+/// translated flows the same reply tuple (backend:port -> client:port), which conntrack cannot
+/// tell apart (the new flow is dropped and retried a second later): a real effect, but one
+/// this bench would create only because its Services share a pod.
+#[derive(Clone, Debug)]
+pub struct Backends {
+    /// Endpoints of the first Service: addresses of backend pod A (tb-echo tcp/8080 and
+    /// udp/5353, iperf3 5201).
+    pub first: [Ipv4Addr; 3],
+    /// Endpoints of the last Service (pod A).
+    pub last: [Ipv4Addr; 3],
+    /// Endpoints of the added Service (pod A).
+    pub added: [Ipv4Addr; 3],
+    /// Backend pod B (tb-echo tcp/8080): the endpoint that "change one endpoint" swaps in.
+    pub b: Ipv4Addr,
+}
+
+fn exercised_ports(last: bool) -> Vec<PortDef> {
+    let http = PortDef {
+        name: "http",
+        proto: Proto::Tcp,
+        port: 80,
+        target: HTTP_TARGET,
+    };
+    let dns = PortDef {
+        name: "dns",
+        proto: Proto::Udp,
+        port: 53,
+        target: DNS_TARGET,
+    };
+    let iperf = PortDef {
+        name: "iperf",
+        proto: Proto::Tcp,
+        port: IPERF_PORT,
+        target: IPERF_PORT,
+    };
+    // The last Service's TCP port is the very last rule of KUBE-SERVICES.
+    if last {
+        vec![dns, iperf, http]
+    } else {
+        vec![http, dns, iperf]
+    }
+}
+
+/// `n` Services (n >= 2). The first and the last one lead to the real backend pod A on three
+/// ports (tcp/80, udp/53, tcp/5201); the others have one port (tcp/80) and three endpoints that
+/// never receive traffic.
+pub fn services(n: usize, be: &Backends) -> Vec<Svc> {
+    assert!(n >= 2);
+    (0..n)
+        .map(|i| {
+            let name = format!("svc-{i:06}");
+            if i == 0 || i == n - 1 {
+                Svc {
+                    name,
+                    vip: vip(i),
+                    ports: exercised_ports(i == n - 1),
+                    endpoints: if i == 0 { be.first } else { be.last }.to_vec(),
+                }
+            } else {
+                let port = idle_endpoint(i, 0).1;
+                Svc {
+                    name,
+                    vip: vip(i),
+                    ports: vec![PortDef {
+                        name: "http",
+                        proto: Proto::Tcp,
+                        port: 80,
+                        target: port,
+                    }],
+                    endpoints: (0..3).map(|j| idle_endpoint(i, j).0).collect(),
+                }
+            }
+        })
+        .collect()
+}
+
+/// The Service that "add one Service" adds (`changed`: with one endpoint swapped to pod B).
+pub fn added(n: usize, be: &Backends, changed: bool) -> Svc {
+    let mut endpoints = be.added.to_vec();
+    if changed {
+        endpoints[2] = be.b;
+    }
+    Svc {
+        name: "added".into(),
+        vip: vip(n),
+        ports: vec![PortDef {
+            name: "http",
+            proto: Proto::Tcp,
+            port: 80,
+            target: HTTP_TARGET,
+        }],
+        endpoints,
+    }
+}
+
+/// Frontends (Service ports) of a set of Services.
+pub fn frontends(svcs: &[Svc]) -> usize {
+    svcs.iter().map(|s| s.ports.len()).sum()
+}
+
+/// Service + EndpointSlice as YAML documents, as the agent's `--manifests` source reads them.
+pub fn yaml(s: &Svc, out: &mut String) {
+    let _ = write!(
+        out,
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: {NAMESPACE}\nspec:\n  type: ClusterIP\n  clusterIP: {vip}\n  clusterIPs: [{vip}]\n  selector:\n    app: {name}\n  ports:\n",
+        name = s.name,
+        vip = s.vip
+    );
+    for p in &s.ports {
+        let _ = write!(
+            out,
+            "  - name: {}\n    port: {}\n    protocol: {}\n    targetPort: {}\n",
+            p.name,
+            p.port,
+            p.proto.k8s(),
+            p.target
+        );
+    }
+    let _ = write!(
+        out,
+        "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-x1\n  namespace: {NAMESPACE}\n  labels:\n    kubernetes.io/service-name: {name}\naddressType: IPv4\nendpoints:\n",
+        name = s.name
+    );
+    for e in &s.endpoints {
+        let _ = write!(
+            out,
+            "- addresses: [{e}]\n  conditions: {{ready: true}}\n  nodeName: node1\n"
+        );
+    }
+    out.push_str("ports:\n");
+    for p in &s.ports {
+        let _ = write!(
+            out,
+            "- name: {}\n  port: {}\n  protocol: {}\n",
+            p.name,
+            p.target,
+            p.proto.k8s()
+        );
+    }
+    out.push_str("---\n");
+}
+
+/// The Services as YAML files of up to `per_file` Services each: (file name, text).
+pub fn yaml_files(svcs: &[Svc], per_file: usize) -> Vec<(String, String)> {
+    svcs.chunks(per_file)
+        .enumerate()
+        .map(|(k, chunk)| {
+            let mut text = String::with_capacity(chunk.len() * 700);
+            for s in chunk {
+                yaml(s, &mut text);
+            }
+            (format!("services-{k:04}.yaml"), text)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+
+    fn be() -> Backends {
+        let a = |k: u8| Ipv4Addr::new(198, 19, 1, k);
+        Backends {
+            first: [a(3), a(200), a(201)],
+            last: [a(202), a(203), a(204)],
+            added: [a(205), a(206), a(207)],
+            b: a(4),
+        }
+    }
+
+    #[test]
+    fn vips_are_unique_and_outside_the_pod_cidr() {
+        let pods = (
+            u32::from(Ipv4Addr::new(198, 19, 0, 0)),
+            u32::from(Ipv4Addr::new(198, 19, 63, 255)),
+        );
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..100_010 {
+            let v = u32::from(vip(i));
+            assert!(seen.insert(v));
+            assert!(v < pods.0 || v > pods.1, "{}", vip(i));
+            assert!(v >= u32::from(Ipv4Addr::new(198, 18, 32, 0)));
+        }
+        assert_eq!(vip(57_343), Ipv4Addr::new(198, 18, 255, 255));
+        assert_eq!(vip(57_344), Ipv4Addr::new(198, 19, 64, 0));
+    }
+
+    #[test]
+    fn idle_endpoints_are_unique() {
+        let svcs = services(100_000, &be());
+        let mut seen = std::collections::HashSet::new();
+        for s in &svcs[1..svcs.len() - 1] {
+            for e in &s.endpoints {
+                assert!(seen.insert((*e, s.ports[0].target)));
+                let o = e.octets();
+                assert!(o[0] == 198 && o[1] == 19 && (16..32).contains(&o[2]), "{e}");
+            }
+        }
+        assert_eq!(seen.len(), 3 * 99_998);
+    }
+
+    #[test]
+    fn yaml_parses_as_kubernetes_objects() {
+        let svcs = services(10, &be());
+        let mut text = String::new();
+        yaml(&svcs[9], &mut text);
+        let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&text)
+            .map(|d| serde::Deserialize::deserialize(d).unwrap())
+            .filter(|v: &serde_yaml::Value| !v.is_null())
+            .collect();
+        assert_eq!(docs.len(), 2);
+        assert_eq!(docs[0]["spec"]["clusterIP"].as_str(), Some("198.18.32.9"));
+        assert_eq!(docs[0]["spec"]["ports"][2]["name"].as_str(), Some("http"));
+        assert_eq!(
+            docs[1]["endpoints"][1]["addresses"][0].as_str(),
+            Some("198.19.1.203")
+        );
+        assert_eq!(docs[1]["ports"][0]["port"].as_u64(), Some(5353));
+        assert_eq!(frontends(&svcs), 14);
+    }
+}
