@@ -291,15 +291,30 @@ impl Writer {
                 ((is_new, name), members)
             })
             .collect();
+        // Counted once and kept up to date: summing per Service made large syncs quadratic.
+        let mut used_slots: u64 = self
+            .programmed
+            .services
+            .values()
+            .map(|s| s.slots.len() as u64)
+            .sum();
+        let slots_of = |w: &Self, fe: &Frontend| {
+            w.programmed
+                .services
+                .get(fe)
+                .map_or(0, |s| s.slots.len() as u64)
+        };
         for ((_, name), members) in groups {
-            if let Err(reason) = self.fits(&members) {
+            if let Err(reason) = self.fits(&members, used_slots) {
                 report.failed.push((name.to_string(), reason));
                 continue;
             }
             for (fe, ds) in members {
+                let before = slots_of(self, fe);
                 if let Err(e) = self.sync_service(fe, ds, &mut report) {
                     report.failed.push((name.to_string(), format!("{fe}: {e}")));
                 }
+                used_slots = used_slots + slots_of(self, fe) - before;
             }
         }
         // Source ranges of frontends that no longer exist.
@@ -358,7 +373,11 @@ impl Writer {
     }
 
     /// Whether a Service's frontends fit in the maps next to everything programmed now.
-    fn fits(&self, members: &[(&Frontend, &DesiredService)]) -> Result<(), String> {
+    fn fits(
+        &self,
+        members: &[(&Frontend, &DesiredService)],
+        used_slots: u64,
+    ) -> Result<(), String> {
         let (mut services, mut slots, mut backends) = (0u64, 0u64, 0u64);
         for (fe, ds) in members {
             let old = self.programmed.services.get(fe);
@@ -378,12 +397,6 @@ impl Writer {
                 .filter(|e| !kept.contains(&(e.addr, e.port)))
                 .count() as u64;
         }
-        let used_slots: u64 = self
-            .programmed
-            .services
-            .values()
-            .map(|s| s.slots.len() as u64)
-            .sum();
         let cap = self.maps.capacity;
         let checks = [
             (
