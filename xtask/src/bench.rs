@@ -11,7 +11,7 @@ use std::process::Command;
 const PACKAGES: &[&str] = &["iptables", "nftables", "iperf3"];
 
 pub fn bench(root: &Path) -> Result<()> {
-    packages()?;
+    super::debian_packages(PACKAGES)?;
     super::run(super::cargo(root).args([
         "build",
         "--release",
@@ -35,29 +35,4 @@ pub fn bench(root: &Path) -> Result<()> {
         .status()
         .with_context(|| format!("running {}", bench.display()))?;
     std::process::exit(super::exit_code(status))
-}
-
-fn packages() -> Result<()> {
-    let mut missing = Vec::new();
-    for pkg in PACKAGES {
-        let out = Command::new("dpkg-query")
-            .args(["-W", "-f=${Status}", pkg])
-            .output()?;
-        if String::from_utf8_lossy(&out.stdout) == "install ok installed" {
-            println!("ok: Debian package {pkg}");
-        } else {
-            missing.push(*pkg);
-        }
-    }
-    if missing.is_empty() {
-        return Ok(());
-    }
-    println!("installing: Debian packages {}", missing.join(" "));
-    super::run(Command::new("apt-get").arg("update"))?;
-    super::run(
-        Command::new("apt-get")
-            .args(["install", "-y", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
 }

@@ -90,7 +90,7 @@ fn setup(root: &Path) -> Result<()> {
         euid == 0,
         "must run as root (it installs packages, mounts bpffs, loads eBPF)"
     );
-    debian_packages()?;
+    debian_packages(DEBIAN_PACKAGES)?;
     let tc = Toolchains::read(root)?;
     let host = host_triple()?;
     let components: Vec<&str> = tc.user_components.iter().map(String::as_str).collect();
@@ -101,9 +101,10 @@ fn setup(root: &Path) -> Result<()> {
     cgroup2()
 }
 
-fn debian_packages() -> Result<()> {
+/// Installs whichever of `packages` are missing (one `apt-get update` first, only if needed).
+fn debian_packages(packages: &[&str]) -> Result<()> {
     let mut missing = Vec::new();
-    for pkg in DEBIAN_PACKAGES {
+    for pkg in packages {
         let out = Command::new("dpkg-query")
             .args(["-W", "-f=${Status}", pkg])
             .output()?;
