@@ -4,7 +4,7 @@
 //! flows, the outer destination and quoted source) are restored from the reverse conntrack
 //! entry, with the IP, quoted-IP and ICMP checksums kept valid. Path MTU discovery then works
 //! through the proxy.
-use aya_ebpf::programs::TcContext;
+use aya_ebpf::{bindings::__sk_buff, programs::TcContext};
 use proxy_common::{
     AF_INET, CT_REVERSE, CT_SNAT, Counter, CtKey, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
 };
@@ -118,8 +118,12 @@ fn replace_inner_addr(
 }
 
 /// Translates an ICMP error about a translated flow. `Some(counter)` when handled.
-#[inline(always)]
-pub fn translate(ctx: &TcContext) -> Option<Result<Counter, Counter>> {
+///
+/// A separate BPF function (not inlined): its stack frame is then not added to the main
+/// path's, which has to stay within the verifier's 512 bytes.
+#[inline(never)]
+pub fn translate(skb: *mut __sk_buff) -> Option<Result<Counter, Counter>> {
+    let ctx = &TcContext::new(skb);
     let e = parse(ctx)?;
     // The quoted packet went backend-ward: its reply-direction key is the reverse entry.
     let rkey = CtKey {

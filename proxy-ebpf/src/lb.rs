@@ -8,7 +8,9 @@ use proxy_common::{
 };
 
 use crate::{
-    maps::{AFFINITY, BACKENDS, CONNTRACK, INTERFACES, SERVICES, SLOTS, source_allowed},
+    maps::{
+        AFFINITY, BACKENDS, CONNTRACK, CT_SCRATCH, INTERFACES, SERVICES, SLOTS, source_allowed,
+    },
     parse::{Flow, TCP_ACK, TCP_SYN},
 };
 
@@ -208,21 +210,34 @@ pub fn decide(flow: &Flow, iface: Option<IfaceConfig>) -> Verdict {
 }
 
 /// A free source port on this node's address towards the backend, from the SNAT range.
+#[allow(clippy::needless_borrows_for_generic_args)]
 #[inline(always)]
-fn snat_port(node: [u32; 4], backend: [u32; 4], bport: u16, proto: u8, family: u8) -> Option<u16> {
+fn snat_port(
+    rkey: &mut CtKey,
+    node: [u32; 4],
+    backend: [u32; 4],
+    bport: u16,
+    proto: u8,
+    family: u8,
+) -> Option<u16> {
     let start = unsafe { bpf_get_prandom_u32() } as u16 % SNAT_PORT_COUNT;
     for i in 0..8u16 {
         let port_be = (SNAT_PORT_MIN + (start + i * 97) % SNAT_PORT_COUNT).to_be();
-        let rkey = ct_key(backend, node, bport, port_be, proto, family, CT_REVERSE);
+        *rkey = ct_key(backend, node, bport, port_be, proto, family, CT_REVERSE);
         // SAFETY: only presence is checked.
-        if unsafe { CONNTRACK.get(rkey) }.is_none() {
+        if unsafe { CONNTRACK.get(&*rkey) }.is_none() {
             return Some(port_be);
         }
     }
     None
 }
 
-#[inline(always)]
+/// Not inlined, like `reverse`: separate BPF functions keep the stack frames of the two paths
+/// apart (the verifier allows 512 bytes along any call chain).
+// Map keys and values are passed by reference on purpose: by value they would be copied onto
+// the stack, which is what the scratch map is for.
+#[allow(clippy::needless_borrows_for_generic_args)]
+#[inline(never)]
 fn forward(flow: &Flow, svc: &ServiceValue, iface: Option<IfaceConfig>) -> Verdict {
     let svc_id = svc.svc_id;
     if svc.flags & SVC_SOURCE_RANGES != 0 && !source_allowed(svc_id, flow.saddr) {
@@ -232,7 +247,12 @@ fn forward(flow: &Flow, svc: &ServiceValue, iface: Option<IfaceConfig>) -> Verdi
         return Verdict::Drop(Counter::DroppedNoBackend);
     }
     let now = unsafe { bpf_ktime_get_ns() };
-    let fkey = ct_key(
+    let Some(scratch) = CT_SCRATCH.get_ptr_mut(0) else {
+        return Verdict::Drop(Counter::DroppedConntrackFull);
+    };
+    // SAFETY: this CPU's scratch entry, used by this program run only.
+    let s = unsafe { &mut *scratch };
+    s.fkey = ct_key(
         flow.saddr,
         flow.daddr,
         flow.sport_be,
@@ -242,7 +262,7 @@ fn forward(flow: &Flow, svc: &ServiceValue, iface: Option<IfaceConfig>) -> Verdi
         CT_FORWARD,
     );
     let mut reselected = false;
-    if let Some(ct) = CONNTRACK.get_ptr_mut(fkey) {
+    if let Some(ct) = CONNTRACK.get_ptr_mut(&s.fkey) {
         // SAFETY: pointer from a successful lookup; fields copied out.
         let (backend_id, nat_addr, nat_port, ct_svc, flags, orig_addr, orig_port) = unsafe {
             (
@@ -292,7 +312,7 @@ fn forward(flow: &Flow, svc: &ServiceValue, iface: Option<IfaceConfig>) -> Verdi
             .and_then(|c| node_addr(&c, flow.family))
     };
     let snat = match snat_addr {
-        Some(node) => match snat_port(node, baddr, bport, flow.proto, flow.family) {
+        Some(node) => match snat_port(&mut s.rkey, node, baddr, bport, flow.proto, flow.family) {
             Some(p) => Some((node, p)),
             None => return Verdict::Drop(Counter::DroppedSnatPorts),
         },
@@ -302,7 +322,7 @@ fn forward(flow: &Flow, svc: &ServiceValue, iface: Option<IfaceConfig>) -> Verdi
         Some(s) => (CT_SNAT, s),
         None => (0, (flow.saddr, flow.sport_be)),
     };
-    let fval = CtValue {
+    s.fval = CtValue {
         nat_addr: baddr,
         nat_port_be: bport,
         flags,
@@ -313,7 +333,7 @@ fn forward(flow: &Flow, svc: &ServiceValue, iface: Option<IfaceConfig>) -> Verdi
         _pad: 0,
         last_seen_ns: now,
     };
-    let rkey = ct_key(
+    s.rkey = ct_key(
         baddr,
         src,
         bport,
@@ -322,7 +342,7 @@ fn forward(flow: &Flow, svc: &ServiceValue, iface: Option<IfaceConfig>) -> Verdi
         flow.family,
         CT_REVERSE,
     );
-    let rval = CtValue {
+    s.rval = CtValue {
         nat_addr: flow.daddr,
         nat_port_be: flow.dport_be,
         flags,
@@ -334,7 +354,9 @@ fn forward(flow: &Flow, svc: &ServiceValue, iface: Option<IfaceConfig>) -> Verdi
         last_seen_ns: now,
     };
     // Reverse entry first: a reply must never find a forward entry without its way back.
-    if CONNTRACK.insert(rkey, rval, 0).is_err() || CONNTRACK.insert(fkey, fval, 0).is_err() {
+    if CONNTRACK.insert(&s.rkey, &s.rval, 0).is_err()
+        || CONNTRACK.insert(&s.fkey, &s.fval, 0).is_err()
+    {
         return Verdict::Drop(Counter::DroppedConntrackFull);
     }
     Verdict::Dnat {
@@ -349,7 +371,7 @@ fn forward(flow: &Flow, svc: &ServiceValue, iface: Option<IfaceConfig>) -> Verdi
     }
 }
 
-#[inline(always)]
+#[inline(never)]
 fn reverse(flow: &Flow) -> Verdict {
     if flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
         // A new connection straight to this address (socket LB, or a client dialling a pod)

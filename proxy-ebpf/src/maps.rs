@@ -49,6 +49,20 @@ pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue, { limits::AFFINITY a
 pub static SOURCE_RANGES: LpmTrie<SourceRange, u32, { limits::SOURCE_RANGES as usize }> =
     LpmTrie::new();
 
+/// Per-packet scratch space for the conntrack entries a new flow creates: the verifier gives a
+/// program 512 bytes of stack along any call chain, and these would take 208 of them. Not
+/// pinned: nothing outlives one program run in it.
+#[repr(C)]
+pub struct CtScratch {
+    pub fkey: CtKey,
+    pub fval: CtValue,
+    pub rkey: CtKey,
+    pub rval: CtValue,
+}
+
+#[btf_map(name = "ct_scratch")]
+pub static CT_SCRATCH: PerCpuArray<CtScratch, 1> = PerCpuArray::new();
+
 /// Whether `client` is in the loadBalancerSourceRanges of frontend `svc_id`.
 #[inline(always)]
 pub fn source_allowed(svc_id: u32, client: [u32; 4]) -> bool {

@@ -1,5 +1,5 @@
 //! Header parsing shared by every hook: one `Flow` per packet, or the reason it has none.
-use aya_ebpf::programs::TcContext;
+use aya_ebpf::{bindings::__sk_buff, programs::TcContext};
 use proxy_common::{AF_INET, AF_INET6, Counter, FragKey, FragValue, IPPROTO_TCP, IPPROTO_UDP};
 
 use crate::maps::FRAGMENTS;
@@ -12,7 +12,7 @@ const IP_OFFSET: u16 = 0x1fff;
 
 /// A TCP/UDP packet's addressing (IPv4 in word 0, or IPv6), with the offsets needed to
 /// rewrite it.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Default)]
 pub struct Flow {
     pub saddr: [u32; 4],
     pub daddr: [u32; 4],
@@ -32,8 +32,17 @@ pub const TCP_SYN: u8 = 0x02;
 pub const TCP_ACK: u8 = 0x10;
 
 /// Parses an Ethernet frame; `Err` carries the counter that says why the packet is passed.
+///
+/// A separate BPF function that fills `out` (a returned `Result<Flow, _>` would put a niche
+/// discriminant inside a union in BTF, which the kernel rejects).
+#[inline(never)]
+pub fn parse(skb: *mut __sk_buff, out: &mut Flow) -> Result<(), Counter> {
+    *out = parse_inline(&TcContext::new(skb))?;
+    Ok(())
+}
+
 #[inline(always)]
-pub fn parse(ctx: &TcContext) -> Result<Flow, Counter> {
+fn parse_inline(ctx: &TcContext) -> Result<Flow, Counter> {
     let ethertype = u16::from_be(ctx.load::<u16>(12).map_err(|_| Counter::PassedMalformed)?);
     match ethertype {
         ETH_P_IP => {}

@@ -1,6 +1,6 @@
 //! tc ingress on pod-facing and external interfaces: per-packet DNAT and reverse NAT.
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{__sk_buff, TC_ACT_OK, TC_ACT_SHOT},
     macros::classifier,
     programs::TcContext,
 };
@@ -14,15 +14,34 @@ use crate::{
     parse::{Flow, parse},
 };
 
-/// Applies up to two rewrites; any failure drops the packet (a half-rewritten packet must not
-/// leave).
-#[inline(always)]
-fn apply(
-    ctx: &TcContext,
-    flow: &Flow,
-    first: (Side, [u32; 4], u16),
-    second: Option<(Side, [u32; 4], u16)>,
-) -> bool {
+/// Applies a translation verdict's rewrites (up to two); any failure drops the packet (a
+/// half-rewritten packet must not leave). A separate BPF function, like parsing and the
+/// decision: the verifier allows 512 bytes of stack along a call chain, and sibling functions'
+/// frames do not add up. It takes the verdict by reference: an `Option` argument would put a
+/// niche discriminant inside a BTF union, which the kernel rejects.
+#[inline(never)]
+fn apply(skb: *mut __sk_buff, flow: &Flow, verdict: &Verdict) -> bool {
+    let ctx = &TcContext::new(skb);
+    let (first, second) = match *verdict {
+        Verdict::Dnat {
+            addr,
+            port_be,
+            snat,
+            ..
+        } => (
+            (Side::Destination, addr, port_be),
+            snat.map(|(a, p)| (Side::Source, a, p)),
+        ),
+        Verdict::ReverseNat {
+            addr,
+            port_be,
+            unsnat,
+        } => (
+            (Side::Source, addr, port_be),
+            unsnat.map(|(a, p)| (Side::Destination, a, p)),
+        ),
+        _ => return true,
+    };
     if rewrite(ctx, flow, first.0, first.1, first.2).is_err() {
         return false;
     }
@@ -34,10 +53,11 @@ fn apply(
 
 #[classifier]
 pub fn tc_ingress(ctx: TcContext) -> i32 {
-    let flow = match parse(&ctx) {
-        Ok(f) => f,
+    let mut flow = Flow::default();
+    match parse(ctx.skb.skb, &mut flow) {
+        Ok(()) => {}
         Err(Counter::PassedOtherProtocol) => {
-            return match icmp::translate(&ctx) {
+            return match icmp::translate(ctx.skb.skb) {
                 Some(Ok(c)) => {
                     count(c);
                     TC_ACT_OK
@@ -61,31 +81,15 @@ pub fn tc_ingress(ctx: TcContext) -> i32 {
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     // SAFETY: plain-data value copied out at once.
     let iface = unsafe { INTERFACES.get(ifindex) }.copied();
-    let (first, second, counter) = match decide(&flow, iface) {
-        Verdict::Dnat {
-            addr,
-            port_be,
-            snat,
-            counter,
-        } => {
+    let verdict = decide(&flow, iface);
+    let counter = match verdict {
+        Verdict::Dnat { snat, counter, .. } => {
             if snat.is_some() && counter != Counter::TranslatedEstablished {
                 count(Counter::Snat);
             }
-            (
-                (Side::Destination, addr, port_be),
-                snat.map(|(a, p)| (Side::Source, a, p)),
-                counter,
-            )
+            counter
         }
-        Verdict::ReverseNat {
-            addr,
-            port_be,
-            unsnat,
-        } => (
-            (Side::Source, addr, port_be),
-            unsnat.map(|(a, p)| (Side::Destination, a, p)),
-            Counter::ReverseTranslated,
-        ),
+        Verdict::ReverseNat { .. } => Counter::ReverseTranslated,
         Verdict::Pass(c) => {
             count(c);
             return TC_ACT_OK;
@@ -95,7 +99,7 @@ pub fn tc_ingress(ctx: TcContext) -> i32 {
             return TC_ACT_SHOT;
         }
     };
-    if !apply(&ctx, &flow, first, second) {
+    if !apply(ctx.skb.skb, &flow, &verdict) {
         count(Counter::DroppedRewriteFailed);
         return TC_ACT_SHOT;
     }
