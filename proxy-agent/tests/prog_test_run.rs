@@ -726,6 +726,44 @@ mod pkt6 {
         f
     }
 
+    /// Ethernet + IPv6 + an ICMPv6 message of `kind`/`code` (4 bytes of data: the MTU for
+    /// Packet Too Big) quoting `quoted`, with a valid checksum.
+    pub fn icmp6(src: Ipv6Addr, dst: Ipv6Addr, kind: u8, code: u8, quoted: &[u8]) -> Vec<u8> {
+        let mut m = vec![kind, code, 0, 0, 0, 0, 0x05, 0x00];
+        m.extend_from_slice(quoted);
+        let c = super::pkt::csum(&m, pseudo(src, dst, 58, m.len()));
+        m[2..4].copy_from_slice(&c.to_be_bytes());
+        let mut f = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2, 0x86, 0xdd];
+        f.extend_from_slice(&[0x60, 0, 0, 0]);
+        f.extend_from_slice(&(m.len() as u16).to_be_bytes());
+        f.extend_from_slice(&[58, 64]);
+        f.extend_from_slice(&src.octets());
+        f.extend_from_slice(&dst.octets());
+        f.extend_from_slice(&m);
+        f
+    }
+
+    /// (outer source, outer destination, ICMPv6 checksum valid, quoted source, quoted
+    /// destination, quoted ports) of a frame built by `icmp6`.
+    #[allow(clippy::type_complexity)]
+    pub fn parse_icmp6(f: &[u8]) -> (Ipv6Addr, Ipv6Addr, bool, Ipv6Addr, Ipv6Addr, u16, u16) {
+        let ip = &f[14..];
+        let a = |b: &[u8]| Ipv6Addr::from(<[u8; 16]>::try_from(&b[..16]).unwrap());
+        let (src, dst) = (a(&ip[8..]), a(&ip[24..]));
+        let m = &ip[40..];
+        let ok = super::pkt::csum(m, pseudo(src, dst, 58, m.len())) == 0;
+        let q = &m[8..];
+        (
+            src,
+            dst,
+            ok,
+            a(&q[8..]),
+            a(&q[24..]),
+            u16::from_be_bytes([q[40], q[41]]),
+            u16::from_be_bytes([q[42], q[43]]),
+        )
+    }
+
     /// (source, destination, ports, UDP checksum valid) of a frame built by `udp`.
     pub fn parse(f: &[u8], ext: bool) -> (Ipv6Addr, Ipv6Addr, u16, u16, bool) {
         let ip = &f[14..];
@@ -784,4 +822,61 @@ fn ipv6_translates_with_extension_headers_and_replies() {
             (vip6, client, 53, 40010 + ext as u16, true)
         );
     }
+}
+
+#[test]
+fn icmpv6_errors_about_translated_flows_are_translated_back() {
+    use std::net::Ipv6Addr;
+    let mut b = bed();
+    let vip6: Ipv6Addr = "fd00:18:100::11".parse().unwrap();
+    let backend: Ipv6Addr = "fd00:19:2::3".parse().unwrap();
+    let client: Ipv6Addr = "fd00:19:1::51".parse().unwrap();
+    let router: Ipv6Addr = "fd00:19:9::1".parse().unwrap();
+    let f = Frontend {
+        addr: IpAddr::V6(vip6),
+        port: 53,
+        protocol: Protocol::Udp,
+        scope: Default::default(),
+    };
+    let e = Endpoint {
+        addr: IpAddr::V6(backend),
+        port: 5353,
+        state: EndpointState::Active,
+        local: false,
+    };
+    let report = b.writer.sync(&desired(&[(f, vec![e])]));
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    let q = pkt6::udp(client, vip6, 40020, 53, false);
+    let (rc, translated) = b.run(&q);
+    assert_eq!(rc, TC_ACT_OK);
+    assert_eq!(pkt6::parse(&translated, false).1, backend);
+    // The error quotes the translated packet: its IPv6 header and UDP header (and more).
+    let quoted = translated[14..].to_vec();
+
+    // Packet Too Big from a router on the way: only the quoted packet changes.
+    let ptb = pkt6::icmp6(router, client, 2, 0, &quoted);
+    let (rc, out, moved) = b.run_counted(&ptb);
+    assert_eq!((rc, moved), (TC_ACT_OK, vec!["icmp_translated"]));
+    assert_eq!(
+        pkt6::parse_icmp6(&out),
+        (router, client, true, client, vip6, 40020, 53),
+        "Packet Too Big quotes what the client sent, with a valid ICMPv6 checksum"
+    );
+    assert_eq!(&out[14 + 44..14 + 48], &[0, 0, 0x05, 0x00], "MTU kept");
+
+    // Port unreachable from the backend itself: it must come from the frontend.
+    let unreach = pkt6::icmp6(backend, client, 1, 4, &quoted);
+    let (rc, out, moved) = b.run_counted(&unreach);
+    assert_eq!((rc, moved), (TC_ACT_OK, vec!["icmp_translated"]));
+    assert_eq!(
+        pkt6::parse_icmp6(&out),
+        (vip6, client, true, client, vip6, 40020, 53)
+    );
+
+    // An error about a flow the proxy never translated passes untouched.
+    let foreign_q = pkt6::udp(client, backend, 40021, 5353, false);
+    let foreign = pkt6::icmp6(backend, client, 1, 4, &foreign_q[14..]);
+    let (rc, out, moved) = b.run_counted(&foreign);
+    assert_eq!((rc, moved), (TC_ACT_OK, vec!["passed_other_protocol"]));
+    assert_eq!(out, foreign);
 }

@@ -1,15 +1,21 @@
-//! ICMP errors about translated flows (port unreachable, fragmentation needed, time exceeded):
-//! the error quotes the translated packet, so the client would not match it to its socket. Its
-//! outer source (when the backend itself reports), the quoted destination (and, for SNATed
+//! ICMP and ICMPv6 errors about translated flows (port unreachable, fragmentation needed or
+//! packet too big, time exceeded): the error quotes the translated packet, so the client would
+//! not match it to its socket. Its outer source (when the backend itself reports), the quoted destination (and, for SNATed
 //! flows, the outer destination and quoted source) are restored from the reverse conntrack
 //! entry, with the IP, quoted-IP and ICMP checksums kept valid. Path MTU discovery then works
 //! through the proxy.
-use aya_ebpf::{bindings::__sk_buff, programs::TcContext};
+use aya_ebpf::{
+    bindings::{__sk_buff, BPF_F_PSEUDO_HDR},
+    programs::TcContext,
+};
 use proxy_common::{
-    AF_INET, CT_REVERSE, CT_SNAT, Counter, CtKey, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
+    AF_INET, AF_INET6, CT_REVERSE, CT_SNAT, Counter, CtKey, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
 };
 
-use crate::{maps::CONNTRACK, parse::ETH_HLEN};
+use crate::{
+    maps::CONNTRACK,
+    parse::{ETH_HLEN, ETH_P_IPV6},
+};
 
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_TIME_EXCEEDED: u8 = 11;
@@ -117,12 +123,22 @@ fn replace_inner_addr(
     replace_in_icmp(ctx, e, csum_off, old_csum, new_csum)
 }
 
-/// Translates an ICMP error about a translated flow. `Some(counter)` when handled.
+/// Translates an ICMP or ICMPv6 error about a translated flow. `Some(counter)` when handled.
 ///
-/// A separate BPF function (not inlined): its stack frame is then not added to the main
+/// Separate BPF functions (not inlined): their stack frames are then not added to the main
 /// path's, which has to stay within the verifier's 512 bytes.
 #[inline(never)]
 pub fn translate(skb: *mut __sk_buff) -> Option<Result<Counter, Counter>> {
+    let ethertype: u16 = TcContext::new(skb).load(12).ok()?;
+    if u16::from_be(ethertype) == ETH_P_IPV6 {
+        translate6(skb)
+    } else {
+        translate4(skb)
+    }
+}
+
+#[inline(never)]
+fn translate4(skb: *mut __sk_buff) -> Option<Result<Counter, Counter>> {
     let ctx = &TcContext::new(skb);
     let e = parse(ctx)?;
     // The quoted packet went backend-ward: its reply-direction key is the reverse entry.
@@ -167,4 +183,128 @@ fn outer(ctx: &TcContext, field: usize, old: u32, new: u32) -> Result<(), ()> {
     ctx.l3_csum_replace(ETH_HLEN + 10, old as u64, new as u64, 4)
         .map_err(|_| ())?;
     ctx.store(ETH_HLEN + field, &new, 0).map_err(|_| ())
+}
+
+const IPPROTO_ICMPV6: u8 = 58;
+const ICMPV6_DEST_UNREACH: u8 = 1;
+const ICMPV6_PKT_TOOBIG: u8 = 2;
+const ICMPV6_TIME_EXCEED: u8 = 3;
+const ICMPV6_PARAMPROB: u8 = 4;
+const IP6_SRC_OFF: usize = ETH_HLEN + 8;
+const IP6_DST_OFF: usize = ETH_HLEN + 24;
+
+/// Reads an IPv6 address (network-order words) at `off`.
+#[inline(always)]
+fn addr6(ctx: &TcContext, off: usize) -> Option<[u32; 4]> {
+    Some([
+        ctx.load(off).ok()?,
+        ctx.load(off + 4).ok()?,
+        ctx.load(off + 8).ok()?,
+        ctx.load(off + 12).ok()?,
+    ])
+}
+
+/// Replaces an IPv6 address at `off` word by word, keeping the ICMPv6 checksum (at
+/// `icmp_off + 2`) valid. `pseudo`: the address is in the outer header, so it is part of the
+/// ICMPv6 pseudo-header (RFC 4443 2.3) rather than of the message.
+#[inline(always)]
+fn replace_addr6(
+    ctx: &TcContext,
+    icmp_off: usize,
+    off: usize,
+    old: [u32; 4],
+    new: [u32; 4],
+    pseudo: bool,
+) -> Result<(), ()> {
+    let flags = if pseudo { BPF_F_PSEUDO_HDR as u64 } else { 0 };
+    for i in 0..4 {
+        if old[i] != new[i] {
+            ctx.l4_csum_replace(icmp_off + 2, old[i] as u64, new[i] as u64, flags | 4)
+                .map_err(|_| ())?;
+            ctx.store(off + 4 * i, &new[i], 0).map_err(|_| ())?;
+        }
+    }
+    Ok(())
+}
+
+/// Replaces a quoted port, keeping the ICMPv6 checksum valid.
+#[inline(always)]
+fn replace_port6(
+    ctx: &TcContext,
+    icmp_off: usize,
+    off: usize,
+    old: u16,
+    new: u16,
+) -> Result<(), ()> {
+    if old != new {
+        ctx.l4_csum_replace(icmp_off + 2, old as u64, new as u64, 2)
+            .map_err(|_| ())?;
+        ctx.store(off, &new, 0).map_err(|_| ())?;
+    }
+    Ok(())
+}
+
+/// ICMPv6 errors (destination unreachable, packet too big, time exceeded, parameter problem)
+/// quoting a translated TCP/UDP packet: the same restoration as for IPv4. IPv6 headers have no
+/// checksum, but every changed word, quoted or outer, is covered by the ICMPv6 checksum. Outer
+/// and quoted extension headers are not followed (such errors pass unchanged).
+#[inline(never)]
+fn translate6(skb: *mut __sk_buff) -> Option<Result<Counter, Counter>> {
+    let ctx = &TcContext::new(skb);
+    let l3 = ETH_HLEN;
+    let vtc: u8 = ctx.load(l3).ok()?;
+    let next: u8 = ctx.load(l3 + 6).ok()?;
+    if vtc >> 4 != 6 || next != IPPROTO_ICMPV6 {
+        return None;
+    }
+    let icmp_off = l3 + 40;
+    let kind: u8 = ctx.load(icmp_off).ok()?;
+    if !matches!(
+        kind,
+        ICMPV6_DEST_UNREACH | ICMPV6_PKT_TOOBIG | ICMPV6_TIME_EXCEED | ICMPV6_PARAMPROB
+    ) {
+        return None;
+    }
+    let inner = icmp_off + 8;
+    let ivtc: u8 = ctx.load(inner).ok()?;
+    let inner_proto: u8 = ctx.load(inner + 6).ok()?;
+    if ivtc >> 4 != 6 || (inner_proto != IPPROTO_TCP && inner_proto != IPPROTO_UDP) {
+        return None;
+    }
+    let inner_l4 = inner + 40;
+    let inner_saddr = addr6(ctx, inner + 8)?;
+    let inner_daddr = addr6(ctx, inner + 24)?;
+    let inner_sport: u16 = ctx.load(inner_l4).ok()?;
+    let inner_dport: u16 = ctx.load(inner_l4 + 2).ok()?;
+    let rkey = CtKey {
+        saddr: inner_daddr,
+        daddr: inner_saddr,
+        sport_be: inner_dport,
+        dport_be: inner_sport,
+        proto: inner_proto,
+        family: AF_INET6,
+        dir: CT_REVERSE,
+        _pad: 0,
+    };
+    // SAFETY: plain-data value copied out at once.
+    let ct = unsafe { CONNTRACK.get(rkey) }.copied()?;
+    let outer_saddr = addr6(ctx, IP6_SRC_OFF)?;
+    let outer_daddr = addr6(ctx, IP6_DST_OFF)?;
+    let rewrite = || -> Result<(), ()> {
+        replace_addr6(ctx, icmp_off, inner + 24, inner_daddr, ct.nat_addr, false)?;
+        replace_port6(ctx, icmp_off, inner_l4 + 2, inner_dport, ct.nat_port_be)?;
+        if ct.flags & CT_SNAT != 0 {
+            replace_addr6(ctx, icmp_off, inner + 8, inner_saddr, ct.orig_addr, false)?;
+            replace_port6(ctx, icmp_off, inner_l4, inner_sport, ct.orig_port_be)?;
+            replace_addr6(ctx, icmp_off, IP6_DST_OFF, outer_daddr, ct.orig_addr, true)?;
+        }
+        if outer_saddr == inner_daddr {
+            replace_addr6(ctx, icmp_off, IP6_SRC_OFF, outer_saddr, ct.nat_addr, true)?;
+        }
+        Ok(())
+    };
+    Some(match rewrite() {
+        Ok(()) => Ok(Counter::IcmpTranslated),
+        Err(()) => Err(Counter::DroppedRewriteFailed),
+    })
 }
