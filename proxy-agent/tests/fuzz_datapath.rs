@@ -502,8 +502,9 @@ mod topo {
 ///   this far records its ports, whatever happens to it next.
 /// - Destination (address, port, protocol) is a frontend: no endpoints is `dropped_no_backend`;
 ///   a recorded flow whose backend still exists unchanged in the same Service keeps it (and its
-///   SNAT) (`translated_established`); a recorded flow whose backend is gone is `reselected`, a
-///   new one `translated_new`, both to any backend of the frontend, recording the flow and its
+///   SNAT) (`translated_established`); a recorded TCP flow whose backend is gone keeps it for
+///   any packet but a SYN (draining, `translated_draining`); otherwise such a flow is
+///   `reselected`, a new one `translated_new`, both to any backend of the frontend, recording the flow and its
 ///   reply. A client picked as its own backend (hairpin) is SNATed to the node address of
 ///   interface entry 0 and a free port of the SNAT range; `snat` counts that too.
 /// - Not a frontend: a TCP segment with SYN and without ACK opens a new connection straight to
@@ -914,11 +915,21 @@ mod model {
             let mut counter = "translated_new";
             if let Some(ct) = self.fwd.get(&t) {
                 let same = self.backends.get(&ct.backend_id) == Some(&(ct.nat_addr, ct.nat_port));
-                if same && ct.svc_id == svc.svc_id {
+                // A TCP packet other than a SYN keeps a removed backend (draining).
+                let draining = !same && t.proto == TCP && flow.tcp_flags & TCP_SYN == 0;
+                if (same || draining) && ct.svc_id == svc.svc_id {
                     return Verdict::Dnat {
                         flow,
-                        choices: vec![self.backend(ct.backend_id)],
-                        counter: "translated_established",
+                        choices: vec![Backend {
+                            id: ct.backend_id,
+                            addr: ct.nat_addr,
+                            port: ct.nat_port,
+                        }],
+                        counter: if same {
+                            "translated_established"
+                        } else {
+                            "translated_draining"
+                        },
                         svc_id: svc.svc_id,
                         snat: ct.snat.then_some((ct.orig_addr, ct.orig_port)),
                         hairpin_node: None,
@@ -961,7 +972,7 @@ mod model {
             else {
                 return;
             };
-            if *counter == "translated_established" {
+            if *counter == "translated_established" || *counter == "translated_draining" {
                 return;
             }
             let (b, snat) = chosen.expect("a new flow's backend");

@@ -567,6 +567,59 @@ fn removed_backend_flows_pick_a_surviving_one() {
     }
 }
 
+/// `tcp_syn` with only ACK set (a packet of an established connection), checksum kept valid
+/// (RFC 1624 incremental update of the word holding the flags).
+fn tcp_ack(sport: u16) -> Vec<u8> {
+    let mut f = tcp_syn(sport);
+    let l4 = 14 + 20;
+    let old = u16::from_be_bytes([f[l4 + 12], f[l4 + 13]]);
+    f[l4 + 13] = 0x10;
+    let new = u16::from_be_bytes([f[l4 + 12], f[l4 + 13]]);
+    let c = u16::from_be_bytes([f[l4 + 16], f[l4 + 17]]);
+    let mut sum = (!c as u32) + (!old as u32) + new as u32;
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    f[l4 + 16..l4 + 18].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    f
+}
+
+#[test]
+fn established_tcp_connections_to_a_removed_backend_drain() {
+    let mut b = bed();
+    let port = (44000..44100)
+        .find(|p| pkt::parse(&b.run(&tcp_syn(*p)).1).dst == B2)
+        .expect("some flow lands on B2");
+    let report = b.writer.sync(&desired(&[
+        (fe(VIP, 80, Protocol::Tcp), vec![ep(B1, 8080)]),
+        (fe(VIP, 53, Protocol::Udp), vec![ep(B1, 5353), ep(B2, 5353)]),
+        (fe(EMPTY_VIP, 80, Protocol::Tcp), vec![]),
+    ]));
+    assert!(report.failed.is_empty());
+    // The established connection keeps its backend, with valid checksums, and is counted.
+    for _ in 0..3 {
+        let (rc, out, moved) = b.run_counted(&tcp_ack(port));
+        assert_eq!((rc, moved), (TC_ACT_OK, vec!["translated_draining"]));
+        let s = pkt::parse(&out);
+        assert_eq!((s.dst, s.dport), (B2, 8080));
+        assert!(s.ip_csum_ok && s.l4_csum_ok, "{s:?}");
+    }
+    // Its replies are still translated back.
+    let reply =
+        pkt::Ip::new(B2, CLIENT, pkt::TCP).frame(&pkt::l4(pkt::TCP, B2, CLIENT, 8080, port, b""));
+    let (rc, out, moved) = b.run_counted(&reply);
+    assert_eq!((rc, moved), (TC_ACT_OK, vec!["reverse_translated"]));
+    assert_eq!(pkt::parse(&out).src, VIP);
+    // A new connection reusing the tuple (a SYN) chooses a backend that exists.
+    let (rc, out, moved) = b.run_counted(&tcp_syn(port));
+    assert_eq!((rc, moved), (TC_ACT_OK, vec!["reselected"]));
+    assert_eq!(pkt::parse(&out).dst, B1);
+    // From then on the tuple belongs to the new connection.
+    let (_, out, moved) = b.run_counted(&tcp_ack(port));
+    assert_eq!(moved, ["translated_established"]);
+    assert_eq!(pkt::parse(&out).dst, B1);
+}
+
 #[test]
 fn a_direct_connection_reusing_a_translated_tuple_is_not_reverse_translated() {
     let mut b = bed();

@@ -378,9 +378,12 @@ pub enum Counter {
     DroppedSourceRange = 19,
     /// ICMP error about a translated flow, translated back for the client.
     IcmpTranslated = 20,
+    /// Packet of an established TCP connection whose backend was removed, still sent to it
+    /// (draining; new connections no longer go there).
+    TranslatedDraining = 21,
 }
 
-pub const COUNTER_COUNT: u32 = 21;
+pub const COUNTER_COUNT: u32 = 22;
 
 pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
     "translated_new",
@@ -404,6 +407,7 @@ pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
     "dropped_snat_ports",
     "dropped_source_range",
     "icmp_translated",
+    "translated_draining",
 ];
 
 #[cfg(feature = "user")]

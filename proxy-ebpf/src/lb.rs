@@ -2,7 +2,7 @@
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
 use proxy_common::{
     AF_INET, AffinityKey, AffinityValue, BACKEND_LOCAL, BackendKey, CT_FORWARD, CT_REVERSE,
-    CT_SNAT, Counter, CtKey, CtValue, IfaceConfig, SCOPE_EXTERNAL, SCOPE_INTERNAL,
+    CT_SNAT, Counter, CtKey, CtValue, IPPROTO_TCP, IfaceConfig, SCOPE_EXTERNAL, SCOPE_INTERNAL,
     SVC_SOURCE_RANGES, ServiceKey, ServiceValue, SlotKey,
     limits::{SNAT_PORT_COUNT, SNAT_PORT_MIN},
 };
@@ -275,13 +275,23 @@ fn forward(flow: &Flow, svc: &ServiceValue, iface: Option<IfaceConfig>) -> Verdi
                 (*ct).orig_port_be,
             )
         };
-        if ct_svc == svc_id && backend_valid(backend_id, nat_addr, nat_port) {
+        // A TCP connection whose backend was removed drains: it keeps its backend (the
+        // conntrack entry holds the address) until it ends, as kube-proxy leaves established
+        // connections alone; only a new connection (a SYN reusing the tuple) and UDP flows
+        // choose again (kube-proxy flushes UDP conntrack entries of removed endpoints).
+        let valid = backend_valid(backend_id, nat_addr, nat_port);
+        let draining = !valid && flow.proto == IPPROTO_TCP && flow.tcp_flags & TCP_SYN == 0;
+        if ct_svc == svc_id && (valid || draining) {
             touch(ct, now);
             return Verdict::Dnat {
                 addr: nat_addr,
                 port_be: nat_port,
                 snat: (flags & CT_SNAT != 0).then_some((orig_addr, orig_port)),
-                counter: Counter::TranslatedEstablished,
+                counter: if valid {
+                    Counter::TranslatedEstablished
+                } else {
+                    Counter::TranslatedDraining
+                },
             };
         }
         reselected = true;

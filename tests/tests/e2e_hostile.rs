@@ -1354,7 +1354,6 @@ struct Gone {
 /// whose SYN left late, which is why the end time bounds the window); the agent's VmRSS after
 /// the run is at most 20 MiB above its value after warm-up.
 #[test]
-#[ignore = "known datapath bug: removing an endpoint resets established tc-path TCP connections to it (no draining yet); run with --ignored"]
 fn endpoint_churn_under_traffic() {
     let seconds: u64 = std::env::var("CHURN_SECONDS")
         .ok()
