@@ -972,11 +972,32 @@ mod model {
             else {
                 return;
             };
+            let t = flow.tuple;
             if *counter == "translated_established" || *counter == "translated_draining" {
+                // The datapath puts back the reply direction's entry if it was forgotten.
+                let ct = self.fwd[&t];
+                let (src, sport) = if ct.snat {
+                    (ct.orig_addr, ct.orig_port)
+                } else {
+                    (t.src, t.sport)
+                };
+                let reply = Tuple {
+                    src: ct.nat_addr,
+                    dst: src,
+                    sport: ct.nat_port,
+                    dport: sport,
+                    proto: t.proto,
+                };
+                self.rev.entry(reply).or_insert(Ct {
+                    nat_addr: t.dst,
+                    nat_port: t.dport,
+                    orig_addr: t.src,
+                    orig_port: t.sport,
+                    ..ct
+                });
                 return;
             }
             let (b, snat) = chosen.expect("a new flow's backend");
-            let t = flow.tuple;
             let (src, sport) = snat.unwrap_or((t.src, t.sport));
             let reply = Tuple {
                 src: b.addr,

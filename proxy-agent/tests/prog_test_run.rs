@@ -620,6 +620,64 @@ fn established_tcp_connections_to_a_removed_backend_drain() {
     assert_eq!(pkt::parse(&out).dst, B1);
 }
 
+/// The conntrack map, opened from its pin, to evict entries as LRU pressure would.
+fn conntrack(
+    b: &Bed,
+) -> aya::maps::HashMap<aya::maps::MapData, proxy_common::CtKey, proxy_common::CtValue> {
+    let pin = b.bpffs.join(proxy_common::names::CONNTRACK);
+    let data = aya::maps::MapData::from_pin(&pin).expect("conntrack pin");
+    aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data)).expect("conntrack map")
+}
+
+fn evict(
+    ct: &mut aya::maps::HashMap<aya::maps::MapData, proxy_common::CtKey, proxy_common::CtValue>,
+    only_reverse: bool,
+) -> usize {
+    let keys: Vec<proxy_common::CtKey> = ct.keys().map(|k| k.unwrap()).collect();
+    let mut n = 0;
+    for k in keys {
+        if !only_reverse || k.dir == proxy_common::CT_REVERSE {
+            ct.remove(&k).unwrap();
+            n += 1;
+        }
+    }
+    n
+}
+
+#[test]
+fn flows_whose_conntrack_entries_were_evicted_carry_on() {
+    let mut b = bed();
+    let mut ct = conntrack(&b);
+    let mut seen = std::collections::BTreeSet::new();
+    for port in 45000..45040 {
+        let first = pkt::parse(&b.run(&tcp_syn(port)).1).dst;
+        seen.insert(first);
+        // Both entries evicted: the next packet finds the same backend again (the choice is a
+        // hash of the tuple) and records the flow anew.
+        assert_eq!(evict(&mut ct, false), 2);
+        let (rc, out, moved) = b.run_counted(&tcp_ack(port));
+        assert_eq!((rc, moved), (TC_ACT_OK, vec!["translated_new"]));
+        assert_eq!(pkt::parse(&out).dst, first, "port {port}: another backend");
+        // Only the reply direction evicted: the next packet of the flow puts it back.
+        assert_eq!(evict(&mut ct, true), 1);
+        let (_, _, moved) = b.run_counted(&tcp_ack(port));
+        assert_eq!(moved, ["translated_established"]);
+        let reply = pkt::Ip::new(first, CLIENT, pkt::TCP).frame(&pkt::l4(
+            pkt::TCP,
+            first,
+            CLIENT,
+            8080,
+            port,
+            b"",
+        ));
+        let (rc, out, moved) = b.run_counted(&reply);
+        assert_eq!((rc, moved), (TC_ACT_OK, vec!["reverse_translated"]));
+        assert_eq!(pkt::parse(&out).src, VIP);
+        evict(&mut ct, false);
+    }
+    assert_eq!(seen.len(), 2, "flows spread over both backends");
+}
+
 #[test]
 fn a_direct_connection_reusing_a_translated_tuple_is_not_reverse_translated() {
     let mut b = bed();

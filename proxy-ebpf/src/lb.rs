@@ -1,5 +1,5 @@
 //! Service lookup, backend choice and conntrack: the decision every hook makes the same way.
-use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
+use aya_ebpf::helpers::bpf_ktime_get_ns;
 use proxy_common::{
     AF_INET, AffinityKey, AffinityValue, BACKEND_LOCAL, BackendKey, CT_FORWARD, CT_REVERSE,
     CT_SNAT, Counter, CtKey, CtValue, IPPROTO_TCP, IfaceConfig, SCOPE_EXTERNAL, SCOPE_INTERNAL,
@@ -21,7 +21,7 @@ pub enum Verdict {
     Dnat {
         addr: [u32; 4],
         port_be: u16,
-        snat: Option<([u32; 4], u16)>,
+        snat: Nat,
         counter: Counter,
     },
     /// Rewrite the source back to the frontend the client dialled (and the destination back to
@@ -29,10 +29,35 @@ pub enum Verdict {
     ReverseNat {
         addr: [u32; 4],
         port_be: u16,
-        unsnat: Option<([u32; 4], u16)>,
+        unsnat: Nat,
     },
     Pass(Counter),
     Drop(Counter),
+}
+
+/// A second address rewrite, or none. Not an `Option`: copying a `None` copies its
+/// uninitialised payload too, and the verifier rejects a store of whatever stack slot that
+/// happens to be (a pointer spilled there, say); these fields are always written.
+#[derive(Clone, Copy)]
+pub struct Nat {
+    pub on: bool,
+    pub addr: [u32; 4],
+    pub port_be: u16,
+}
+
+impl Nat {
+    #[inline(always)]
+    pub fn when(on: bool, addr: [u32; 4], port_be: u16) -> Nat {
+        if on {
+            Nat { on, addr, port_be }
+        } else {
+            Nat {
+                on,
+                addr: [0; 4],
+                port_be: 0,
+            }
+        }
+    }
 }
 
 /// Refresh timestamps at most this often, to keep writes off most packets.
@@ -102,10 +127,11 @@ pub fn lookup_service(addr: [u32; 4], port_be: u16, proto: u8, scope: u8) -> Opt
     unsafe { SERVICES.get(key) }.copied()
 }
 
-/// Random choice among the frontend's `count` slots (kube-proxy's random balancing).
+/// Choice among the frontend's `count` slots by `pick`: random for sockets (kube-proxy's random
+/// balancing), a hash of the flow's tuple on the per-packet path.
 #[inline(always)]
-pub fn select_backend(svc_id: u32, count: u32) -> Option<Chosen> {
-    let slot = unsafe { bpf_get_prandom_u32() } % count;
+pub fn select_backend(svc_id: u32, count: u32, pick: u32) -> Option<Chosen> {
+    let slot = pick % count;
     // SAFETY: plain-data values copied out at once.
     let backend_id = unsafe { SLOTS.get(SlotKey { svc_id, slot }) }?.backend_id;
     let b = unsafe { BACKENDS.get(BackendKey { backend_id }) }?;
@@ -127,9 +153,9 @@ pub enum Client {
 /// Backend choice with sessionAffinity ClientIP: a client sent to a backend keeps it while it
 /// opens connections less than `timeout` apart, and the backend exists.
 #[inline(always)]
-pub fn choose(svc: &ServiceValue, client: Client) -> Option<Chosen> {
+pub fn choose(svc: &ServiceValue, client: Client, pick: u32) -> Option<Chosen> {
     if svc.affinity_timeout_s == 0 {
-        return select_backend(svc.svc_id, svc.count);
+        return select_backend(svc.svc_id, svc.count, pick);
     }
     let key = match client {
         Client::Addr(a) => AffinityKey {
@@ -170,7 +196,7 @@ pub fn choose(svc: &ServiceValue, client: Client) -> Option<Chosen> {
         );
         return Some(chosen);
     }
-    let chosen = select_backend(svc.svc_id, svc.count)?;
+    let chosen = select_backend(svc.svc_id, svc.count, pick)?;
     let _ = AFFINITY.insert(
         key,
         AffinityValue {
@@ -209,18 +235,52 @@ pub fn decide(flow: &Flow, iface: Option<IfaceConfig>) -> Verdict {
     }
 }
 
+/// MurmurHash3 (x86_32) of the flow's 5-tuple. The per-packet path chooses backends by it
+/// rather than at random: the choice is as even over many flows, and a flow whose conntrack
+/// entries were evicted (LRU pressure) finds the same backend again, as long as the Service's
+/// backends did not change, and carries on (Katran does the same with Maglev). The seed is
+/// fixed so that this holds across agent restarts and upgrades.
+#[inline(always)]
+fn flow_hash(flow: &Flow) -> u32 {
+    #[inline(always)]
+    fn mix(h: u32, k: u32) -> u32 {
+        let k = k
+            .wrapping_mul(0xcc9e_2d51)
+            .rotate_left(15)
+            .wrapping_mul(0x1b87_3593);
+        (h ^ k)
+            .rotate_left(13)
+            .wrapping_mul(5)
+            .wrapping_add(0xe654_6b64)
+    }
+    let mut h = 0x5eed_1e55;
+    for i in 0..4 {
+        h = mix(h, flow.saddr[i]);
+        h = mix(h, flow.daddr[i]);
+    }
+    h = mix(h, ((flow.sport_be as u32) << 16) | flow.dport_be as u32);
+    h = mix(h, flow.proto as u32);
+    h ^= 37;
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
 /// A free source port on this node's address towards the backend, from the SNAT range.
 #[allow(clippy::needless_borrows_for_generic_args)]
 #[inline(always)]
 fn snat_port(
     rkey: &mut CtKey,
+    pick: u32,
     node: [u32; 4],
     backend: [u32; 4],
     bport: u16,
     proto: u8,
     family: u8,
 ) -> Option<u16> {
-    let start = unsafe { bpf_get_prandom_u32() } as u16 % SNAT_PORT_COUNT;
+    let start = (pick % SNAT_PORT_COUNT as u32) as u16;
     for i in 0..8u16 {
         let port_be = (SNAT_PORT_MIN + (start + i * 97) % SNAT_PORT_COUNT).to_be();
         *rkey = ct_key(backend, node, bport, port_be, proto, family, CT_REVERSE);
@@ -283,10 +343,41 @@ fn forward(flow: &Flow, svc: &ServiceValue, iface: Option<IfaceConfig>) -> Verdi
         let draining = !valid && flow.proto == IPPROTO_TCP && flow.tcp_flags & TCP_SYN == 0;
         if ct_svc == svc_id && (valid || draining) {
             touch(ct, now);
+            // The reply direction is a separate LRU entry: under conntrack pressure it can be
+            // evicted while this one lives, and the next reply would leave untranslated (the
+            // client answers it with a reset). Every packet this way keeps it (the lookup
+            // refreshes it in the LRU) or puts it back.
+            s.rkey = ct_key(
+                nat_addr,
+                flow.saddr,
+                nat_port,
+                flow.sport_be,
+                flow.proto,
+                flow.family,
+                CT_REVERSE,
+            );
+            if flags & CT_SNAT != 0 {
+                s.rkey.daddr = orig_addr;
+                s.rkey.dport_be = orig_port;
+            }
+            if CONNTRACK.get_ptr(&s.rkey).is_none() {
+                s.rval = CtValue {
+                    nat_addr: flow.daddr,
+                    nat_port_be: flow.dport_be,
+                    flags,
+                    backend_id,
+                    svc_id,
+                    orig_addr: flow.saddr,
+                    orig_port_be: flow.sport_be,
+                    _pad: 0,
+                    last_seen_ns: now,
+                };
+                let _ = CONNTRACK.insert(&s.rkey, &s.rval, 0);
+            }
             return Verdict::Dnat {
                 addr: nat_addr,
                 port_be: nat_port,
-                snat: (flags & CT_SNAT != 0).then_some((orig_addr, orig_port)),
+                snat: Nat::when(flags & CT_SNAT != 0, orig_addr, orig_port),
                 counter: if valid {
                     Counter::TranslatedEstablished
                 } else {
@@ -297,12 +388,13 @@ fn forward(flow: &Flow, svc: &ServiceValue, iface: Option<IfaceConfig>) -> Verdi
         reselected = true;
     }
 
+    let pick = flow_hash(flow);
     let Some(Chosen {
         backend_id,
         addr: baddr,
         port_be: bport,
         local,
-    }) = choose(svc, Client::Addr(flow.saddr))
+    }) = choose(svc, Client::Addr(flow.saddr), pick)
     else {
         return Verdict::Drop(Counter::DroppedBackendMissing);
     };
@@ -322,15 +414,24 @@ fn forward(flow: &Flow, svc: &ServiceValue, iface: Option<IfaceConfig>) -> Verdi
             .and_then(|c| node_addr(&c, flow.family))
     };
     let snat = match snat_addr {
-        Some(node) => match snat_port(&mut s.rkey, node, baddr, bport, flow.proto, flow.family) {
-            Some(p) => Some((node, p)),
+        Some(node) => match snat_port(
+            &mut s.rkey,
+            pick,
+            node,
+            baddr,
+            bport,
+            flow.proto,
+            flow.family,
+        ) {
+            Some(p) => Nat::when(true, node, p),
             None => return Verdict::Drop(Counter::DroppedSnatPorts),
         },
-        None => None,
+        None => Nat::when(false, [0; 4], 0),
     };
-    let (flags, (src, sport)) = match snat {
-        Some(s) => (CT_SNAT, s),
-        None => (0, (flow.saddr, flow.sport_be)),
+    let (flags, src, sport) = if snat.on {
+        (CT_SNAT, snat.addr, snat.port_be)
+    } else {
+        (0, flow.saddr, flow.sport_be)
     };
     s.fval = CtValue {
         nat_addr: baddr,
@@ -423,7 +524,7 @@ fn reverse(flow: &Flow) -> Verdict {
             Verdict::ReverseNat {
                 addr,
                 port_be,
-                unsnat: (flags & CT_SNAT != 0).then_some((orig_addr, orig_port)),
+                unsnat: Nat::when(flags & CT_SNAT != 0, orig_addr, orig_port),
             }
         }
         None => Verdict::Pass(Counter::PassedNoMatch),

@@ -5,7 +5,7 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::bpf_sock_addr,
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie},
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
@@ -159,6 +159,7 @@ fn forward<const V6: bool>(ctx: &SockAddrContext) -> i32 {
         None => match choose(
             &svc,
             Client::Netns(unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }),
+            unsafe { bpf_get_prandom_u32() },
         ) {
             Some(c) => c,
             None => return ALLOW, // mid-update: let the tc path handle it

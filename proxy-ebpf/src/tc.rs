@@ -28,27 +28,19 @@ fn apply(skb: *mut __sk_buff, flow: &Flow, verdict: &Verdict) -> bool {
             port_be,
             snat,
             ..
-        } => (
-            (Side::Destination, addr, port_be),
-            snat.map(|(a, p)| (Side::Source, a, p)),
-        ),
+        } => ((Side::Destination, addr, port_be), (Side::Source, snat)),
         Verdict::ReverseNat {
             addr,
             port_be,
             unsnat,
-        } => (
-            (Side::Source, addr, port_be),
-            unsnat.map(|(a, p)| (Side::Destination, a, p)),
-        ),
+        } => ((Side::Source, addr, port_be), (Side::Destination, unsnat)),
         _ => return true,
     };
     if rewrite(ctx, flow, first.0, first.1, first.2).is_err() {
         return false;
     }
-    match second {
-        Some((side, addr, port)) => rewrite(ctx, flow, side, addr, port).is_ok(),
-        None => true,
-    }
+    let (side, nat) = second;
+    !nat.on || rewrite(ctx, flow, side, nat.addr, nat.port_be).is_ok()
 }
 
 #[classifier]
@@ -84,7 +76,7 @@ pub fn tc_ingress(ctx: TcContext) -> i32 {
     let verdict = decide(&flow, iface);
     let counter = match verdict {
         Verdict::Dnat { snat, counter, .. } => {
-            if snat.is_some() && counter != Counter::TranslatedEstablished {
+            if snat.on && matches!(counter, Counter::TranslatedNew | Counter::Reselected) {
                 count(Counter::Snat);
             }
             counter
