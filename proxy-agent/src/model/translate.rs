@@ -143,6 +143,9 @@ pub fn translate(inputs: &Inputs, opts: &Options) -> Translation {
 
     let mut services: Vec<&Service> = inputs.services.iter().collect();
     services.sort_by_key(|s| ns_name(&s.metadata));
+    // nodePorts of the Services accepted so far -> "ns/name", whatever this node's addresses
+    // (a Service is accepted or rejected the same way on every node).
+    let mut node_ports: BTreeMap<u16, String> = BTreeMap::new();
     for svc in services {
         let (ns, name) = ns_name(&svc.metadata);
         match translate_service(
@@ -152,7 +155,11 @@ pub fn translate(inputs: &Inputs, opts: &Options) -> Translation {
             &node,
         ) {
             Ok(None) => out.skipped.push(format!("{ns}/{name}")),
-            Ok(Some((frontends, health))) => {
+            Ok(Some(Translated {
+                frontends,
+                health,
+                node_ports: claimed,
+            })) => {
                 // A frontend already owned by another Service: reject this one whole, so no
                 // Service is ever half-programmed (the earlier one in name order keeps it).
                 if let Some((fe, _)) = frontends
@@ -185,6 +192,23 @@ pub fn translate(inputs: &Inputs, opts: &Options) -> Translation {
                     });
                     continue;
                 }
+                // Same rule for node ports that are not frontends: a healthCheckNodePort taken
+                // by an earlier Service, as its healthCheckNodePort or as a nodePort.
+                if let Some((field, message)) =
+                    node_port_conflict(health.as_ref(), &claimed, &node_ports, &out.health_checks)
+                {
+                    out.errors.push(TranslateError {
+                        object: format!("Service {ns}/{name}"),
+                        field,
+                        message,
+                    });
+                    continue;
+                }
+                for (_, np) in claimed {
+                    node_ports
+                        .entry(np)
+                        .or_insert_with(|| format!("{ns}/{name}"));
+                }
                 out.state.services.extend(frontends);
                 if let Some((port, hc)) = health {
                     out.health_checks.insert(port, hc);
@@ -194,6 +218,49 @@ pub fn translate(inputs: &Inputs, opts: &Options) -> Translation {
         }
     }
     out
+}
+
+/// A node port of this Service that an earlier Service already holds: (field, message).
+///
+/// The apiserver allocates healthCheckNodePorts from the same service-node-port-range allocator
+/// as nodePorts (pkg/registry/core/service/storage/alloc.go, allocHealthCheckNodePort), so in a
+/// cluster no two Services share one, and none is another Service's nodePort; hand-written
+/// manifests can still ask for it. Without this check the later Service would silently take the
+/// port's health check server over. nodePort against nodePort is a frontend conflict, checked by
+/// the caller.
+fn node_port_conflict(
+    health: Option<&(u16, HealthCheck)>,
+    node_ports: &[(usize, u16)],
+    taken_node_ports: &BTreeMap<u16, String>,
+    taken_health: &BTreeMap<u16, HealthCheck>,
+) -> Option<(String, String)> {
+    if let Some((port, _)) = health {
+        if let Some(h) = taken_health.get(port) {
+            return Some((
+                "spec.healthCheckNodePort".into(),
+                format!(
+                    "port {port} is already the healthCheckNodePort of Service {}/{}",
+                    h.namespace, h.name
+                ),
+            ));
+        }
+        if let Some(owner) = taken_node_ports.get(port) {
+            return Some((
+                "spec.healthCheckNodePort".into(),
+                format!("port {port} is already a nodePort of Service {owner}"),
+            ));
+        }
+    }
+    node_ports.iter().find_map(|(i, np)| {
+        let h = taken_health.get(np)?;
+        Some((
+            format!("spec.ports[{i}].nodePort"),
+            format!(
+                "port {np} is already the healthCheckNodePort of Service {}/{}",
+                h.namespace, h.name
+            ),
+        ))
+    })
 }
 
 fn collect_endpoints(
@@ -371,8 +438,14 @@ fn collect_endpoints(
     by_service
 }
 
-/// A Service's frontends, and its health check port if it has one.
-type Translated = (Vec<(Frontend, DesiredService)>, Option<(u16, HealthCheck)>);
+/// One Service, translated.
+struct Translated {
+    frontends: Vec<(Frontend, DesiredService)>,
+    /// Its healthCheckNodePort, when this node serves one for it.
+    health: Option<(u16, HealthCheck)>,
+    /// (index in spec.ports, nodePort): held on every node, whatever its addresses.
+    node_ports: Vec<(usize, u16)>,
+}
 
 /// `Ok(None)`: a Service this proxy does not handle. `Err`: rejected whole.
 fn translate_service(
@@ -536,6 +609,7 @@ fn translate_service(
     let etp_local = spec.external_traffic_policy.as_deref() == Some("Local");
 
     let mut out = Vec::new();
+    let mut claimed = Vec::new();
     let mut local_endpoints = BTreeSet::new();
     for (i, (pname, port, proto)) in checked.into_iter().enumerate() {
         let display = if pname.is_empty() {
@@ -552,6 +626,7 @@ fn translate_service(
             })?),
             _ => None,
         };
+        claimed.extend(node_port.map(|np| (i, np)));
         let mut frontends: Vec<(IpAddr, u16, ServiceKind)> = vips
             .iter()
             .map(|v| (*v, port, ServiceKind::ClusterIp))
@@ -644,7 +719,20 @@ fn translate_service(
         )),
         _ => None,
     };
-    Ok(Some((out, health)))
+    // The apiserver allocates both from one range, so they never coincide.
+    if let Some((hp, _)) = &health
+        && let Some((i, _)) = claimed.iter().find(|(_, np)| np == hp)
+    {
+        return Err(err(
+            "spec.healthCheckNodePort".into(),
+            format!("port {hp} is also this Service's spec.ports[{i}].nodePort"),
+        ));
+    }
+    Ok(Some(Translated {
+        frontends: out,
+        health,
+        node_ports: claimed,
+    }))
 }
 
 /// An endpoint of one Service port, with what topology and traffic policies need.
@@ -944,6 +1032,154 @@ endpoints:
             !t.state
                 .services
                 .contains_key(&fe("198.18.100.10", 81, Protocol::Tcp))
+        );
+    }
+
+    /// healthCheckNodePorts and nodePorts come from one range, one Service each: the first
+    /// Service in namespace/name order keeps a port, the other is rejected whole, on every node.
+    /// Each row: rule, the other Service (name, spec), the error (object, field) or none, and
+    /// which Service each health check port serves.
+    #[test]
+    fn node_port_conflicts_reject_the_later_service() {
+        let svc = |name: &str, spec: &str| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec: {spec}\n"
+            )
+        };
+        // Holds healthCheckNodePort 32000 and nodePort 30080.
+        let a = svc(
+            "a",
+            "{type: NodePort, externalTrafficPolicy: Local, healthCheckNodePort: 32000, clusterIP: 198.18.100.90, ports: [{port: 80, nodePort: 30080}]}",
+        );
+        type Row = (
+            &'static str,
+            (&'static str, &'static str),
+            Option<(&'static str, &'static str)>,
+            &'static [(u16, &'static str)],
+        );
+        let rows: &[Row] = &[
+            (
+                "same healthCheckNodePort, later Service",
+                (
+                    "b",
+                    "{type: NodePort, externalTrafficPolicy: Local, healthCheckNodePort: 32000, clusterIP: 198.18.100.91, ports: [{port: 80, nodePort: 30081}]}",
+                ),
+                Some(("Service default/b", "spec.healthCheckNodePort")),
+                &[(32000, "a")],
+            ),
+            (
+                "same healthCheckNodePort, earlier Service: it keeps the port, a is rejected",
+                (
+                    "0a",
+                    "{type: NodePort, externalTrafficPolicy: Local, healthCheckNodePort: 32000, clusterIP: 198.18.100.91, ports: [{port: 80, nodePort: 30081}]}",
+                ),
+                Some(("Service default/a", "spec.healthCheckNodePort")),
+                &[(32000, "0a")],
+            ),
+            (
+                "healthCheckNodePort is another Service's nodePort",
+                (
+                    "b",
+                    "{type: LoadBalancer, externalTrafficPolicy: Local, healthCheckNodePort: 30080, clusterIP: 198.18.100.91, ports: [{port: 80, nodePort: 30081}]}",
+                ),
+                Some(("Service default/b", "spec.healthCheckNodePort")),
+                &[(32000, "a")],
+            ),
+            (
+                "nodePort is another Service's healthCheckNodePort (UDP too: one range for both)",
+                (
+                    "b",
+                    "{type: NodePort, clusterIP: 198.18.100.91, ports: [{name: x, port: 81, nodePort: 30090}, {name: y, port: 82, nodePort: 32000, protocol: UDP}]}",
+                ),
+                Some(("Service default/b", "spec.ports[1].nodePort")),
+                &[(32000, "a")],
+            ),
+            (
+                "healthCheckNodePort is the Service's own nodePort",
+                (
+                    "b",
+                    "{type: NodePort, externalTrafficPolicy: Local, healthCheckNodePort: 30081, clusterIP: 198.18.100.91, ports: [{port: 80, nodePort: 30081}]}",
+                ),
+                Some(("Service default/b", "spec.healthCheckNodePort")),
+                &[(32000, "a")],
+            ),
+            (
+                "different ports: no conflict",
+                (
+                    "b",
+                    "{type: NodePort, externalTrafficPolicy: Local, healthCheckNodePort: 32001, clusterIP: 198.18.100.91, ports: [{port: 80, nodePort: 30081}]}",
+                ),
+                None,
+                &[(32000, "a"), (32001, "b")],
+            ),
+            (
+                "externalTrafficPolicy Cluster: its healthCheckNodePort is not served, claims nothing",
+                (
+                    "b",
+                    "{type: NodePort, healthCheckNodePort: 32000, clusterIP: 198.18.100.91, ports: [{port: 80, nodePort: 30081}]}",
+                ),
+                None,
+                &[(32000, "a")],
+            ),
+        ];
+        let no_addresses = Options {
+            node_addresses: vec![],
+            ..opts()
+        };
+        for o in [opts(), no_addresses] {
+            let alone = translate(&objs(&a), &o);
+            for (rule, (name, spec), want_error, want_health) in rows {
+                let other = svc(name, spec);
+                let t = translate(&objs(&format!("{a}---\n{other}")), &o);
+                let errors: Vec<(&str, &str)> = t
+                    .errors
+                    .iter()
+                    .map(|e| (e.object.as_str(), e.field.as_str()))
+                    .collect();
+                assert_eq!(
+                    errors,
+                    want_error.iter().copied().collect::<Vec<_>>(),
+                    "{rule}"
+                );
+                let health: Vec<(u16, &str)> = t
+                    .health_checks
+                    .iter()
+                    .map(|(p, h)| (*p, h.name.as_str()))
+                    .collect();
+                assert_eq!(health, *want_health, "{rule}");
+                // The rejected Service is not programmed at all; the other one as if alone.
+                let programmed = |svc: &str| -> Vec<(Frontend, DesiredService)> {
+                    t.state
+                        .services
+                        .iter()
+                        .filter(|(_, d)| d.service == svc)
+                        .map(|(f, d)| (*f, d.clone()))
+                        .collect()
+                };
+                match want_error.map(|(obj, _)| obj) {
+                    Some("Service default/a") => {
+                        assert!(programmed("default/a").is_empty(), "{rule}");
+                        assert!(!programmed(&format!("default/{name}")).is_empty(), "{rule}");
+                    }
+                    Some(_) => {
+                        assert!(programmed(&format!("default/{name}")).is_empty(), "{rule}");
+                        assert_eq!(
+                            programmed("default/a"),
+                            alone.state.services.clone().into_iter().collect::<Vec<_>>(),
+                            "{rule}"
+                        );
+                    }
+                    None => assert!(!programmed(&format!("default/{name}")).is_empty(), "{rule}"),
+                }
+            }
+        }
+        let t = translate(
+            &objs(&format!("{a}---\n{}", svc("b", rows[0].1.1))),
+            &opts(),
+        );
+        assert_eq!(
+            t.errors[0].message,
+            "port 32000 is already the healthCheckNodePort of Service default/a"
         );
     }
 
