@@ -1,5 +1,6 @@
 //! Pure model: Kubernetes objects in, desired datapath state out. No I/O here.
 pub mod desired;
+pub mod maglev;
 pub mod translate;
 
 pub use desired::{
