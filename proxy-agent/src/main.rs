@@ -56,6 +56,10 @@ struct RunArgs {
     /// Translate ClusterIPs at connect/sendmsg (socket LB); false leaves it to the tc path.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     socket_lb: bool,
+    /// XDP fast path for NodePort/LoadBalancer/externalIP traffic on the --interfaces: auto
+    /// (native mode where the driver has it, generic otherwise), native, generic or off.
+    #[arg(long, value_enum, default_value = "auto")]
+    xdp: proxy_agent::datapath::loader::XdpSetting,
     #[arg(long, default_value = DEFAULT_BPFFS)]
     bpffs: PathBuf,
     #[arg(long, default_value = "127.0.0.1:10249")]
@@ -161,6 +165,7 @@ fn main() -> anyhow::Result<()> {
                 nodeport_addresses,
                 cgroup,
                 socket_lb,
+                xdp,
                 bpffs,
                 metrics_bind_address,
                 healthz_bind_address,
@@ -199,6 +204,7 @@ fn main() -> anyhow::Result<()> {
                     &healthz_bind_address,
                 )?,
                 healthz_timeout: Duration::from_secs(healthz_timeout_s.max(1)),
+                xdp,
                 socket_lb_cgroup: if socket_lb {
                     Some(match cgroup {
                         Some(c) => c,

@@ -6,7 +6,6 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use aya::programs::SchedClassifier;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
@@ -40,6 +39,8 @@ pub struct RunConfig {
     pub map_sizes: loader::MapSizes,
     /// `--nodeport-addresses`: which external addresses serve NodePorts (empty: all).
     pub nodeport_cidrs: Vec<external::Cidr>,
+    /// `--xdp`: the XDP fast path on the external interfaces.
+    pub xdp: loader::XdpSetting,
     /// cgroup v2 directory for socket LB; `None` leaves socket LB off.
     pub socket_lb_cgroup: Option<PathBuf>,
     pub metrics_bind_address: Option<std::net::SocketAddr>,
@@ -84,7 +85,7 @@ struct Interfaces {
 }
 
 impl Interfaces {
-    fn reconcile(&mut self, cfg: &RunConfig, prog: &mut SchedClassifier) {
+    fn reconcile(&mut self, cfg: &RunConfig, ebpf: &mut aya::Ebpf) -> anyhow::Result<()> {
         let present: Vec<(String, u32)> = match nix::net::if_::if_nameindex() {
             Ok(list) => list
                 .iter()
@@ -92,7 +93,7 @@ impl Interfaces {
                 .collect(),
             Err(e) => {
                 tracing::error!(error = %e, "listing interfaces");
-                return;
+                return Ok(());
             }
         };
         for name in &cfg.interfaces {
@@ -111,14 +112,36 @@ impl Interfaces {
             // Reverse-translated replies and SNATed packets carry this node's own address as
             // their source when the kernel forwards them on: allow that on every hooked interface.
             external::forwarding_sysctls(name);
-            match loader::attach_tc(prog, &cfg.bpffs, name) {
+            match loader::attach_tc(loader::tc_program(ebpf)?, &cfg.bpffs, name) {
                 Ok(()) => {
                     tracing::info!(iface = %name, ifindex = index, "attached tc ingress");
-                    self.attached.insert(key);
                 }
                 // It may have vanished between listing and attaching; retried next poll.
-                Err(e) => tracing::warn!(iface = %name, error = %e, "attach failed"),
+                Err(e) => {
+                    tracing::warn!(iface = %name, error = %e, "attach failed");
+                    continue;
+                }
             }
+            // The XDP fast path runs on external interfaces only (pods' traffic is not
+            // NodePort traffic); a failure leaves the interface to tc, which handles it all.
+            if cfg.interfaces.iter().any(|i| i == name) {
+                if cfg.xdp == loader::XdpSetting::Off {
+                    loader::detach_xdp(&cfg.bpffs, name);
+                } else {
+                    match loader::attach_xdp(loader::xdp_program(ebpf)?, &cfg.bpffs, name, cfg.xdp)
+                    {
+                        Ok(native) => tracing::info!(
+                            iface = %name,
+                            mode = if native { "native" } else { "generic" },
+                            "attached XDP"
+                        ),
+                        Err(e) => {
+                            tracing::warn!(iface = %name, error = %e, "XDP not attached; tc handles this interface alone")
+                        }
+                    }
+                }
+            }
+            self.attached.insert(key);
         }
         let gone: Vec<(String, u32)> = self
             .attached
@@ -133,6 +156,7 @@ impl Interfaces {
             tracing::info!(iface = %k.0, "interface gone");
             self.attached.remove(&k);
         }
+        Ok(())
     }
 }
 
@@ -150,7 +174,7 @@ fn attach_all(
         }
         None => loader::detach_sock(&cfg.bpffs),
     }
-    ifaces.reconcile(cfg, loader::tc_program(ebpf)?);
+    ifaces.reconcile(cfg, ebpf)?;
     Ok(())
 }
 
@@ -319,7 +343,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
 
     loop {
         if generation > 0 {
-            ifaces.reconcile(&cfg, loader::tc_program(&mut ebpf)?);
+            ifaces.reconcile(&cfg, &mut ebpf)?;
         }
 
         // Node addresses decide NodePort frontends; a change re-translates the last inputs.

@@ -2326,8 +2326,11 @@ impl Bed {
             std::process::id(),
             rand::random::<u32>()
         ));
-        let ebpf = loader::load(&bpffs, loader::MapSizes::default())
-            .expect("load datapath (is bpffs mounted at /sys/fs/bpf?)");
+        let ebpf = loader::load(&bpffs, loader::MapSizes::default()).unwrap_or_else(|e| {
+            // Pins made before the failure must not outlive the test.
+            let _ = loader::cleanup(&bpffs);
+            panic!("load datapath (is bpffs mounted at /sys/fs/bpf?): {e:?}")
+        });
         let writer = Writer::adopt(maps::Maps::open(&bpffs).unwrap()).unwrap();
         let mut bed = Self {
             ebpf,

@@ -991,3 +991,253 @@ fn icmpv6_errors_about_translated_flows_are_translated_back() {
     assert_eq!((rc, moved), (TC_ACT_OK, vec!["passed_other_protocol"]));
     assert_eq!(out, foreign);
 }
+
+/// XDP tests run in a network namespace of their own thread (the FIB lookup consults the
+/// routes of the running thread's namespace): `dummy0` (a veth) is the node's external interface,
+/// 198.18.0.1/24, with static neighbours for the client (.100) and for node 2 (.2), through
+/// which 198.19.2.0/24 (node 2's pods) is routed. Nothing is sent anywhere: test runs do not
+/// transmit.
+mod xdp {
+    use super::*;
+    use proxy_agent::datapath::external;
+    use proxy_common::IfaceConfig;
+
+    pub const NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+    pub const EXT_CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
+    pub const NODE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+    pub const NODE2_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+    pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x64];
+    pub const XDP_DROP: u32 = 1;
+    pub const XDP_PASS: u32 = 2;
+    pub const XDP_TX: u32 = 3;
+
+    fn ip(args: &[&str]) {
+        let out = std::process::Command::new("ip")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "ip {args:?}: {out:?}");
+    }
+
+    /// Runs `f` in a new network namespace set up as above, on a thread of its own; returns
+    /// the ifindex of dummy0 to `f`.
+    pub fn in_node<R: Send>(f: impl FnOnce(u32) -> R + Send) -> R {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                // SAFETY: affects this thread only; it ends with the scope.
+                assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0);
+                ip(&["link", "set", "lo", "up"]);
+                // A node forwards (the FIB lookup answers "forwarding disabled" otherwise);
+                // /proc/sys/net is the namespace of the thread that opens it.
+                std::fs::write("/proc/sys/net/ipv4/conf/all/forwarding", "1").unwrap();
+                std::fs::write("/proc/sys/net/ipv4/conf/default/forwarding", "1").unwrap();
+                ip(&[
+                    "link",
+                    "add",
+                    "dummy0",
+                    "address",
+                    "02:00:00:00:00:01",
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    "peer0",
+                ]);
+                ip(&["link", "set", "peer0", "up"]);
+                ip(&["addr", "add", "198.18.0.1/24", "dev", "dummy0"]);
+                ip(&["link", "set", "dummy0", "up"]);
+                for (addr, mac) in [
+                    ("198.18.0.2", "02:00:00:00:00:02"),
+                    ("198.18.0.100", "02:00:00:00:00:64"),
+                ] {
+                    ip(&[
+                        "neigh",
+                        "add",
+                        addr,
+                        "lladdr",
+                        mac,
+                        "dev",
+                        "dummy0",
+                        "nud",
+                        "permanent",
+                    ]);
+                }
+                ip(&["route", "add", "198.19.2.0/24", "via", "198.18.0.2"]);
+                let idx = std::ffi::CString::new("dummy0").unwrap();
+                // SAFETY: a valid C string.
+                let ifindex = unsafe { libc::if_nametoindex(idx.as_ptr()) };
+                assert!(ifindex > 0);
+                f(ifindex)
+            })
+            .join()
+            .unwrap()
+        })
+    }
+
+    /// The external interface as the agent programs it.
+    pub fn program_iface(b: &mut Bed, ifindex: u32) {
+        let mut m = std::collections::BTreeMap::new();
+        m.insert(
+            ifindex,
+            IfaceConfig {
+                addr4: u32::from_ne_bytes(NODE.octets()),
+                flags: 0,
+                addr6: [0; 4],
+            },
+        );
+        external::program_interfaces(b.writer.maps_mut(), &m).unwrap();
+    }
+
+    pub fn run(b: &mut Bed, frame: &[u8], ifindex: u32) -> (u32, Vec<u8>, Vec<&'static str>) {
+        let before = b.counters();
+        // struct xdp_md { data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+        // egress_ifindex }
+        let mut md = Vec::new();
+        for v in [0u32, frame.len() as u32, 0, ifindex, 0, 0] {
+            md.extend_from_slice(&v.to_ne_bytes());
+        }
+        let prog = loader::xdp_program(&mut b.ebpf).unwrap();
+        let mut out = vec![0u8; frame.len() + 256];
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ctx_in: Some(&md),
+                ..Default::default()
+            })
+            .expect("BPF_PROG_TEST_RUN (xdp)");
+        out.truncate(r.data_size_out as usize);
+        let after = b.counters();
+        let moved = after
+            .iter()
+            .filter(|(k, v)| before[*k] != **v)
+            .map(|(k, _)| *k)
+            .collect();
+        (r.return_value, out, moved)
+    }
+}
+
+#[test]
+fn xdp_forwards_nodeport_traffic_to_another_node_and_its_replies() {
+    xdp::in_node(|ifindex| {
+        let mut b = bed();
+        xdp::program_iface(&mut b, ifindex);
+        let np = fe(xdp::NODE, 30080, Protocol::Tcp);
+        let local = fe(xdp::NODE, 30081, Protocol::Tcp);
+        let report = b.writer.sync(&desired(&[
+            (np, vec![ep(B2, 8080)]),
+            (
+                local,
+                vec![Endpoint {
+                    local: true,
+                    ..ep(B1, 8080)
+                }],
+            ),
+            (fe(xdp::NODE, 30082, Protocol::Tcp), vec![]),
+        ]));
+        assert!(report.failed.is_empty(), "{:?}", report.failed);
+
+        // Client -> NodePort, backend on node 2: DNAT + SNAT to the node, out the same way.
+        let syn = pkt::Ip::new(xdp::EXT_CLIENT, xdp::NODE, pkt::TCP).frame(&pkt::l4(
+            pkt::TCP,
+            xdp::EXT_CLIENT,
+            xdp::NODE,
+            41000,
+            30080,
+            b"",
+        ));
+        let (rc, out, mut moved) = xdp::run(&mut b, &syn, ifindex);
+        moved.sort();
+        assert_eq!(rc, xdp::XDP_TX);
+        assert_eq!(moved, ["snat", "translated_new", "xdp_forwarded"]);
+        let s = pkt::parse(&out);
+        assert_eq!((s.src, s.dst, s.dport), (xdp::NODE, B2, 8080));
+        assert!(s.ip_csum_ok && s.l4_csum_ok, "{s:?}");
+        assert_eq!(&out[0..6], &xdp::NODE2_MAC, "to node 2's MAC");
+        assert_eq!(&out[6..12], &xdp::NODE_MAC, "from this node's MAC");
+        assert_eq!(out[14 + 8], 63, "TTL decremented");
+        let snat_port = s.sport;
+
+        // Node 2's backend answers the node: back to the client from the NodePort.
+        let reply = pkt::Ip::new(B2, xdp::NODE, pkt::TCP).frame(&pkt::l4(
+            pkt::TCP,
+            B2,
+            xdp::NODE,
+            8080,
+            snat_port,
+            b"",
+        ));
+        let (rc, out, moved) = xdp::run(&mut b, &reply, ifindex);
+        assert_eq!(rc, xdp::XDP_TX);
+        assert_eq!(moved, ["reverse_translated", "xdp_forwarded"]);
+        let s = pkt::parse(&out);
+        assert_eq!(
+            (s.src, s.sport, s.dst, s.dport),
+            (xdp::NODE, 30080, xdp::EXT_CLIENT, 41000)
+        );
+        assert!(s.ip_csum_ok && s.l4_csum_ok, "{s:?}");
+        assert_eq!(&out[0..6], &xdp::CLIENT_MAC);
+
+        // Established: the same backend, counted as such.
+        let (rc, out, moved) = xdp::run(&mut b, &syn, ifindex);
+        assert_eq!(rc, xdp::XDP_TX);
+        let mut moved = moved;
+        moved.sort();
+        assert_eq!(moved, ["translated_established", "xdp_forwarded"]);
+        assert_eq!(pkt::parse(&out).sport, snat_port);
+
+        // A local backend: XDP records the flow but leaves the packet to tc, which finds the
+        // same flow.
+        let syn_local = pkt::Ip::new(xdp::EXT_CLIENT, xdp::NODE, pkt::TCP).frame(&pkt::l4(
+            pkt::TCP,
+            xdp::EXT_CLIENT,
+            xdp::NODE,
+            41001,
+            30081,
+            b"",
+        ));
+        let (rc, out, moved) = xdp::run(&mut b, &syn_local, ifindex);
+        assert_eq!((rc, moved), (xdp::XDP_PASS, vec![]));
+        assert_eq!(out, syn_local, "passed unchanged");
+
+        // No endpoints: dropped at XDP, counted.
+        let syn_empty = pkt::Ip::new(xdp::EXT_CLIENT, xdp::NODE, pkt::TCP).frame(&pkt::l4(
+            pkt::TCP,
+            xdp::EXT_CLIENT,
+            xdp::NODE,
+            41002,
+            30082,
+            b"",
+        ));
+        let (rc, _, mut moved) = xdp::run(&mut b, &syn_empty, ifindex);
+        moved.sort();
+        assert_eq!(
+            (rc, moved),
+            (xdp::XDP_DROP, vec!["dropped_no_backend", "xdp_dropped"])
+        );
+
+        // Other traffic to the node passes untouched and uncounted (tc counts it).
+        let other = pkt::Ip::new(xdp::EXT_CLIENT, xdp::NODE, pkt::TCP).frame(&pkt::l4(
+            pkt::TCP,
+            xdp::EXT_CLIENT,
+            xdp::NODE,
+            41003,
+            22,
+            b"",
+        ));
+        let (rc, out, moved) = xdp::run(&mut b, &other, ifindex);
+        assert_eq!((rc, out, moved), (xdp::XDP_PASS, other, vec![]));
+
+        // TTL 1: left to the kernel (time exceeded), untouched.
+        let mut ttl1 = syn.clone();
+        ttl1[14 + 8] = 1;
+        let c = {
+            ttl1[24] = 0;
+            ttl1[25] = 0;
+            pkt::csum(&ttl1[14..34], 0)
+        };
+        ttl1[24..26].copy_from_slice(&c.to_be_bytes());
+        let (rc, out, _) = xdp::run(&mut b, &ttl1, ifindex);
+        assert_eq!((rc, out), (xdp::XDP_PASS, ttl1));
+    });
+}

@@ -43,6 +43,7 @@ pub mod names {
 /// Program names in the object file.
 pub mod programs {
     pub const TC_INGRESS: &str = "tc_ingress";
+    pub const XDP_INGRESS: &str = "xdp_ingress";
     pub const SOCK_CONNECT4: &str = "sock_connect4";
     pub const SOCK_SENDMSG4: &str = "sock_sendmsg4";
     pub const SOCK_RECVMSG4: &str = "sock_recvmsg4";
@@ -381,9 +382,13 @@ pub enum Counter {
     /// Packet of an established TCP connection whose backend was removed, still sent to it
     /// (draining; new connections no longer go there).
     TranslatedDraining = 21,
+    /// Packet translated and sent out again at XDP (the counter of its translation moves too).
+    XdpForwarded = 22,
+    /// Packet dropped at XDP (the counter of the reason moves too).
+    XdpDropped = 23,
 }
 
-pub const COUNTER_COUNT: u32 = 22;
+pub const COUNTER_COUNT: u32 = 24;
 
 pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
     "translated_new",
@@ -408,6 +413,8 @@ pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
     "dropped_source_range",
     "icmp_translated",
     "translated_draining",
+    "xdp_forwarded",
+    "xdp_dropped",
 ];
 
 #[cfg(feature = "user")]

@@ -9,6 +9,7 @@ mod nat;
 mod parse;
 mod sock;
 mod tc;
+mod xdp;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -10,9 +10,10 @@ use std::os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd};
 use aya::{
     Ebpf, EbpfLoader,
     programs::{
-        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType,
+        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, LinkError, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
+        xdp::XdpLink,
     },
     sys::SyscallError,
 };
@@ -95,6 +96,12 @@ pub fn load_replacing(
             .load()
             .map_err(|source| DatapathError::Program { name, source })?;
     }
+    xdp_program(&mut ebpf)?
+        .load()
+        .map_err(|source| DatapathError::Program {
+            name: programs::XDP_INGRESS,
+            source,
+        })?;
     migration.copy().map_err(io_err(bpffs))?;
     Ok((ebpf, migration))
 }
@@ -264,6 +271,112 @@ pub fn attach_tc(
     Ok(())
 }
 
+pub fn xdp_program(ebpf: &mut Ebpf) -> Result<&mut Xdp, DatapathError> {
+    let name = programs::XDP_INGRESS;
+    let prog = ebpf.program_mut(name).ok_or(DatapathError::Program {
+        name,
+        source: aya::programs::ProgramError::UnexpectedProgramType,
+    })?;
+    prog.try_into()
+        .map_err(|source| DatapathError::Program { name, source })
+}
+
+/// `--xdp`: where the XDP fast path runs on external interfaces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum XdpSetting {
+    /// Not attached (pinned XDP links of an earlier agent are removed).
+    Off,
+    /// Native (driver) mode where the driver has it, generic otherwise.
+    Auto,
+    /// Native mode only: an interface whose driver lacks it is an error.
+    Native,
+    /// Generic (socket buffer) mode: the same translation, without the driver's speed.
+    Generic,
+}
+
+/// The pin of the XDP link on `iface`; its name records the mode (`status` reports it).
+fn xdp_pin(bpffs: &Path, iface: &str, native: bool) -> PathBuf {
+    let hook = if native { "xdp_native" } else { "xdp_generic" };
+    bpffs.join(LINKS_DIR).join(format!("{hook}@{iface}"))
+}
+
+/// Removes the XDP links on `iface` (the kernel detaches a link with its last reference).
+pub fn detach_xdp(bpffs: &Path, iface: &str) {
+    for native in [true, false] {
+        let _ = fs::remove_file(xdp_pin(bpffs, iface, native));
+    }
+}
+
+/// Attaches XDP on `iface` in the mode `setting` allows, or swaps the program inside the
+/// pinned link of an earlier agent (BPF_LINK_UPDATE: no packet meets the interface without a
+/// program). Returns whether it runs in native mode.
+pub fn attach_xdp(
+    prog: &mut Xdp,
+    bpffs: &Path,
+    iface: &str,
+    setting: XdpSetting,
+) -> Result<bool, DatapathError> {
+    let fail = |message: String| DatapathError::Attach {
+        iface: iface.to_string(),
+        message,
+    };
+    for native in [true, false] {
+        let pin = xdp_pin(bpffs, iface, native);
+        let allowed = match setting {
+            XdpSetting::Auto => true,
+            XdpSetting::Native => native,
+            XdpSetting::Generic => !native,
+            XdpSetting::Off => false,
+        };
+        if !allowed {
+            let _ = fs::remove_file(&pin);
+            continue;
+        }
+        if let Ok(old) = PinnedLink::from_pin(&pin) {
+            let updated = XdpLink::try_from(FdLink::from(old))
+                .map_err(|e| e.to_string())
+                .and_then(|link| prog.attach_to_link(link).map_err(|e| e.to_string()));
+            match updated {
+                Ok(id) => {
+                    let _ = prog.take_link(id);
+                    return Ok(native);
+                }
+                Err(e) => {
+                    tracing::info!(iface, error = %e, "replacing a defunct pinned XDP link");
+                    fs::remove_file(&pin).map_err(io_err(&pin))?;
+                }
+            }
+        }
+    }
+    let modes: &[(bool, XdpMode)] = match setting {
+        XdpSetting::Off => return Err(fail("XDP is off".into())),
+        XdpSetting::Auto => &[(true, XdpMode::Driver), (false, XdpMode::Skb)],
+        XdpSetting::Native => &[(true, XdpMode::Driver)],
+        XdpSetting::Generic => &[(false, XdpMode::Skb)],
+    };
+    let mut errors = Vec::new();
+    for &(native, mode) in modes {
+        let id = match prog.attach(iface, mode) {
+            Ok(id) => id,
+            Err(e) => {
+                errors.push(format!("{mode:?}: {e}"));
+                continue;
+            }
+        };
+        let link = prog.take_link(id).map_err(|e| fail(e.to_string()))?;
+        // Only a BPF link can be pinned (and so outlive the agent); netlink attachments
+        // (kernels before 5.9) are refused rather than left behind unmanaged.
+        let fd: FdLink = link
+            .try_into()
+            .map_err(|e: LinkError| fail(format!("XDP needs BPF links (Linux >= 5.9): {e}")))?;
+        let pin = xdp_pin(bpffs, iface, native);
+        fd.pin(&pin)
+            .map_err(|e| fail(format!("pinning {}: {e}", pin.display())))?;
+        return Ok(native);
+    }
+    Err(fail(format!("attaching XDP: {}", errors.join("; "))))
+}
+
 /// One pinned attachment, as `status` reports it.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Attachment {
@@ -284,10 +397,11 @@ pub fn attachments(bpffs: &Path) -> Vec<Attachment> {
             Some(Attachment {
                 interface: iface.to_string(),
                 hook: hook.to_string(),
-                mode: if iface == "cgroup" {
-                    "cgroup-link"
-                } else {
-                    "tcx"
+                mode: match hook {
+                    _ if iface == "cgroup" => "cgroup-link",
+                    "xdp_native" => "xdp-native",
+                    "xdp_generic" => "xdp-generic",
+                    _ => "tcx",
                 },
             })
         })
@@ -299,6 +413,7 @@ pub fn attachments(bpffs: &Path) -> Vec<Attachment> {
 /// Drops the pins of links whose interface is gone (the kernel already detached them).
 pub fn forget_interface(bpffs: &Path, iface: &str) {
     let _ = fs::remove_file(link_pin(bpffs, iface));
+    detach_xdp(bpffs, iface);
 }
 
 /// Detaches everything and removes every pin the agent made; safe to run twice.
