@@ -221,6 +221,10 @@ impl TestBed {
         if let Some(cg) = &n.cgroup {
             args.extend(["--cgroup".into(), cg.to_string_lossy().into_owned()]);
         }
+        // TB_AGENT_ARGS: more flags for every agent (e.g. `--xdp=off` to compare runs).
+        if let Ok(more) = std::env::var("TB_AGENT_ARGS") {
+            args.extend(more.split_whitespace().map(str::to_string));
+        }
         args.extend(extra_args.iter().map(|s| s.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());

@@ -298,6 +298,9 @@ impl TestBed {
         ])?;
         ip(&["-n", lan, "link", "set", port, "master", LAN_BRIDGE])?;
         ip(&["-n", lan, "link", "set", port, "up"])?;
+        // Frames a node sends back out with native XDP (XDP_TX) reach the bridge only if this
+        // end has NAPI, as a NIC would.
+        netns::enable_gro(lan, port)?;
         ip(&[
             "-n",
             ns,

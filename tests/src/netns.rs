@@ -53,3 +53,43 @@ pub fn netns_list() -> Result<Vec<String>> {
     names.sort();
     Ok(names)
 }
+
+/// Turns GRO on for `iface` in network namespace `ns` (SIOCETHTOOL with ETHTOOL_SGRO). A veth
+/// delivers frames that its peer sends with XDP_TX (native XDP) only when it has NAPI, which
+/// GRO enables: the LAN bridge's ports need it for the nodes' XDP fast path.
+pub fn enable_gro(ns: &str, iface: &str) -> Result<()> {
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    const ETHTOOL_SGRO: u32 = 0x2c;
+    #[repr(C)]
+    struct EthtoolValue {
+        cmd: u32,
+        data: u32,
+    }
+    let name = iface.to_string();
+    in_netns(ns, move || -> Result<()> {
+        // SAFETY: plain socket call; the descriptor is closed below.
+        let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
+        if sock < 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        let mut value = EthtoolValue {
+            cmd: ETHTOOL_SGRO,
+            data: 1,
+        };
+        // SAFETY: an all-zero ifreq is valid.
+        let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (i, b) in name.bytes().take(libc::IFNAMSIZ - 1).enumerate() {
+            ifr.ifr_name[i] = b as libc::c_char;
+        }
+        ifr.ifr_ifru.ifru_data = &mut value as *mut EthtoolValue as *mut libc::c_char;
+        // SAFETY: `ifr` points at `value`, both alive for the call.
+        let rc = unsafe { libc::ioctl(sock, SIOCETHTOOL as _, &mut ifr) };
+        let err = std::io::Error::last_os_error();
+        // SAFETY: our descriptor.
+        unsafe { libc::close(sock) };
+        if rc != 0 {
+            anyhow::bail!("enabling GRO on {name}: {err}");
+        }
+        Ok(())
+    })?
+}

@@ -294,6 +294,39 @@ pub enum XdpSetting {
     Generic,
 }
 
+/// The kernel driver of `iface` (SIOCETHTOOL, ETHTOOL_GDRVINFO), if it answers.
+pub fn driver_name(iface: &str) -> Option<String> {
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    const ETHTOOL_GDRVINFO: u32 = 0x3;
+    // struct ethtool_drvinfo: cmd, then driver[32] and more, 196 bytes in all.
+    let mut info = [0u8; 196];
+    info[..4].copy_from_slice(&ETHTOOL_GDRVINFO.to_ne_bytes());
+    // SAFETY: an all-zero ifreq is valid.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    if iface.len() >= libc::IFNAMSIZ {
+        return None;
+    }
+    for (i, b) in iface.bytes().enumerate() {
+        ifr.ifr_name[i] = b as libc::c_char;
+    }
+    ifr.ifr_ifru.ifru_data = info.as_mut_ptr() as *mut libc::c_char;
+    // SAFETY: plain socket call; closed below.
+    let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if sock < 0 {
+        return None;
+    }
+    // SAFETY: `ifr` points at `info`, both alive for the call.
+    let rc = unsafe { libc::ioctl(sock, SIOCETHTOOL as _, &mut ifr) };
+    // SAFETY: our descriptor.
+    unsafe { libc::close(sock) };
+    if rc != 0 {
+        return None;
+    }
+    let driver = &info[4..36];
+    let end = driver.iter().position(|&b| b == 0).unwrap_or(driver.len());
+    Some(String::from_utf8_lossy(&driver[..end]).into_owned())
+}
+
 /// The pin of the XDP link on `iface`; its name records the mode (`status` reports it).
 fn xdp_pin(bpffs: &Path, iface: &str, native: bool) -> PathBuf {
     let hook = if native { "xdp_native" } else { "xdp_generic" };
@@ -350,6 +383,13 @@ pub fn attach_xdp(
     }
     let modes: &[(bool, XdpMode)] = match setting {
         XdpSetting::Off => return Err(fail("XDP is off".into())),
+        // veth has a native mode, but hands XDP frames whose TCP/UDP checksums the sender
+        // left to offload (CHECKSUM_PARTIAL, invisible to XDP), and its XDP_TX frames reach
+        // the peer only if the peer runs NAPI: in the test bed, NodePort flows broke in native
+        // mode and work in generic mode. `--xdp native` still forces it.
+        XdpSetting::Auto if driver_name(iface).as_deref() == Some("veth") => {
+            &[(false, XdpMode::Skb)]
+        }
         XdpSetting::Auto => &[(true, XdpMode::Driver), (false, XdpMode::Skb)],
         XdpSetting::Native => &[(true, XdpMode::Driver)],
         XdpSetting::Generic => &[(false, XdpMode::Skb)],
