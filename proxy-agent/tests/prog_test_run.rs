@@ -1199,6 +1199,13 @@ fn xdp_forwards_nodeport_traffic_to_another_node_and_its_replies() {
         let (rc, out, moved) = xdp::run(&mut b, &syn_local, ifindex);
         assert_eq!((rc, moved), (xdp::XDP_PASS, vec![]));
         assert_eq!(out, syn_local, "passed unchanged");
+        // tc then translates it, to the backend XDP recorded, and counts the flow as new
+        // (once: the next packet is established).
+        let (rc, out, moved) = b.run_counted(&syn_local);
+        assert_eq!((rc, moved), (TC_ACT_OK, vec!["translated_new"]));
+        assert_eq!(pkt::parse(&out).dst, B1);
+        let (_, _, moved) = b.run_counted(&syn_local);
+        assert_eq!(moved, ["translated_established"]);
 
         // No endpoints: dropped at XDP, counted.
         let syn_empty = pkt::Ip::new(xdp::EXT_CLIENT, xdp::NODE, pkt::TCP).frame(&pkt::l4(

@@ -240,6 +240,9 @@ pub struct CtValue {
 }
 
 pub const CT_SNAT: u16 = 1;
+/// A forward entry XDP recorded for a packet it then passed to tc (a local backend, an
+/// unresolved next hop...): tc counts the flow as new when it translates that packet.
+pub const CT_UNCOUNTED: u16 = 2;
 
 /// An interface the agent marked as external (node-facing), keyed by ifindex: traffic entering
 /// it may be SNATed to `addr4` when its backend runs on another node. Key 0 (no interface has

@@ -2,8 +2,8 @@
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use proxy_common::{
     AF_INET, AffinityKey, AffinityValue, BACKEND_LOCAL, BackendKey, CT_FORWARD, CT_REVERSE,
-    CT_SNAT, Counter, CtKey, CtValue, IPPROTO_TCP, IfaceConfig, SCOPE_EXTERNAL, SCOPE_INTERNAL,
-    SVC_SOURCE_RANGES, ServiceKey, ServiceValue, SlotKey,
+    CT_SNAT, CT_UNCOUNTED, Counter, CtKey, CtValue, IPPROTO_TCP, IfaceConfig, SCOPE_EXTERNAL,
+    SCOPE_INTERNAL, SVC_SOURCE_RANGES, ServiceKey, ServiceValue, SlotKey,
     limits::{SNAT_PORT_COUNT, SNAT_PORT_MIN},
 };
 
@@ -343,6 +343,12 @@ fn forward(flow: &Flow, svc: &ServiceValue, iface: Option<IfaceConfig>) -> Verdi
         let draining = !valid && flow.proto == IPPROTO_TCP && flow.tcp_flags & TCP_SYN == 0;
         if ct_svc == svc_id && (valid || draining) {
             touch(ct, now);
+            // Recorded by XDP, which passed the packet on uncounted: it is this flow's first.
+            let first = flags & CT_UNCOUNTED != 0;
+            if first {
+                // SAFETY: pointer from a successful lookup.
+                unsafe { (*ct).flags &= !CT_UNCOUNTED };
+            }
             // The reply direction is a separate LRU entry: under conntrack pressure it can be
             // evicted while this one lives, and the next reply would leave untranslated (the
             // client answers it with a reset). Every packet this way keeps it (the lookup
@@ -378,7 +384,9 @@ fn forward(flow: &Flow, svc: &ServiceValue, iface: Option<IfaceConfig>) -> Verdi
                 addr: nat_addr,
                 port_be: nat_port,
                 snat: Nat::when(flags & CT_SNAT != 0, orig_addr, orig_port),
-                counter: if valid {
+                counter: if first {
+                    Counter::TranslatedNew
+                } else if valid {
                     Counter::TranslatedEstablished
                 } else {
                     Counter::TranslatedDraining

@@ -11,11 +11,11 @@ use aya_ebpf::{
     macros::xdp,
     programs::XdpContext,
 };
-use proxy_common::{AF_INET, AF_INET6, Counter, IPPROTO_TCP, IPPROTO_UDP};
+use proxy_common::{AF_INET, AF_INET6, CT_UNCOUNTED, Counter, IPPROTO_TCP, IPPROTO_UDP};
 
 use crate::{
     lb::{Nat, Verdict, decide},
-    maps::{INTERFACES, count},
+    maps::{CONNTRACK, CT_SCRATCH, INTERFACES, count},
     parse::{ETH_HLEN, ETH_P_IPV6, Flow},
 };
 
@@ -159,7 +159,31 @@ pub fn xdp_ingress(ctx: XdpContext) -> u32 {
             count(Counter::XdpDropped);
             xdp_action::XDP_DROP
         }
-        _ => transmit(ctx.ctx, &flow, &verdict, ifindex),
+        _ => {
+            let action = transmit(ctx.ctx, &flow, &verdict, ifindex);
+            if action == xdp_action::XDP_PASS
+                && let Verdict::Dnat {
+                    counter: Counter::TranslatedNew | Counter::Reselected,
+                    ..
+                } = verdict
+            {
+                mark_uncounted();
+            }
+            action
+        }
+    }
+}
+
+/// The flow XDP just recorded goes to tc uncounted: flag its forward entry (its key is still
+/// in the scratch map) so tc counts it as new.
+#[inline(always)]
+fn mark_uncounted() {
+    if let Some(s) = CT_SCRATCH.get_ptr_mut(0)
+        // SAFETY: this CPU's scratch entry, written by this program run.
+        && let Some(ct) = CONNTRACK.get_ptr_mut(unsafe { &(*s).fkey })
+    {
+        // SAFETY: pointer from a successful lookup.
+        unsafe { (*ct).flags |= CT_UNCOUNTED };
     }
 }
 
