@@ -175,7 +175,9 @@ pub fn xdp_ingress(ctx: XdpContext) -> u32 {
 }
 
 /// The flow XDP just recorded goes to tc uncounted: flag its forward entry (its key is still
-/// in the scratch map) so tc counts it as new.
+/// in the scratch map) so tc counts it as new. The key is passed by reference: by value it
+/// would be copied onto the stack.
+#[allow(clippy::needless_borrows_for_generic_args)]
 #[inline(always)]
 fn mark_uncounted() {
     if let Some(s) = CT_SCRATCH.get_ptr_mut(0)
