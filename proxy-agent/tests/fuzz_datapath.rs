@@ -2390,6 +2390,7 @@ impl Bed {
                         endpoints,
                         affinity_timeout_s: 0,
                         source_ranges: Vec::new(),
+                        algorithm: Default::default(),
                     };
                     (fe, ds)
                 })

@@ -1189,6 +1189,10 @@ fn check_case(
             vec![IpAddr::V4(NODE_V4)],
             vec![IpAddr::V4(NODE_V4), IpAddr::V6(NODE_V6)],
         ]),
+        external_lb_algorithm: g.pick(&[
+            proxy_agent::model::LbAlgorithm::Random,
+            proxy_agent::model::LbAlgorithm::Maglev,
+        ]),
     };
     let (valid, names) = g.valid_world(&opts);
     let hostile = g.hostile_world(&opts, &valid);

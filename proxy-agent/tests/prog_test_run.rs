@@ -228,6 +228,7 @@ fn desired(services: &[(Frontend, Vec<Endpoint>)]) -> DesiredState {
                         endpoints: eps.clone(),
                         affinity_timeout_s: 0,
                         source_ranges: Vec::new(),
+                        algorithm: Default::default(),
                     },
                 )
             })

@@ -71,6 +71,7 @@ fn state(n: u8, ports: u16, eps: u8) -> DesiredState {
                         .collect(),
                     affinity_timeout_s: 0,
                     source_ranges: Vec::new(),
+                    algorithm: Default::default(),
                 },
             );
         }

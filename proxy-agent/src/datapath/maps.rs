@@ -25,6 +25,7 @@ pub struct Maps {
     pub names: HashMap<MapData, u32, SvcName>,
     pub interfaces: HashMap<MapData, u32, proxy_common::IfaceConfig>,
     pub source_ranges: aya::maps::LpmTrie<MapData, proxy_common::SourceRange, u32>,
+    pub maglev: super::maglev::Tables,
 }
 
 pub fn pin_path(bpffs: &Path, name: &str) -> PathBuf {
@@ -67,6 +68,7 @@ impl Maps {
             names: typed(bpffs, names::SVC_NAMES)?,
             interfaces: typed(bpffs, names::INTERFACES)?,
             source_ranges: typed(bpffs, names::SOURCE_RANGES)?,
+            maglev: typed(bpffs, names::MAGLEV)?,
         })
     }
 }
@@ -119,6 +121,10 @@ pub fn usage(bpffs: &Path) -> Result<Vec<MapUsage>, DatapathError> {
             names::SOURCE_RANGES => {
                 let m: aya::maps::LpmTrie<MapData, proxy_common::SourceRange, u32> =
                     typed(bpffs, name)?;
+                m.keys().filter(|k| k.is_ok()).count() as u64
+            }
+            names::MAGLEV => {
+                let m: super::maglev::Tables = typed(bpffs, name)?;
                 m.keys().filter(|k| k.is_ok()).count() as u64
             }
             names::AFFINITY => {

@@ -1,24 +1,30 @@
 //! Diffs the desired state against what the maps hold and writes only the difference, in an order
 //! where a packet never sees a half-written Service: new backends, then slots, then the frontend;
-//! stale slots and backends are removed last.
+//! stale slots and backends are removed last. Maglev tables are built here, off the hot path,
+//! and swapped in whole before the frontend points at them.
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
 };
 
 use aya::maps::MapError;
 use proxy_common::{
-    BACKEND_LOCAL, Backend, BackendKey, BackendState, SVC_NAME_LEN, SVC_SOURCE_RANGES, ServiceKey,
-    ServiceKind, ServiceValue, SlotKey, SlotValue, SourceRange, SvcName,
+    BACKEND_LOCAL, Backend, BackendKey, BackendState, SVC_MAGLEV, SVC_NAME_LEN, SVC_SOURCE_RANGES,
+    ServiceKey, ServiceKind, ServiceValue, SlotKey, SlotValue, SourceRange, SvcName,
 };
 
 use super::{
     DatapathError,
     addr::{family, from_words, to_words},
+    maglev::{self, TableInfo},
     maps::Maps,
 };
 use crate::model::{
-    DesiredService, DesiredState, Endpoint, EndpointState, Frontend, Protocol, Scope,
+    DesiredService, DesiredState, Endpoint, EndpointState, Frontend, LbAlgorithm, Protocol, Scope,
+    maglev::{
+        DEFAULT_TABLE_SIZE, MaglevBackend, TableSizeError, build_table, fingerprint,
+        validate_table_size,
+    },
 };
 
 /// One frontend as it is programmed in the maps.
@@ -31,6 +37,17 @@ pub struct ProgrammedService {
     pub slots: Vec<u32>,
 }
 
+impl ProgrammedService {
+    /// How the frontend chooses backends.
+    pub fn algorithm(&self) -> LbAlgorithm {
+        if self.value.flags & SVC_MAGLEV != 0 {
+            LbAlgorithm::Maglev
+        } else {
+            LbAlgorithm::Random
+        }
+    }
+}
+
 /// What the maps hold, read back into plain Rust (also what `status` shows).
 #[derive(Clone, Debug, Default)]
 pub struct Programmed {
@@ -38,6 +55,8 @@ pub struct Programmed {
     pub backends: HashMap<u32, Backend>,
     /// loadBalancerSourceRanges entries: (service id, prefix address, prefix length).
     pub source_ranges: BTreeSet<(u32, IpAddr, u8)>,
+    /// Maglev tables, by service id.
+    pub tables: HashMap<u32, TableInfo>,
 }
 
 impl Programmed {
@@ -109,6 +128,7 @@ impl Programmed {
                 (key.prefix_len() - 32) as u8,
             ));
         }
+        out.tables = maglev::read_all(&maps.maglev).into_iter().collect();
         Ok(out)
     }
 
@@ -184,6 +204,8 @@ pub struct SyncReport {
     pub deletes: usize,
     /// UDP backends no UDP frontend uses any more: connected sockets to them must be ended.
     pub removed_udp_backends: HashSet<(IpAddr, u16)>,
+    /// Maglev tables built and swapped in.
+    pub tables_built: usize,
     /// Services (namespace/name) that could not be programmed, with the reason. A Service
     /// is programmed whole or not changed at all.
     pub failed: Vec<(String, String)>,
@@ -194,6 +216,7 @@ pub struct Writer {
     programmed: Programmed,
     next_svc_id: u32,
     next_backend_id: u32,
+    maglev_table_size: u32,
 }
 
 impl Writer {
@@ -214,7 +237,16 @@ impl Writer {
             programmed,
             next_svc_id,
             next_backend_id,
+            maglev_table_size: DEFAULT_TABLE_SIZE,
         })
+    }
+
+    /// The size of the Maglev tables built from now on (`--maglev-table-size`). Tables of
+    /// another size are rebuilt at the next sync.
+    pub fn set_maglev_table_size(&mut self, size: u32) -> Result<(), TableSizeError> {
+        validate_table_size(size)?;
+        self.maglev_table_size = size;
+        Ok(())
     }
 
     pub fn maps_mut(&mut self) -> &mut Maps {
@@ -333,6 +365,17 @@ impl Writer {
             .collect();
         for id in dead {
             self.remove_ranges(id, &BTreeSet::new(), &mut report);
+        }
+        // Tables of frontends that no longer exist (left by a crash).
+        let dead: Vec<u32> = self
+            .programmed
+            .tables
+            .keys()
+            .filter(|id| !live.contains(id))
+            .copied()
+            .collect();
+        for id in dead {
+            self.remove_table(id, &mut report);
         }
         // Backends no frontend references (left by a crash or a hand edit).
         let used: HashSet<u32> = self
@@ -497,15 +540,24 @@ impl Writer {
                 report.writes += 1;
             }
         }
+        // The new table is complete before the frontend is pointed at it (or at its new
+        // backend count): a packet sees either the old table or the new one.
+        let maglev = ds.algorithm == LbAlgorithm::Maglev;
+        if maglev && !slots.is_empty() {
+            self.sync_table(svc_id, &ds.endpoints, &slots, report)?;
+        }
+        let mut flags = 0;
+        if !ranges.is_empty() {
+            flags |= SVC_SOURCE_RANGES;
+        }
+        if maglev {
+            flags |= SVC_MAGLEV;
+        }
         let value = ServiceValue {
             svc_id,
             count: slots.len() as u32,
             affinity_timeout_s: ds.affinity_timeout_s,
-            flags: if ranges.is_empty() {
-                0
-            } else {
-                SVC_SOURCE_RANGES
-            },
+            flags,
             kind: ds.kind as u8,
             family: family(fe.addr),
         };
@@ -517,6 +569,9 @@ impl Writer {
             report.writes += 1;
         }
         self.remove_ranges(svc_id, &ranges, report);
+        if !maglev || slots.is_empty() {
+            self.remove_table(svc_id, report);
+        }
         // The frontend now points at the new slots only: drop what it no longer uses.
         for slot in slots.len()..old_slots.len() {
             let _ = self.maps.slots.remove(&SlotKey {
@@ -576,8 +631,52 @@ impl Writer {
         }
         let _ = self.maps.names.remove(&old.svc_id);
         self.remove_ranges(old.svc_id, &BTreeSet::new(), report);
+        self.remove_table(old.svc_id, report);
         self.programmed.services.remove(fe);
         Ok(())
+    }
+
+    /// Builds and swaps in the Maglev table of `svc_id` unless the programmed one was built from
+    /// the same backends (identity address:port, value the backend id) and size.
+    fn sync_table(
+        &mut self,
+        svc_id: u32,
+        endpoints: &[Endpoint],
+        ids: &[u32],
+        report: &mut SyncReport,
+    ) -> Result<(), DatapathError> {
+        let backends: Vec<MaglevBackend> = endpoints
+            .iter()
+            .zip(ids)
+            .map(|(ep, id)| MaglevBackend::new(SocketAddr::new(ep.addr, ep.port).to_string(), *id))
+            .collect();
+        let size = self.maglev_table_size;
+        let info = TableInfo {
+            size,
+            fingerprint: fingerprint(&backends, size),
+        };
+        if self.programmed.tables.get(&svc_id) == Some(&info) {
+            return Ok(());
+        }
+        let table = maglev::create(&build_table(&backends, size), info.fingerprint)
+            .map_err(map_err("maglev_v1"))?;
+        // One update replaces the table the programs see.
+        self.maps
+            .maglev
+            .insert(svc_id, &table, 0)
+            .map_err(map_err("maglev_v1"))?;
+        self.programmed.tables.insert(svc_id, info);
+        report.writes += 1;
+        report.tables_built += 1;
+        Ok(())
+    }
+
+    /// Removes the Maglev table of `svc_id`, if it has one.
+    fn remove_table(&mut self, svc_id: u32, report: &mut SyncReport) {
+        if self.programmed.tables.remove(&svc_id).is_some() {
+            let _ = self.maps.maglev.remove(&svc_id);
+            report.deletes += 1;
+        }
     }
 
     /// Removes the source-range entries of `svc_id` that are not in `keep`.
