@@ -9,7 +9,9 @@ use proxy_agent::{
         maps::Maps,
         writer::Writer,
     },
-    model::{DesiredService, DesiredState, Endpoint, EndpointState, Frontend, Protocol},
+    model::{
+        DesiredService, DesiredState, Endpoint, EndpointState, Frontend, LbAlgorithm, Protocol,
+    },
 };
 use proxy_common::{ServiceKey, ServiceKind};
 
@@ -224,4 +226,116 @@ impl FromIterator<(Frontend, DesiredService)> for DesiredStateMap {
             services: iter.into_iter().collect(),
         })
     }
+}
+
+/// A Maglev table is built when its frontend's backend set (or the table size) changes and
+/// at no other sync, is adopted by a restarted agent without a rebuild, and goes with its
+/// frontend, its last endpoint or its algorithm.
+#[test]
+fn maglev_tables_are_rebuilt_only_when_their_backends_change() {
+    let b = bed(MapSizes::default());
+    let maps = Maps::open(&b.bpffs).unwrap();
+    let tables_in_map = || maps.maglev.keys().filter_map(Result::ok).count();
+    let mut w = writer(&b);
+    // svc-1 Maglev, svc-2 random.
+    let mut want = state(2, 1, 3);
+    let fe1 = *want.services.keys().next().unwrap();
+    want.services.get_mut(&fe1).unwrap().algorithm = LbAlgorithm::Maglev;
+    let r = w.sync(&want);
+    assert_eq!((r.failed.len(), r.tables_built), (0, 1), "{r:?}");
+    assert_eq!(tables_in_map(), 1);
+    let svc_id = w.programmed().services[&fe1].svc_id;
+    let size = |w: &Writer| w.programmed().tables.get(&svc_id).map(|t| t.size);
+    assert_eq!(size(&w), Some(16381));
+    assert_eq!(w.sync(&want).writes, 0, "nothing changed, nothing written");
+
+    // A terminating endpoint keeps its identity and id: same table.
+    let mut terminating = want.clone();
+    terminating.services.get_mut(&fe1).unwrap().endpoints[0].state = EndpointState::Terminating;
+    let r = w.sync(&terminating);
+    assert_eq!((r.tables_built, r.writes), (0, 1), "{r:?}");
+    // Another endpoint: a new table.
+    let mut replaced = terminating.clone();
+    replaced.services.get_mut(&fe1).unwrap().endpoints[1].addr = IpAddr::from([198, 19, 9, 9]);
+    assert_eq!(w.sync(&replaced).tables_built, 1);
+
+    // A restarted agent adopts the table; one with another table size rebuilds it.
+    drop(w);
+    let mut w = writer(&b);
+    assert_eq!(size(&w), Some(16381));
+    let r = w.sync(&replaced);
+    assert_eq!((r.writes, r.tables_built), (0, 0), "{r:?}");
+    w.set_maglev_table_size(251).unwrap();
+    assert!(w.set_maglev_table_size(250).is_err(), "not a prime");
+    assert_eq!(size(&w), Some(16381));
+    assert_eq!(w.sync(&replaced).tables_built, 1);
+    assert_eq!(size(&w), Some(251));
+
+    // No endpoints: no table; endpoints again: a table again.
+    let mut empty = replaced.clone();
+    empty.services.get_mut(&fe1).unwrap().endpoints.clear();
+    w.sync(&empty);
+    assert_eq!((size(&w), tables_in_map()), (None, 0));
+    assert_eq!(w.sync(&replaced).tables_built, 1);
+    assert_eq!(tables_in_map(), 1);
+
+    // The frontend goes: its table goes.
+    let mut gone = replaced.clone();
+    gone.services.remove(&fe1);
+    let r = w.sync(&gone);
+    assert!(r.failed.is_empty(), "{r:?}");
+    assert_eq!((size(&w), tables_in_map()), (None, 0));
+
+    // Every frontend Maglev, then back to random: tables come and go with the algorithm.
+    let mut all = state(2, 1, 3);
+    all.services
+        .values_mut()
+        .for_each(|s| s.algorithm = LbAlgorithm::Maglev);
+    assert_eq!(w.sync(&all).tables_built, 2);
+    assert_eq!(tables_in_map(), 2);
+    assert!(
+        w.programmed()
+            .services
+            .values()
+            .all(|s| s.algorithm() == LbAlgorithm::Maglev)
+    );
+    let r = w.sync(&state(2, 1, 3));
+    assert!(r.failed.is_empty(), "{r:?}");
+    assert_eq!(tables_in_map(), 0);
+    assert!(w.programmed().tables.is_empty());
+}
+
+/// A resized services map (`--map-size-services`) replaces `maglev_v1` too; its tables are
+/// carried into the new map (read back as inner map ids, written as fds), not rebuilt.
+#[test]
+fn maglev_tables_survive_a_map_resize() {
+    let mut b = bed(MapSizes {
+        services: 8,
+        ..MapSizes::default()
+    });
+    let mut want = state(2, 1, 3);
+    want.services
+        .values_mut()
+        .for_each(|s| s.algorithm = LbAlgorithm::Maglev);
+    let r = writer(&b).sync(&want);
+    assert_eq!((r.failed.len(), r.tables_built), (0, 2), "{r:?}");
+    let before = writer(&b).programmed().tables.clone();
+
+    b._ebpf = loader::load(
+        &b.bpffs,
+        MapSizes {
+            services: 16,
+            ..MapSizes::default()
+        },
+    )
+    .unwrap();
+    let info = aya::maps::MapData::from_pin(b.bpffs.join(proxy_common::names::MAGLEV))
+        .unwrap()
+        .info()
+        .unwrap();
+    assert_eq!(info.max_entries(), 16, "resized");
+    let mut w = writer(&b);
+    assert_eq!(w.programmed().tables, before, "tables carried over");
+    let r = w.sync(&want);
+    assert_eq!((r.writes, r.tables_built), (0, 0), "{r:?}");
 }
