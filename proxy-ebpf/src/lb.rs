@@ -170,8 +170,9 @@ fn maglev_backend(svc: &ServiceValue, pick: u32) -> Option<u32> {
     // SAFETY: the outer value is a map pointer the kernel keeps alive for this program run;
     // inner arrays are only replaced whole, never written in place.
     let table = unsafe { MAGLEV.get(&svc_id) }?;
-    let size = *table.get(MAGLEV_SIZE)?;
-    table.get(MAGLEV_HEADER + pick.checked_rem(size)?).copied()
+    let size = table.get(MAGLEV_SIZE / 2)?[(MAGLEV_SIZE & 1) as usize];
+    let entry = MAGLEV_HEADER + pick.checked_rem(size)?;
+    Some(table.get(entry / 2)?[(entry & 1) as usize])
 }
 
 /// The client a sessionAffinity entry is for.

@@ -4,9 +4,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use proxy_common::{
-    AffinityKey, AffinityValue, BPF_F_INNER_MAP, Backend, BackendKey, COUNTER_COUNT, Counter,
-    CtKey, CtValue, FragKey, FragValue, IfaceConfig, MAGLEV_HEADER, ServiceKey, ServiceValue,
-    SlotKey, SlotValue, SockKey, SockValue, SourceRange, SvcName, limits,
+    AffinityKey, AffinityValue, Backend, BackendKey, COUNTER_COUNT, Counter, CtKey, CtValue,
+    FragKey, FragValue, IfaceConfig, MAGLEV_TABLE_FLAGS, MaglevPair, ServiceKey, ServiceValue,
+    SlotKey, SlotValue, SockKey, SockValue, SourceRange, SvcName, limits, maglev_elements,
 };
 
 #[btf_map(name = "svc_v1")]
@@ -57,7 +57,7 @@ pub static SOURCE_RANGES: LpmTrie<SourceRange, u32, { limits::SOURCE_RANGES as u
 /// unusable until rebuilt. (Lookups in such arrays are helper calls, not inlined: the verifier
 /// cannot know their bounds.) The template's own size is that of a table of the default size.
 pub type MaglevTable =
-    Array<u32, { MAGLEV_HEADER as usize + 16_381 }, { BPF_F_INNER_MAP as usize }>;
+    Array<MaglevPair, { maglev_elements(16_381) as usize }, { MAGLEV_TABLE_FLAGS as usize }>;
 
 #[btf_map(name = "maglev_v1")]
 pub static MAGLEV: HashOfMaps<u32, MaglevTable, { limits::SERVICES as usize }> = HashOfMaps::new();

@@ -26,6 +26,8 @@ pub struct Maps {
     pub interfaces: HashMap<MapData, u32, proxy_common::IfaceConfig>,
     pub source_ranges: aya::maps::LpmTrie<MapData, proxy_common::SourceRange, u32>,
     pub maglev: super::maglev::Tables,
+    /// `maglev_v1` again, for batch operations.
+    pub maglev_outer: MapData,
 }
 
 pub fn pin_path(bpffs: &Path, name: &str) -> PathBuf {
@@ -69,6 +71,12 @@ impl Maps {
             interfaces: typed(bpffs, names::INTERFACES)?,
             source_ranges: typed(bpffs, names::SOURCE_RANGES)?,
             maglev: typed(bpffs, names::MAGLEV)?,
+            maglev_outer: MapData::from_pin(pin_path(bpffs, names::MAGLEV)).map_err(|source| {
+                DatapathError::Map {
+                    name: names::MAGLEV,
+                    source,
+                }
+            })?,
         })
     }
 }
