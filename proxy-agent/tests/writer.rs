@@ -339,3 +339,93 @@ fn maglev_tables_survive_a_map_resize() {
     let r = w.sync(&want);
     assert_eq!((r.writes, r.tables_built), (0, 0), "{r:?}");
 }
+
+/// Built tables wait and go in together, a batch at a time: more than a batch of new Maglev
+/// frontends, then all of them changed, end up with the right tables and nothing stale.
+#[test]
+fn many_maglev_tables_go_in_by_batches() {
+    let b = bed(MapSizes::default());
+    let maps = Maps::open(&b.bpffs).unwrap();
+    let mut w = writer(&b);
+    let maglev = |mut d: DesiredState| {
+        d.services
+            .values_mut()
+            .for_each(|s| s.algorithm = LbAlgorithm::Maglev);
+        d
+    };
+    // 150 frontends (more than two batches), 3 endpoints each.
+    let want = maglev(state(75, 2, 3));
+    let r = w.sync(&want);
+    assert_eq!((r.failed.len(), r.tables_built), (0, 150), "{r:?}");
+    let check = |w: &Writer, want: &DesiredState| {
+        let p = w.programmed();
+        assert_eq!(p.tables.len(), 150);
+        assert_eq!(maps.maglev.keys().count(), 150);
+        for (fe, s) in &p.services {
+            assert_eq!(s.algorithm(), LbAlgorithm::Maglev);
+            let programmed = maps
+                .services
+                .get(
+                    &ServiceKey {
+                        addr: proxy_agent::datapath::addr::to_words(fe.addr),
+                        port_be: fe.port.to_be(),
+                        proto: proxy_common::IPPROTO_TCP,
+                        scope: 0,
+                    },
+                    0,
+                )
+                .unwrap();
+            assert_eq!(programmed, s.value, "{fe}");
+            let eps: Vec<Endpoint> = s.slots.iter().map(|id| p.endpoint(*id).unwrap()).collect();
+            assert_eq!(eps, want.services[fe].endpoints, "{fe}");
+        }
+        assert_eq!(p.backends.len(), 450, "no stale backends");
+    };
+    check(&w, &want);
+    // Every frontend's first endpoint replaced: 150 new tables, the old backends gone.
+    let mut changed = want.clone();
+    for s in changed.services.values_mut() {
+        s.endpoints[0].port = 9999;
+    }
+    let r = w.sync(&changed);
+    assert_eq!((r.failed.len(), r.tables_built), (0, 150), "{r:?}");
+    check(&w, &changed);
+    // What the maps hold agrees with the writer's picture.
+    let before = w.programmed().tables.clone();
+    w.reread().unwrap();
+    assert_eq!(w.programmed().tables, before);
+    assert_eq!(w.sync(&changed).writes, 0);
+}
+
+/// A Service that fits only once a waiting Maglev frontend has dropped its stale slots and
+/// backends is still programmed in the same sync.
+#[test]
+fn a_shrinking_maglev_frontend_makes_room_in_the_same_sync() {
+    let b = bed(MapSizes {
+        services: 8,
+        backends: 8,
+        conntrack: 64,
+    });
+    let mut w = writer(&b);
+    let mut one = state(1, 1, 6);
+    one.services
+        .values_mut()
+        .for_each(|s| s.algorithm = LbAlgorithm::Maglev);
+    let r = w.sync(&one);
+    assert_eq!((r.failed.len(), r.tables_built), (0, 1), "{r:?}");
+    // svc-1 shrinks to 2 endpoints (a new table), svc-2 arrives with 6: 8 slots and backends.
+    let mut two = state(2, 1, 6);
+    two.services
+        .values_mut()
+        .for_each(|s| s.algorithm = LbAlgorithm::Maglev);
+    two.services
+        .values_mut()
+        .next()
+        .unwrap()
+        .endpoints
+        .truncate(2);
+    let r = w.sync(&two);
+    assert!(r.failed.is_empty(), "{r:?}");
+    assert_eq!(r.tables_built, 2);
+    assert_eq!(w.programmed().backends.len(), 8);
+}
