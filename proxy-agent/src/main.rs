@@ -23,6 +23,24 @@ enum LogFormat {
     Json,
 }
 
+/// Backend selection algorithms.
+#[derive(Clone, Copy, ValueEnum)]
+enum LbAlgorithm {
+    /// Any backend, evenly (kube-proxy's behaviour).
+    Random,
+    /// Maglev consistent hashing of the flow's tuple.
+    Maglev,
+}
+
+impl From<LbAlgorithm> for proxy_agent::model::LbAlgorithm {
+    fn from(a: LbAlgorithm) -> Self {
+        match a {
+            LbAlgorithm::Random => Self::Random,
+            LbAlgorithm::Maglev => Self::Maglev,
+        }
+    }
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum Output {
     Table,
@@ -81,6 +99,17 @@ struct RunArgs {
     /// Capacity of the conntrack map (two entries per flow).
     #[arg(long, default_value_t = proxy_common::limits::CONNTRACK)]
     map_size_conntrack: u32,
+    /// Size of the Maglev lookup tables, a prime between 2 and 131071. Each table takes 4 bytes
+    /// per slot; keep it above 100 times the backends of the largest Maglev Service.
+    #[arg(long, default_value_t = proxy_agent::model::maglev::DEFAULT_TABLE_SIZE)]
+    maglev_table_size: u32,
+    /// Backend selection for NodePort, load-balancer and externalIP frontends (traffic from
+    /// outside the cluster) of Services without the proxy-agent.io/lb-algorithm annotation.
+    /// Maglev by default: every node, and this node after a restart, chooses the same backend
+    /// for the same flow, and a backend change moves few flows. Cluster IPs always default to
+    /// random.
+    #[arg(long, value_enum, default_value = "maglev")]
+    external_lb_algorithm: LbAlgorithm,
     /// How long to let API changes settle before a sync, in milliseconds.
     #[arg(long, default_value_t = 100)]
     sync_debounce_ms: u64,
@@ -175,8 +204,13 @@ fn main() -> anyhow::Result<()> {
                 map_size_services,
                 map_size_backends,
                 map_size_conntrack,
+                maglev_table_size,
+                external_lb_algorithm,
                 healthz_timeout_s,
             } = *args;
+            // Checked before anything is loaded, so a bad size changes nothing.
+            proxy_agent::model::maglev::validate_table_size(maglev_table_size)
+                .map_err(|e| anyhow::anyhow!("--maglev-table-size: {e}"))?;
             let pod_interfaces = pod_interfaces
                 .iter()
                 .map(|g| {
@@ -225,6 +259,8 @@ fn main() -> anyhow::Result<()> {
                     backends: map_size_backends.max(1),
                     conntrack: map_size_conntrack.max(2),
                 },
+                maglev_table_size,
+                external_lb_algorithm: external_lb_algorithm.into(),
             };
             // Two workers: the HTTP endpoints answer while the sync loop does blocking map work.
             tokio::runtime::Builder::new_multi_thread()

@@ -10,7 +10,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     datapath::{external, loader, maps::Maps, sockets, writer::Writer},
-    model::{DesiredState, Inputs, Options, translate},
+    model::{DesiredState, Inputs, LbAlgorithm, Options, translate},
     report,
     serve::{Health, HealthCheckState, serve, serve_health_check},
     source::{
@@ -37,6 +37,11 @@ pub struct RunConfig {
     /// How long to wait after an API change for more changes before syncing.
     pub debounce: Duration,
     pub map_sizes: loader::MapSizes,
+    /// Size (a prime) of the Maglev tables.
+    pub maglev_table_size: u32,
+    /// Backend choice for NodePort, load-balancer and externalIP frontends of Services without
+    /// the algorithm annotation.
+    pub external_lb_algorithm: LbAlgorithm,
     /// `--nodeport-addresses`: which external addresses serve NodePorts (empty: all).
     pub nodeport_cidrs: Vec<external::Cidr>,
     /// `--xdp`: the XDP fast path on the external interfaces.
@@ -302,6 +307,9 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     // earlier agent attached keeps serving.
     let mut migration = Some(migration);
     let mut writer = Writer::adopt(Maps::open(&cfg.bpffs)?)?;
+    writer
+        .set_maglev_table_size(cfg.maglev_table_size)
+        .context("--maglev-table-size")?;
     tracing::info!(
         services = writer.programmed().services.len(),
         backends = writer.programmed().backends.len(),
@@ -311,6 +319,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         node_name: cfg.node_name.clone(),
         service_proxy_name: cfg.service_proxy_name.clone(),
         node_addresses: Vec::new(),
+        external_lb_algorithm: cfg.external_lb_algorithm,
     };
     let mut view = ExternalView::default();
     let mut health_checks = HealthChecks::default();
@@ -425,6 +434,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
                 backends = report.backends,
                 writes = report.writes,
                 deletes = report.deletes,
+                maglev_tables_built = report.tables_built,
                 failed = report.failed.len(),
                 elapsed_us = started.elapsed().as_micros() as u64,
                 "sync complete"

@@ -27,6 +27,11 @@ pub struct ServiceStatus {
     pub protocol: &'static str,
     pub svc_id: u32,
     pub backends: Vec<BackendStatus>,
+    /// How new flows choose a backend: "random" or "maglev".
+    pub algorithm: &'static str,
+    /// Slots of the frontend's programmed Maglev table (null without one: not Maglev, no
+    /// backends, or not built yet, in which case the choice falls back to random).
+    pub maglev_table_size: Option<u32>,
 }
 
 #[derive(Serialize)]
@@ -65,6 +70,8 @@ pub fn collect(bpffs: &Path) -> anyhow::Result<Status> {
             port: fe.port,
             protocol: fe.protocol.as_str(),
             svc_id: s.svc_id,
+            algorithm: s.algorithm().as_str(),
+            maglev_table_size: p.tables.get(&s.svc_id).map(|t| t.size),
             backends: s
                 .slots
                 .iter()
@@ -116,8 +123,8 @@ pub fn collect(bpffs: &Path) -> anyhow::Result<Status> {
 pub fn print_table(s: &Status) {
     println!("SERVICES ({})", s.services.len());
     println!(
-        "  {:<32} {:<10} {:<28} BACKENDS",
-        "NAME", "TYPE", "FRONTEND"
+        "  {:<32} {:<10} {:<28} {:<7} BACKENDS",
+        "NAME", "TYPE", "FRONTEND", "LB"
     );
     for svc in &s.services {
         let fe = format!("{}:{}/{}", svc.vip, svc.port, svc.protocol);
@@ -138,8 +145,8 @@ pub fn print_table(s: &Status) {
             backends.join(", ")
         };
         println!(
-            "  {:<32} {:<10} {:<28} {}",
-            svc.name, svc.kind, fe, backends
+            "  {:<32} {:<10} {:<28} {:<7} {}",
+            svc.name, svc.kind, fe, svc.algorithm, backends
         );
     }
     if let Some(r) = &s.sync {

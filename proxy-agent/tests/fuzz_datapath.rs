@@ -12,7 +12,9 @@
 //! flips, random IHL and total length, IHL claiming more than present, fragment bits, checksums,
 //! protocol, version, ethertype, addresses). The programmed Services change while the run goes on
 //! (a backend replaced, a Service emptied and filled, a frontend removed and re-added, the
-//! hairpin node address set and removed), so established flows are reselected too.
+//! hairpin node address set and removed, a Service choosing by Maglev table in one phase and at
+//! random in the other, another by a Maglev table rebuilt as it shrinks and grows), so
+//! established flows are reselected too.
 //!
 //! The model (module `model`, its rules in its doc) is written from the datapath's contract —
 //! what each counter in proxy-common means and what the maps hold — not from the eBPF code.
@@ -62,7 +64,7 @@ use proxy_agent::{
         loader, maps,
         writer::{Programmed, Writer},
     },
-    model::{DesiredService, DesiredState, Endpoint, EndpointState, Frontend},
+    model::{DesiredService, DesiredState, Endpoint, EndpointState, Frontend, LbAlgorithm},
 };
 use proxy_common::{
     COUNTER_NAMES, CT_FORWARD, CT_REVERSE, CT_SNAT, CtKey, CtValue, FragKey, FragValue,
@@ -2399,6 +2401,14 @@ impl Bed {
                         endpoints,
                         affinity_timeout_s: 0,
                         source_ranges: Vec::new(),
+                        // Maglev for multi always (its table rebuilt as it shrinks and grows)
+                        // and for web in phase 1 (tables come and go with the algorithm).
+                        algorithm: if s.service == "t/multi" || (phase == 1 && s.service == "t/web")
+                        {
+                            LbAlgorithm::Maglev
+                        } else {
+                            LbAlgorithm::Random
+                        },
                     };
                     (fe, ds)
                 })

@@ -4,14 +4,16 @@
 //! Each case builds two sets of objects:
 //! - a *valid* world: Services (ClusterIP/NodePort/LoadBalancer, single and dual stack, with
 //!   `clusterIPs` or only `clusterIP`, headless, ExternalName, labelled for this proxy or another
-//!   one, with and without selectors, session affinity, traffic policies), their EndpointSlices
+//!   one, with and without selectors, session affinity, traffic policies, the lb-algorithm
+//!   annotation), their EndpointSlices
 //!   (both families, named and unnamed ports, every condition combination, zone and node hints,
 //!   now and then hundreds of endpoints) or hand-written Endpoints, and this node's Node;
 //! - a *hostile* world that never names a valid Service nor uses a valid Service's addresses:
 //!   Services with missing specs and names, garbage and mismatched `clusterIP(s)` (wrong
 //!   families, CIDRs, "None", empty), ports from i32::MIN to 70000, duplicate and missing port
 //!   names, unknown protocols, odd types and affinity timeouts, random labels (the
-//!   service-proxy-name label included), ClusterIPs shared between them; EndpointSlices unowned,
+//!   service-proxy-name label included), lb-algorithm annotations with good and bad values,
+//!   ClusterIPs shared between them; EndpointSlices unowned,
 //!   owned by hostile or absent Services, with unknown address types, bad ports, empty, garbage
 //!   and wrong-family addresses, sometimes 5000 endpoints; Endpoints with bad ports and IPs;
 //!   other Nodes with random labels.
@@ -23,9 +25,10 @@
 //!   backends); every error names an object of the input ("Service ns/name", "EndpointSlice
 //!   ns/name", "Endpoints ns/name") that is a hostile one, with a field path; every programmed
 //!   frontend has a port, its endpoints are sorted, unique, of its family, with ports, within the
-//!   per-Service limit.
+//!   per-Service limit; every valid frontend uses the backend selection its Service's annotation
+//!   asks for, or else random for cluster IPs and `--external-lb-algorithm` for the others.
 //! - `error_field_paths_exist_in_their_objects`: each error's field path exists in the object it
-//!   names (only its last field may be absent).
+//!   names (only its last field may be absent; `name[key]` is a map key).
 //! - `health_check_ports_stay_with_their_service`: a valid Service's healthCheckNodePort is not
 //!   taken over by a later Service asking for the same port, and that Service is rejected with an
 //!   error naming it (or is not ours).
@@ -61,10 +64,12 @@ use k8s_openapi::{
     apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
 };
 use proxy_agent::model::{
-    DesiredService, Frontend, Inputs, Options, TranslateError, Translation,
-    translate::{SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL, ZONE_LABEL},
+    DesiredService, Frontend, Inputs, LbAlgorithm, Options, TranslateError, Translation,
+    translate::{
+        LB_ALGORITHM_ANNOTATION, SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL, ZONE_LABEL,
+    },
 };
-use proxy_common::limits::MAX_BACKENDS_PER_SERVICE;
+use proxy_common::{ServiceKind, limits::MAX_BACKENDS_PER_SERVICE};
 use rand::{Rng, SeedableRng, rngs::StdRng, seq::IndexedRandom};
 
 const NODES: [&str; 3] = ["node1", "node2", "node3"];
@@ -491,8 +496,13 @@ impl Gen {
                 traffic_distribution: self.pick(&[None, Some("PreferClose".into())]),
                 ..Default::default()
             };
+            let algorithm = self.maybe(0.3, |g| g.pick(&["random", "maglev"]).to_string());
             let svc = Service {
-                metadata: meta(ns_field, Some(&name), labels),
+                metadata: ObjectMeta {
+                    annotations: algorithm
+                        .map(|a| BTreeMap::from([(LB_ALGORITHM_ANNOTATION.into(), a)])),
+                    ..meta(ns_field, Some(&name), labels)
+                },
                 spec: Some(spec),
                 status,
             };
@@ -805,8 +815,16 @@ impl Gen {
                     p.node_port = self.maybe(0.4, Self::hostile_node_port);
                 }
             }
+            let algorithm = self.maybe(0.3, |g| {
+                g.pick(&["maglev", "random", "Maglev", "", " maglev", "round-robin"])
+                    .to_string()
+            });
             inputs.services.push(Service {
-                metadata: meta(ns, name.as_deref(), labels),
+                metadata: ObjectMeta {
+                    annotations: algorithm
+                        .map(|a| BTreeMap::from([(LB_ALGORITHM_ANNOTATION.into(), a)])),
+                    ..meta(ns, name.as_deref(), labels)
+                },
                 spec,
                 status,
             });
@@ -1013,34 +1031,54 @@ fn run(inputs: &Inputs, opts: &Options, what: &str) -> Result<Translation, Strin
 
 /// Whether `path` ("spec.ports[1].port") exists in `v`; only its last field may be absent.
 fn field_exists(v: &serde_json::Value, path: &str) -> Result<(), String> {
-    let parts: Vec<&str> = path.split('.').collect();
+    // Segments `name`, `name[index]` or `name[key]` (a map key, which may hold dots), joined by
+    // dots.
+    let mut parts = Vec::new();
+    let mut rest = path;
+    while !rest.is_empty() {
+        let end = rest.find(['.', '[']).unwrap_or(rest.len());
+        let name = &rest[..end];
+        rest = &rest[end..];
+        let mut sub = None;
+        if let Some(r) = rest.strip_prefix('[') {
+            let close = r.find(']').ok_or_else(|| format!("{path:?}: no ]"))?;
+            sub = Some(&r[..close]);
+            rest = &r[close + 1..];
+        }
+        parts.push((name, sub));
+        if let Some(r) = rest.strip_prefix('.') {
+            rest = r;
+        } else if !rest.is_empty() {
+            return Err(format!("{path:?}: {rest:?} after a segment"));
+        }
+    }
     let mut cur = v;
-    for (i, part) in parts.iter().enumerate() {
-        let (name, index) = match part.split_once('[') {
-            Some((n, rest)) => {
-                let idx = rest
-                    .strip_suffix(']')
-                    .and_then(|s| s.parse::<usize>().ok())
-                    .ok_or_else(|| format!("{part:?} is not name[index]"))?;
-                (n, Some(idx))
-            }
-            None => (*part, None),
-        };
+    for (i, (name, sub)) in parts.iter().enumerate() {
         if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric()) {
             return Err(format!("{name:?} is not a field name"));
         }
         let last = i + 1 == parts.len();
         cur = match cur.get(name) {
             Some(x) => x,
-            None if last && index.is_none() => return Ok(()),
+            None if last && sub.is_none() => return Ok(()),
             None => return Err(format!("no field {name:?}")),
         };
-        if let Some(idx) = index {
-            cur = cur
-                .as_array()
-                .ok_or_else(|| format!("{name:?} is not a list"))?
-                .get(idx)
-                .ok_or_else(|| format!("{name:?} has no element {idx}"))?;
+        match sub.map(|s| (s, s.parse::<usize>())) {
+            None => {}
+            Some((_, Ok(idx))) => {
+                cur = cur
+                    .as_array()
+                    .ok_or_else(|| format!("{name:?} is not a list"))?
+                    .get(idx)
+                    .ok_or_else(|| format!("{name:?} has no element {idx}"))?;
+            }
+            Some((key, Err(_))) => {
+                cur = cur
+                    .as_object()
+                    .ok_or_else(|| format!("{name:?} is not a map"))?
+                    .get(key)
+                    .ok_or_else(|| format!("{name:?} has no key {key:?}"))?;
+            }
         }
     }
     Ok(())
@@ -1189,6 +1227,7 @@ fn check_case(
             vec![IpAddr::V4(NODE_V4)],
             vec![IpAddr::V4(NODE_V4), IpAddr::V6(NODE_V6)],
         ]),
+        external_lb_algorithm: g.pick(&[LbAlgorithm::Random, LbAlgorithm::Maglev]),
     };
     let (valid, names) = g.valid_world(&opts);
     let hostile = g.hostile_world(&opts, &valid);
@@ -1206,6 +1245,32 @@ fn check_case(
     reversed.slices.reverse();
     run(&reversed, &opts, "the hostile objects")?;
 
+    // Each valid frontend's algorithm: its Service's annotation, else random for cluster IPs
+    // and the flag for the others.
+    let annotated: BTreeMap<String, Option<&String>> = valid
+        .services
+        .iter()
+        .map(|s| {
+            let a = s.metadata.annotations.as_ref();
+            (
+                key(&s.metadata),
+                a.and_then(|a| a.get(LB_ALGORITHM_ANNOTATION)),
+            )
+        })
+        .collect();
+    for (fe, ds) in &alone.state.services {
+        let want = match annotated.get(&ds.service).copied().flatten() {
+            Some(a) => LbAlgorithm::parse(a).ok_or("a valid Service has a bad annotation")?,
+            None if ds.kind == ServiceKind::ClusterIp => LbAlgorithm::Random,
+            None => opts.external_lb_algorithm,
+        };
+        if ds.algorithm != want {
+            return Err(format!(
+                "{fe} of {} ({:?}) uses {}, want {want}",
+                ds.service, ds.kind, ds.algorithm
+            ));
+        }
+    }
     let mut found = Findings::default();
     for t in [&alone, &mixed] {
         check_state(t)?;

@@ -33,7 +33,9 @@ use aya::{
 };
 use proxy_agent::{
     datapath::{external, loader, maps, writer::Writer},
-    model::{DesiredService, DesiredState, Endpoint, EndpointState, Frontend, Protocol},
+    model::{
+        DesiredService, DesiredState, Endpoint, EndpointState, Frontend, LbAlgorithm, Protocol,
+    },
 };
 use proxy_common::{
     AF_INET, COUNTER_NAMES, CT_FORWARD, CT_REVERSE, CT_SNAT, CtKey, CtValue, IfaceConfig,
@@ -333,6 +335,13 @@ fn setup() -> Bed {
                         endpoints,
                         affinity_timeout_s: 0,
                         source_ranges: Vec::new(),
+                        // Both selection algorithms behind XDP (the agent's default for
+                        // NodePorts is Maglev).
+                        algorithm: if port % 2 == 0 {
+                            LbAlgorithm::Maglev
+                        } else {
+                            LbAlgorithm::Random
+                        },
                     },
                 )
             })

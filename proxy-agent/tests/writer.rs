@@ -9,7 +9,9 @@ use proxy_agent::{
         maps::Maps,
         writer::Writer,
     },
-    model::{DesiredService, DesiredState, Endpoint, EndpointState, Frontend, Protocol},
+    model::{
+        DesiredService, DesiredState, Endpoint, EndpointState, Frontend, LbAlgorithm, Protocol,
+    },
 };
 use proxy_common::{ServiceKey, ServiceKind};
 
@@ -71,6 +73,7 @@ fn state(n: u8, ports: u16, eps: u8) -> DesiredState {
                         .collect(),
                     affinity_timeout_s: 0,
                     source_ranges: Vec::new(),
+                    algorithm: Default::default(),
                 },
             );
         }
@@ -223,4 +226,206 @@ impl FromIterator<(Frontend, DesiredService)> for DesiredStateMap {
             services: iter.into_iter().collect(),
         })
     }
+}
+
+/// A Maglev table is built when its frontend's backend set (or the table size) changes and
+/// at no other sync, is adopted by a restarted agent without a rebuild, and goes with its
+/// frontend, its last endpoint or its algorithm.
+#[test]
+fn maglev_tables_are_rebuilt_only_when_their_backends_change() {
+    let b = bed(MapSizes::default());
+    let maps = Maps::open(&b.bpffs).unwrap();
+    let tables_in_map = || maps.maglev.keys().filter_map(Result::ok).count();
+    let mut w = writer(&b);
+    // svc-1 Maglev, svc-2 random.
+    let mut want = state(2, 1, 3);
+    let fe1 = *want.services.keys().next().unwrap();
+    want.services.get_mut(&fe1).unwrap().algorithm = LbAlgorithm::Maglev;
+    let r = w.sync(&want);
+    assert_eq!((r.failed.len(), r.tables_built), (0, 1), "{r:?}");
+    assert_eq!(tables_in_map(), 1);
+    let svc_id = w.programmed().services[&fe1].svc_id;
+    let size = |w: &Writer| w.programmed().tables.get(&svc_id).map(|t| t.size);
+    assert_eq!(size(&w), Some(16381));
+    assert_eq!(w.sync(&want).writes, 0, "nothing changed, nothing written");
+
+    // A terminating endpoint keeps its identity and id: same table.
+    let mut terminating = want.clone();
+    terminating.services.get_mut(&fe1).unwrap().endpoints[0].state = EndpointState::Terminating;
+    let r = w.sync(&terminating);
+    assert_eq!((r.tables_built, r.writes), (0, 1), "{r:?}");
+    // Another endpoint: a new table.
+    let mut replaced = terminating.clone();
+    replaced.services.get_mut(&fe1).unwrap().endpoints[1].addr = IpAddr::from([198, 19, 9, 9]);
+    assert_eq!(w.sync(&replaced).tables_built, 1);
+
+    // A restarted agent adopts the table; one with another table size rebuilds it.
+    drop(w);
+    let mut w = writer(&b);
+    assert_eq!(size(&w), Some(16381));
+    let r = w.sync(&replaced);
+    assert_eq!((r.writes, r.tables_built), (0, 0), "{r:?}");
+    w.set_maglev_table_size(251).unwrap();
+    assert!(w.set_maglev_table_size(250).is_err(), "not a prime");
+    assert_eq!(size(&w), Some(16381));
+    assert_eq!(w.sync(&replaced).tables_built, 1);
+    assert_eq!(size(&w), Some(251));
+
+    // No endpoints: no table; endpoints again: a table again.
+    let mut empty = replaced.clone();
+    empty.services.get_mut(&fe1).unwrap().endpoints.clear();
+    w.sync(&empty);
+    assert_eq!((size(&w), tables_in_map()), (None, 0));
+    assert_eq!(w.sync(&replaced).tables_built, 1);
+    assert_eq!(tables_in_map(), 1);
+
+    // The frontend goes: its table goes.
+    let mut gone = replaced.clone();
+    gone.services.remove(&fe1);
+    let r = w.sync(&gone);
+    assert!(r.failed.is_empty(), "{r:?}");
+    assert_eq!((size(&w), tables_in_map()), (None, 0));
+
+    // Every frontend Maglev, then back to random: tables come and go with the algorithm.
+    let mut all = state(2, 1, 3);
+    all.services
+        .values_mut()
+        .for_each(|s| s.algorithm = LbAlgorithm::Maglev);
+    assert_eq!(w.sync(&all).tables_built, 2);
+    assert_eq!(tables_in_map(), 2);
+    assert!(
+        w.programmed()
+            .services
+            .values()
+            .all(|s| s.algorithm() == LbAlgorithm::Maglev)
+    );
+    let r = w.sync(&state(2, 1, 3));
+    assert!(r.failed.is_empty(), "{r:?}");
+    assert_eq!(tables_in_map(), 0);
+    assert!(w.programmed().tables.is_empty());
+}
+
+/// A resized services map (`--map-size-services`) replaces `maglev_v1` too; its tables are
+/// carried into the new map (read back as inner map ids, written as fds), not rebuilt.
+#[test]
+fn maglev_tables_survive_a_map_resize() {
+    let mut b = bed(MapSizes {
+        services: 8,
+        ..MapSizes::default()
+    });
+    let mut want = state(2, 1, 3);
+    want.services
+        .values_mut()
+        .for_each(|s| s.algorithm = LbAlgorithm::Maglev);
+    let r = writer(&b).sync(&want);
+    assert_eq!((r.failed.len(), r.tables_built), (0, 2), "{r:?}");
+    let before = writer(&b).programmed().tables.clone();
+
+    b._ebpf = loader::load(
+        &b.bpffs,
+        MapSizes {
+            services: 16,
+            ..MapSizes::default()
+        },
+    )
+    .unwrap();
+    let info = aya::maps::MapData::from_pin(b.bpffs.join(proxy_common::names::MAGLEV))
+        .unwrap()
+        .info()
+        .unwrap();
+    assert_eq!(info.max_entries(), 16, "resized");
+    let mut w = writer(&b);
+    assert_eq!(w.programmed().tables, before, "tables carried over");
+    let r = w.sync(&want);
+    assert_eq!((r.writes, r.tables_built), (0, 0), "{r:?}");
+}
+
+/// Built tables wait and go in together, a batch at a time: more than a batch of new Maglev
+/// frontends, then all of them changed, end up with the right tables and nothing stale.
+#[test]
+fn many_maglev_tables_go_in_by_batches() {
+    let b = bed(MapSizes::default());
+    let maps = Maps::open(&b.bpffs).unwrap();
+    let mut w = writer(&b);
+    let maglev = |mut d: DesiredState| {
+        d.services
+            .values_mut()
+            .for_each(|s| s.algorithm = LbAlgorithm::Maglev);
+        d
+    };
+    // 150 frontends (more than two batches), 3 endpoints each.
+    let want = maglev(state(75, 2, 3));
+    let r = w.sync(&want);
+    assert_eq!((r.failed.len(), r.tables_built), (0, 150), "{r:?}");
+    let check = |w: &Writer, want: &DesiredState| {
+        let p = w.programmed();
+        assert_eq!(p.tables.len(), 150);
+        assert_eq!(maps.maglev.keys().count(), 150);
+        for (fe, s) in &p.services {
+            assert_eq!(s.algorithm(), LbAlgorithm::Maglev);
+            let programmed = maps
+                .services
+                .get(
+                    &ServiceKey {
+                        addr: proxy_agent::datapath::addr::to_words(fe.addr),
+                        port_be: fe.port.to_be(),
+                        proto: proxy_common::IPPROTO_TCP,
+                        scope: 0,
+                    },
+                    0,
+                )
+                .unwrap();
+            assert_eq!(programmed, s.value, "{fe}");
+            let eps: Vec<Endpoint> = s.slots.iter().map(|id| p.endpoint(*id).unwrap()).collect();
+            assert_eq!(eps, want.services[fe].endpoints, "{fe}");
+        }
+        assert_eq!(p.backends.len(), 450, "no stale backends");
+    };
+    check(&w, &want);
+    // Every frontend's first endpoint replaced: 150 new tables, the old backends gone.
+    let mut changed = want.clone();
+    for s in changed.services.values_mut() {
+        s.endpoints[0].port = 9999;
+    }
+    let r = w.sync(&changed);
+    assert_eq!((r.failed.len(), r.tables_built), (0, 150), "{r:?}");
+    check(&w, &changed);
+    // What the maps hold agrees with the writer's picture.
+    let before = w.programmed().tables.clone();
+    w.reread().unwrap();
+    assert_eq!(w.programmed().tables, before);
+    assert_eq!(w.sync(&changed).writes, 0);
+}
+
+/// A Service that fits only once a waiting Maglev frontend has dropped its stale slots and
+/// backends is still programmed in the same sync.
+#[test]
+fn a_shrinking_maglev_frontend_makes_room_in_the_same_sync() {
+    let b = bed(MapSizes {
+        services: 8,
+        backends: 8,
+        conntrack: 64,
+    });
+    let mut w = writer(&b);
+    let mut one = state(1, 1, 6);
+    one.services
+        .values_mut()
+        .for_each(|s| s.algorithm = LbAlgorithm::Maglev);
+    let r = w.sync(&one);
+    assert_eq!((r.failed.len(), r.tables_built), (0, 1), "{r:?}");
+    // svc-1 shrinks to 2 endpoints (a new table), svc-2 arrives with 6: 8 slots and backends.
+    let mut two = state(2, 1, 6);
+    two.services
+        .values_mut()
+        .for_each(|s| s.algorithm = LbAlgorithm::Maglev);
+    two.services
+        .values_mut()
+        .next()
+        .unwrap()
+        .endpoints
+        .truncate(2);
+    let r = w.sync(&two);
+    assert!(r.failed.is_empty(), "{r:?}");
+    assert_eq!(r.tables_built, 2);
+    assert_eq!(w.programmed().backends.len(), 8);
 }

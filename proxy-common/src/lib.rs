@@ -24,8 +24,9 @@ pub mod names {
     pub const INTERFACES: &str = "ifaces_v1";
     pub const AFFINITY: &str = "affinity_v1";
     pub const SOURCE_RANGES: &str = "srcranges_v1";
+    pub const MAGLEV: &str = "maglev_v1";
     /// Every map the agent pins, in the order `status` reports them.
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 12] = [
         SERVICES,
         SLOTS,
         BACKENDS,
@@ -37,6 +38,7 @@ pub mod names {
         INTERFACES,
         AFFINITY,
         SOURCE_RANGES,
+        MAGLEV,
     ];
 }
 
@@ -121,6 +123,35 @@ pub struct ServiceValue {
 
 /// `ServiceValue::flags`: only clients in the frontend's loadBalancerSourceRanges may use it.
 pub const SVC_SOURCE_RANGES: u16 = 1;
+/// `ServiceValue::flags`: new flows choose their backend from the frontend's Maglev table in
+/// `maglev_v1` (by the same pick that otherwise chooses a slot); without a table, from the
+/// slots.
+pub const SVC_MAGLEV: u16 = 2;
+
+/// A Maglev table, one per frontend in `maglev_v1` (keyed by service id): an array of
+/// `MaglevPair`s read as one sequence of u32 entries: entry `MAGLEV_SIZE` holds the table size
+/// M, entry `MAGLEV_FINGERPRINT` a fingerprint of the backends it was built from (for the
+/// agent), and entries `MAGLEV_HEADER..MAGLEV_HEADER + M` the backend id of each table slot.
+/// Each table says its own size, so tables of two sizes can coexist while
+/// `--maglev-table-size` changes, each swapped in whole.
+pub const MAGLEV_SIZE: u32 = 0;
+pub const MAGLEV_FINGERPRINT: u32 = 1;
+pub const MAGLEV_HEADER: u32 = 2;
+/// Two table entries per array element: array maps store each value in 8 bytes, so single u32
+/// entries would take twice the memory.
+pub type MaglevPair = [u32; 2];
+/// Array elements of a table of size M.
+pub const fn maglev_elements(size: u32) -> u32 {
+    (MAGLEV_HEADER + size).div_ceil(2)
+}
+/// `BPF_F_MMAPABLE` (Linux 5.5): the agent fills a new table through a memory mapping, one copy
+/// instead of one update per entry.
+pub const BPF_F_MMAPABLE: u32 = 1 << 10;
+/// `BPF_F_INNER_MAP` (Linux 5.10): on an array used as an inner map, lets the map-of-maps hold
+/// arrays of any size instead of only the template's.
+pub const BPF_F_INNER_MAP: u32 = 1 << 12;
+/// Flags of every Maglev table and of the inner template (the kernel wants them equal).
+pub const MAGLEV_TABLE_FLAGS: u32 = BPF_F_INNER_MAP | BPF_F_MMAPABLE;
 
 /// loadBalancerSourceRanges, in an LPM trie keyed by (service id, client prefix): the prefix
 /// length counts the 32 service-id bits plus the CIDR's own.

@@ -2,14 +2,16 @@
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use proxy_common::{
     AF_INET, AffinityKey, AffinityValue, BACKEND_LOCAL, BackendKey, CT_FORWARD, CT_REVERSE,
-    CT_SNAT, CT_UNCOUNTED, Counter, CtKey, CtValue, IPPROTO_TCP, IfaceConfig, SCOPE_EXTERNAL,
-    SCOPE_INTERNAL, SVC_SOURCE_RANGES, ServiceKey, ServiceValue, SlotKey,
+    CT_SNAT, CT_UNCOUNTED, Counter, CtKey, CtValue, IPPROTO_TCP, IfaceConfig, MAGLEV_HEADER,
+    MAGLEV_SIZE, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_MAGLEV, SVC_SOURCE_RANGES, ServiceKey,
+    ServiceValue, SlotKey,
     limits::{SNAT_PORT_COUNT, SNAT_PORT_MIN},
 };
 
 use crate::{
     maps::{
-        AFFINITY, BACKENDS, CONNTRACK, CT_SCRATCH, INTERFACES, SERVICES, SLOTS, source_allowed,
+        AFFINITY, BACKENDS, CONNTRACK, CT_SCRATCH, INTERFACES, MAGLEV, SERVICES, SLOTS,
+        source_allowed,
     },
     parse::{Flow, TCP_ACK, TCP_SYN},
 };
@@ -127,13 +129,25 @@ pub fn lookup_service(addr: [u32; 4], port_be: u16, proto: u8, scope: u8) -> Opt
     unsafe { SERVICES.get(key) }.copied()
 }
 
-/// Choice among the frontend's `count` slots by `pick`: random for sockets (kube-proxy's random
-/// balancing), a hash of the flow's tuple on the per-packet path.
+/// Choice among the frontend's backends by `pick`: random for sockets (kube-proxy's random
+/// balancing), a hash of the flow's tuple on the per-packet path. A Maglev frontend takes the
+/// backend of table slot `pick % M` (so a backend change moves few flows, and the same tuple
+/// finds the same backend on every node); any other, or one whose table is missing, slot
+/// `pick % count`.
 #[inline(always)]
-pub fn select_backend(svc_id: u32, count: u32, pick: u32) -> Option<Chosen> {
-    let slot = pick % count;
-    // SAFETY: plain-data values copied out at once.
-    let backend_id = unsafe { SLOTS.get(SlotKey { svc_id, slot }) }?.backend_id;
+pub fn select_backend(svc: &ServiceValue, pick: u32) -> Option<Chosen> {
+    let backend_id = match maglev_backend(svc, pick) {
+        Some(id) => id,
+        None => {
+            // `checked_rem`: no panic path for the verifier to reject, even where the compiler
+            // cannot see the caller's check for zero.
+            let slot = pick.checked_rem(svc.count)?;
+            let svc_id = svc.svc_id;
+            // SAFETY: plain-data value copied out at once.
+            unsafe { SLOTS.get(SlotKey { svc_id, slot }) }?.backend_id
+        }
+    };
+    // SAFETY: plain-data value copied out at once.
     let b = unsafe { BACKENDS.get(BackendKey { backend_id }) }?;
     Some(Chosen {
         backend_id,
@@ -141,6 +155,24 @@ pub fn select_backend(svc_id: u32, count: u32, pick: u32) -> Option<Chosen> {
         port_be: b.port_be,
         local: b.flags & BACKEND_LOCAL != 0,
     })
+}
+
+/// The backend id in the frontend's Maglev table for `pick`, if it has one. The table says its
+/// own size, so a table swapped for one of another size is read consistently.
+#[inline(always)]
+fn maglev_backend(svc: &ServiceValue, pick: u32) -> Option<u32> {
+    if svc.flags & SVC_MAGLEV == 0 {
+        return None;
+    }
+    // A copy of the key: a pointer into `svc` handed to the helper would make the compiler
+    // assume `svc` changed.
+    let svc_id = svc.svc_id;
+    // SAFETY: the outer value is a map pointer the kernel keeps alive for this program run;
+    // inner arrays are only replaced whole, never written in place.
+    let table = unsafe { MAGLEV.get(&svc_id) }?;
+    let size = table.get(MAGLEV_SIZE / 2)?[(MAGLEV_SIZE & 1) as usize];
+    let entry = MAGLEV_HEADER + pick.checked_rem(size)?;
+    Some(table.get(entry / 2)?[(entry & 1) as usize])
 }
 
 /// The client a sessionAffinity entry is for.
@@ -155,7 +187,7 @@ pub enum Client {
 #[inline(always)]
 pub fn choose(svc: &ServiceValue, client: Client, pick: u32) -> Option<Chosen> {
     if svc.affinity_timeout_s == 0 {
-        return select_backend(svc.svc_id, svc.count, pick);
+        return select_backend(svc, pick);
     }
     let key = match client {
         Client::Addr(a) => AffinityKey {
@@ -196,7 +228,7 @@ pub fn choose(svc: &ServiceValue, client: Client, pick: u32) -> Option<Chosen> {
         );
         return Some(chosen);
     }
-    let chosen = select_backend(svc.svc_id, svc.count, pick)?;
+    let chosen = select_backend(svc, pick)?;
     let _ = AFFINITY.insert(
         key,
         AffinityValue {

@@ -1,12 +1,12 @@
 //! The BPF maps (BTF-defined so `bpftool map dump` shows field names), pinned by the agent.
 use aya_ebpf::{
-    btf_maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
+    btf_maps::{Array, HashMap, HashOfMaps, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
     macros::btf_map,
 };
 use proxy_common::{
     AffinityKey, AffinityValue, Backend, BackendKey, COUNTER_COUNT, Counter, CtKey, CtValue,
-    FragKey, FragValue, IfaceConfig, ServiceKey, ServiceValue, SlotKey, SlotValue, SockKey,
-    SockValue, SourceRange, SvcName, limits,
+    FragKey, FragValue, IfaceConfig, MAGLEV_TABLE_FLAGS, MaglevPair, ServiceKey, ServiceValue,
+    SlotKey, SlotValue, SockKey, SockValue, SourceRange, SvcName, limits, maglev_elements,
 };
 
 #[btf_map(name = "svc_v1")]
@@ -48,6 +48,19 @@ pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue, { limits::AFFINITY a
 #[btf_map(name = "srcranges_v1")]
 pub static SOURCE_RANGES: LpmTrie<SourceRange, u32, { limits::SOURCE_RANGES as usize }> =
     LpmTrie::new();
+
+/// Maglev tables, per service id (layout: `proxy_common::MAGLEV_HEADER`). The inner template
+/// carries `BPF_F_INNER_MAP`, so the kernel accepts inner arrays of any size: the template is
+/// fixed into the pinned outer map when it is first created, while the table size is a flag
+/// (`--maglev-table-size`) that may change between agent runs. Sizing the template from the
+/// flag instead would make every size change a map migration, with the tables of the old size
+/// unusable until rebuilt. (Lookups in such arrays are helper calls, not inlined: the verifier
+/// cannot know their bounds.) The template's own size is that of a table of the default size.
+pub type MaglevTable =
+    Array<MaglevPair, { maglev_elements(16_381) as usize }, { MAGLEV_TABLE_FLAGS as usize }>;
+
+#[btf_map(name = "maglev_v1")]
+pub static MAGLEV: HashOfMaps<u32, MaglevTable, { limits::SERVICES as usize }> = HashOfMaps::new();
 
 /// Per-packet scratch space for the conntrack entries a new flow creates: the verifier gives a
 /// program 512 bytes of stack along any call chain, and these would take 208 of them. Not

@@ -81,6 +81,7 @@ pub fn load_replacing(
     loader
         .map_max_entries(names::SERVICES, sizes.services)
         .map_max_entries(names::SVC_NAMES, sizes.services)
+        .map_max_entries(names::MAGLEV, sizes.services)
         .map_max_entries(names::SLOTS, sizes.backends)
         .map_max_entries(names::BACKENDS, sizes.backends)
         .map_max_entries(names::CONNTRACK, sizes.conntrack);

@@ -25,6 +25,9 @@ pub struct Maps {
     pub names: HashMap<MapData, u32, SvcName>,
     pub interfaces: HashMap<MapData, u32, proxy_common::IfaceConfig>,
     pub source_ranges: aya::maps::LpmTrie<MapData, proxy_common::SourceRange, u32>,
+    pub maglev: super::maglev::Tables,
+    /// `maglev_v1` again, for batch operations.
+    pub maglev_outer: MapData,
 }
 
 pub fn pin_path(bpffs: &Path, name: &str) -> PathBuf {
@@ -67,6 +70,13 @@ impl Maps {
             names: typed(bpffs, names::SVC_NAMES)?,
             interfaces: typed(bpffs, names::INTERFACES)?,
             source_ranges: typed(bpffs, names::SOURCE_RANGES)?,
+            maglev: typed(bpffs, names::MAGLEV)?,
+            maglev_outer: MapData::from_pin(pin_path(bpffs, names::MAGLEV)).map_err(|source| {
+                DatapathError::Map {
+                    name: names::MAGLEV,
+                    source,
+                }
+            })?,
         })
     }
 }
@@ -119,6 +129,10 @@ pub fn usage(bpffs: &Path) -> Result<Vec<MapUsage>, DatapathError> {
             names::SOURCE_RANGES => {
                 let m: aya::maps::LpmTrie<MapData, proxy_common::SourceRange, u32> =
                     typed(bpffs, name)?;
+                m.keys().filter(|k| k.is_ok()).count() as u64
+            }
+            names::MAGLEV => {
+                let m: super::maglev::Tables = typed(bpffs, name)?;
                 m.keys().filter(|k| k.is_ok()).count() as u64
             }
             names::AFFINITY => {

@@ -53,6 +53,8 @@ pub fn wanted_shape(name: &str, sizes: MapSizes) -> Option<(u32, u32, u32)> {
             size_of::<SockValue>(),
             limits::SOCKETS,
         ),
+        // service id -> inner map.
+        names::MAGLEV => s(4, 4, sizes.services),
         _ => None,
     }
 }
@@ -154,6 +156,16 @@ pub fn newer_version_of(file: &str) -> Option<&'static str> {
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+const BPF_MAP_GET_FD_BY_ID: libc::c_long = 14;
+
+/// Opens a map by id (BPF_MAP_GET_FD_BY_ID).
+fn map_fd_by_id(id: u32) -> io::Result<OwnedFd> {
+    let mut attr = [0u64; 16];
+    attr[0] = id as u64;
+    let fd = bpf(BPF_MAP_GET_FD_BY_ID, &mut attr)?;
+    // SAFETY: the kernel returned a new file descriptor that we now own.
+    Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd as i32) })
+}
 const BPF_NOEXIST: u64 = 1;
 
 fn elem_attr(fd: &OwnedFd, key: &[u8], value_or_next: &mut [u8], flags: u64) -> [u64; 16] {
@@ -172,6 +184,11 @@ fn copy_entries(from: &Path, to: &Path, keep_newer: bool) -> io::Result<usize> {
         .and_then(|m| m.info())
         .map_err(io::Error::other)?;
     let (ks, vs) = (info.key_size() as usize, info.value_size() as usize);
+    // A map of maps reads back inner map ids but is written with inner map fds.
+    let of_maps = matches!(
+        info.map_type(),
+        Ok(aya::maps::MapType::HashOfMaps | aya::maps::MapType::ArrayOfMaps)
+    );
     let (src, dst) = (obj_get(from)?, obj_get(to)?);
     let mut key = vec![0u8; ks];
     let mut next = vec![0u8; ks];
@@ -195,6 +212,16 @@ fn copy_entries(from: &Path, to: &Path, keep_newer: bool) -> io::Result<usize> {
         if bpf(BPF_MAP_LOOKUP_ELEM, &mut attr).is_err() {
             continue; // evicted meanwhile
         }
+        let _inner = if of_maps {
+            let id = u32::from_ne_bytes(value[..4].try_into().expect("4-byte value"));
+            let Ok(fd) = map_fd_by_id(id) else {
+                continue; // replaced meanwhile
+            };
+            value[..4].copy_from_slice(&(fd.as_raw_fd() as u32).to_ne_bytes());
+            Some(fd)
+        } else {
+            None
+        };
         let flags = if keep_newer { BPF_NOEXIST } else { 0 };
         let mut attr = elem_attr(&dst, &key, &mut value, flags);
         match bpf(BPF_MAP_UPDATE_ELEM, &mut attr) {

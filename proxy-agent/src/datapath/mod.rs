@@ -2,6 +2,7 @@
 pub mod addr;
 pub mod external;
 pub mod loader;
+pub mod maglev;
 pub mod maps;
 pub mod migrate;
 pub mod sockets;

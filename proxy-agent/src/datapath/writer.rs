@@ -1,24 +1,30 @@
 //! Diffs the desired state against what the maps hold and writes only the difference, in an order
 //! where a packet never sees a half-written Service: new backends, then slots, then the frontend;
-//! stale slots and backends are removed last.
+//! stale slots and backends are removed last. Maglev tables are built here, off the hot path,
+//! and swapped in whole (many with one map update) before their frontends point at them.
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
 };
 
 use aya::maps::MapError;
 use proxy_common::{
-    BACKEND_LOCAL, Backend, BackendKey, BackendState, SVC_NAME_LEN, SVC_SOURCE_RANGES, ServiceKey,
-    ServiceKind, ServiceValue, SlotKey, SlotValue, SourceRange, SvcName,
+    BACKEND_LOCAL, Backend, BackendKey, BackendState, SVC_MAGLEV, SVC_NAME_LEN, SVC_SOURCE_RANGES,
+    ServiceKey, ServiceKind, ServiceValue, SlotKey, SlotValue, SourceRange, SvcName,
 };
 
 use super::{
     DatapathError,
     addr::{family, from_words, to_words},
+    maglev::{self, TableInfo},
     maps::Maps,
 };
 use crate::model::{
-    DesiredService, DesiredState, Endpoint, EndpointState, Frontend, Protocol, Scope,
+    DesiredService, DesiredState, Endpoint, EndpointState, Frontend, LbAlgorithm, Protocol, Scope,
+    maglev::{
+        DEFAULT_TABLE_SIZE, MaglevBackend, TableSizeError, build_table, fingerprint,
+        validate_table_size,
+    },
 };
 
 /// One frontend as it is programmed in the maps.
@@ -31,6 +37,17 @@ pub struct ProgrammedService {
     pub slots: Vec<u32>,
 }
 
+impl ProgrammedService {
+    /// How the frontend chooses backends.
+    pub fn algorithm(&self) -> LbAlgorithm {
+        if self.value.flags & SVC_MAGLEV != 0 {
+            LbAlgorithm::Maglev
+        } else {
+            LbAlgorithm::Random
+        }
+    }
+}
+
 /// What the maps hold, read back into plain Rust (also what `status` shows).
 #[derive(Clone, Debug, Default)]
 pub struct Programmed {
@@ -38,6 +55,8 @@ pub struct Programmed {
     pub backends: HashMap<u32, Backend>,
     /// loadBalancerSourceRanges entries: (service id, prefix address, prefix length).
     pub source_ranges: BTreeSet<(u32, IpAddr, u8)>,
+    /// Maglev tables, by service id.
+    pub tables: HashMap<u32, TableInfo>,
 }
 
 impl Programmed {
@@ -109,6 +128,7 @@ impl Programmed {
                 (key.prefix_len() - 32) as u8,
             ));
         }
+        out.tables = maglev::read_all(&maps.maglev).into_iter().collect();
         Ok(out)
     }
 
@@ -184,6 +204,8 @@ pub struct SyncReport {
     pub deletes: usize,
     /// UDP backends no UDP frontend uses any more: connected sockets to them must be ended.
     pub removed_udp_backends: HashSet<(IpAddr, u16)>,
+    /// Maglev tables built and swapped in.
+    pub tables_built: usize,
     /// Services (namespace/name) that could not be programmed, with the reason. A Service
     /// is programmed whole or not changed at all.
     pub failed: Vec<(String, String)>,
@@ -194,6 +216,42 @@ pub struct Writer {
     programmed: Programmed,
     next_svc_id: u32,
     next_backend_id: u32,
+    maglev_table_size: u32,
+    /// Frontends whose new Maglev table is built, waiting to go in with others (one map update
+    /// for many tables, see `maglev::insert_all`).
+    waiting: Vec<WaitingForTable>,
+    /// Slots the waiting frontends will drop, still in the slots map.
+    stale_slots_waiting: u64,
+    /// Tables no frontend points at any more, removed together at the end of the sync.
+    dropped_tables: Vec<u32>,
+}
+
+/// At most this many built tables wait (each holds a file descriptor and kernel memory).
+const MAX_WAITING_TABLES: usize = 64;
+
+/// A frontend's writes after its new table is in: point it at its new state, then drop what it
+/// no longer uses.
+struct AfterTable {
+    fe: Frontend,
+    /// "namespace/name", for failures.
+    service: String,
+    svc_id: u32,
+    /// The frontend was not programmed before.
+    new: bool,
+    /// Its services map entry, when changed.
+    value: Option<ServiceValue>,
+    /// Its source ranges (the others go).
+    ranges: BTreeSet<(u32, IpAddr, u8)>,
+    /// It no longer has a Maglev table.
+    drop_table: bool,
+    stale_slots: std::ops::Range<u32>,
+    stale_backends: Vec<u32>,
+}
+
+struct WaitingForTable {
+    table: maglev::Table,
+    info: TableInfo,
+    after: AfterTable,
 }
 
 impl Writer {
@@ -214,7 +272,19 @@ impl Writer {
             programmed,
             next_svc_id,
             next_backend_id,
+            maglev_table_size: DEFAULT_TABLE_SIZE,
+            waiting: Vec::new(),
+            stale_slots_waiting: 0,
+            dropped_tables: Vec::new(),
         })
+    }
+
+    /// The size of the Maglev tables built from now on (`--maglev-table-size`). Tables of
+    /// another size are rebuilt at the next sync.
+    pub fn set_maglev_table_size(&mut self, size: u32) -> Result<(), TableSizeError> {
+        validate_table_size(size)?;
+        self.maglev_table_size = size;
+        Ok(())
     }
 
     pub fn maps_mut(&mut self) -> &mut Maps {
@@ -305,7 +375,13 @@ impl Writer {
                 .map_or(0, |s| s.slots.len() as u64)
         };
         for ((_, name), members) in groups {
-            if let Err(reason) = self.fits(&members, used_slots) {
+            let mut fits = self.fits(&members, used_slots + self.stale_slots_waiting);
+            if fits.is_err() && !self.waiting.is_empty() {
+                // What the waiting frontends drop may make room.
+                self.enter_tables(&mut report);
+                fits = self.fits(&members, used_slots);
+            }
+            if let Err(reason) = fits {
                 report.failed.push((name.to_string(), reason));
                 continue;
             }
@@ -315,8 +391,12 @@ impl Writer {
                     report.failed.push((name.to_string(), format!("{fe}: {e}")));
                 }
                 used_slots = used_slots + slots_of(self, fe) - before;
+                if self.waiting.len() >= MAX_WAITING_TABLES {
+                    self.enter_tables(&mut report);
+                }
             }
         }
+        self.enter_tables(&mut report);
         // Source ranges of frontends that no longer exist.
         let live: HashSet<u32> = self
             .programmed
@@ -333,6 +413,17 @@ impl Writer {
             .collect();
         for id in dead {
             self.remove_ranges(id, &BTreeSet::new(), &mut report);
+        }
+        // Tables of frontends that no longer exist (left by a crash).
+        let dead: Vec<u32> = self
+            .programmed
+            .tables
+            .keys()
+            .filter(|id| !live.contains(id))
+            .copied()
+            .collect();
+        for id in dead {
+            self.remove_table(id, &mut report);
         }
         // Backends no frontend references (left by a crash or a hand edit).
         let used: HashSet<u32> = self
@@ -359,6 +450,8 @@ impl Writer {
             }
             self.programmed.backends.remove(&id);
         }
+        let dropped = std::mem::take(&mut self.dropped_tables);
+        maglev::remove_all(&self.maps.maglev_outer, &mut self.maps.maglev, &dropped);
         if !report.failed.is_empty() {
             // Partial writes leave the maps consistent but our picture stale: read them back.
             if let Err(e) = self.reread() {
@@ -497,50 +590,144 @@ impl Writer {
                 report.writes += 1;
             }
         }
+        let maglev = ds.algorithm == LbAlgorithm::Maglev;
+        let table = if maglev && !slots.is_empty() {
+            self.changed_table(svc_id, &ds.endpoints, &slots)?
+        } else {
+            None
+        };
+        let mut flags = 0;
+        if !ranges.is_empty() {
+            flags |= SVC_SOURCE_RANGES;
+        }
+        if maglev {
+            flags |= SVC_MAGLEV;
+        }
         let value = ServiceValue {
             svc_id,
             count: slots.len() as u32,
             affinity_timeout_s: ds.affinity_timeout_s,
-            flags: if ranges.is_empty() {
-                0
-            } else {
-                SVC_SOURCE_RANGES
-            },
+            flags,
             kind: ds.kind as u8,
             family: family(fe.addr),
         };
-        if old.as_ref().map(|o| o.value) != Some(value) {
+        let keep: HashSet<u32> = slots.iter().copied().collect();
+        let after = AfterTable {
+            fe: *fe,
+            service: ds.service.clone(),
+            svc_id,
+            new: old.is_none(),
+            value: (old.as_ref().map(|o| o.value) != Some(value)).then_some(value),
+            ranges,
+            drop_table: !maglev || slots.is_empty(),
+            stale_slots: slots.len() as u32..old_slots.len() as u32,
+            stale_backends: old_slots
+                .iter()
+                .filter(|id| !keep.contains(id))
+                .copied()
+                .collect(),
+        };
+        let programmed = ProgrammedService {
+            svc_id,
+            value,
+            name: ds.name.clone(),
+            slots,
+        };
+        match table {
+            // The frontend is pointed at its new table (or at its new backend count) only once
+            // the table is complete and in: a packet sees either the old table or the new one.
+            Some((table, info)) => {
+                self.stale_slots_waiting += after.stale_slots.len() as u64;
+                self.programmed.services.insert(*fe, programmed);
+                self.waiting.push(WaitingForTable { table, info, after });
+            }
+            None => {
+                self.point(&after, report)?;
+                self.programmed.services.insert(*fe, programmed);
+            }
+        }
+        Ok(())
+    }
+
+    /// Points a frontend at its new state, then drops what it no longer uses.
+    fn point(&mut self, after: &AfterTable, report: &mut SyncReport) -> Result<(), DatapathError> {
+        let svc_id = after.svc_id;
+        if let Some(value) = after.value {
             self.maps
                 .services
-                .insert(service_key(fe), value, 0)
+                .insert(service_key(&after.fe), value, 0)
                 .map_err(map_err("svc_v1"))?;
             report.writes += 1;
         }
-        self.remove_ranges(svc_id, &ranges, report);
-        // The frontend now points at the new slots only: drop what it no longer uses.
-        for slot in slots.len()..old_slots.len() {
-            let _ = self.maps.slots.remove(&SlotKey {
-                svc_id,
-                slot: slot as u32,
-            });
+        self.remove_ranges(svc_id, &after.ranges, report);
+        if after.drop_table {
+            self.remove_table(svc_id, report);
+        }
+        for slot in after.stale_slots.clone() {
+            let _ = self.maps.slots.remove(&SlotKey { svc_id, slot });
             report.deletes += 1;
         }
-        let keep: HashSet<u32> = slots.iter().copied().collect();
-        for id in old_slots.iter().filter(|id| !keep.contains(id)) {
+        for id in &after.stale_backends {
             let _ = self.maps.backends.remove(&BackendKey { backend_id: *id });
             self.programmed.backends.remove(id);
             report.deletes += 1;
         }
-        self.programmed.services.insert(
-            *fe,
-            ProgrammedService {
-                svc_id,
-                value,
-                name: ds.name.clone(),
-                slots,
-            },
-        );
         Ok(())
+    }
+
+    /// Puts the waiting tables in (one batch), then points their frontends at them. A frontend
+    /// whose table does not go in keeps its old state (a new one is taken out again), and is
+    /// reported.
+    fn enter_tables(&mut self, report: &mut SyncReport) {
+        let waiting = std::mem::take(&mut self.waiting);
+        self.stale_slots_waiting = 0;
+        let tables: Vec<(u32, &maglev::Table)> =
+            waiting.iter().map(|w| (w.after.svc_id, &w.table)).collect();
+        let failed: HashMap<u32, MapError> =
+            maglev::insert_all(&self.maps.maglev_outer, &mut self.maps.maglev, &tables)
+                .into_iter()
+                .collect();
+        for w in &waiting {
+            let after = &w.after;
+            let done = match failed.get(&after.svc_id) {
+                Some(e) => Err(format!("map maglev_v1: {e}")),
+                None => {
+                    self.programmed.tables.insert(after.svc_id, w.info);
+                    report.writes += 1;
+                    report.tables_built += 1;
+                    self.point(after, report).map_err(|e| e.to_string())
+                }
+            };
+            if let Err(e) = done {
+                report
+                    .failed
+                    .push((after.service.clone(), format!("{}: {e}", after.fe)));
+                if after.new {
+                    self.take_out(&after.fe, report);
+                }
+            }
+        }
+    }
+
+    /// Removes what was written for a new frontend that could not be completed.
+    fn take_out(&mut self, fe: &Frontend, report: &mut SyncReport) {
+        let Some(p) = self.programmed.services.remove(fe) else {
+            return;
+        };
+        let _ = self.maps.services.remove(&service_key(fe));
+        for slot in 0..p.slots.len() as u32 {
+            let _ = self.maps.slots.remove(&SlotKey {
+                svc_id: p.svc_id,
+                slot,
+            });
+        }
+        for id in &p.slots {
+            let _ = self.maps.backends.remove(&BackendKey { backend_id: *id });
+            self.programmed.backends.remove(id);
+        }
+        let _ = self.maps.names.remove(&p.svc_id);
+        self.remove_ranges(p.svc_id, &BTreeSet::new(), report);
+        self.remove_table(p.svc_id, report);
     }
 
     fn remove_service(
@@ -576,8 +763,44 @@ impl Writer {
         }
         let _ = self.maps.names.remove(&old.svc_id);
         self.remove_ranges(old.svc_id, &BTreeSet::new(), report);
+        self.remove_table(old.svc_id, report);
         self.programmed.services.remove(fe);
         Ok(())
+    }
+
+    /// A new Maglev table for `svc_id`, built off the hot path, unless the programmed one was
+    /// built from the same backends (identity address:port, value the backend id) and size.
+    fn changed_table(
+        &self,
+        svc_id: u32,
+        endpoints: &[Endpoint],
+        ids: &[u32],
+    ) -> Result<Option<(maglev::Table, TableInfo)>, DatapathError> {
+        let backends: Vec<MaglevBackend> = endpoints
+            .iter()
+            .zip(ids)
+            .map(|(ep, id)| MaglevBackend::new(SocketAddr::new(ep.addr, ep.port).to_string(), *id))
+            .collect();
+        let size = self.maglev_table_size;
+        let info = TableInfo {
+            size,
+            fingerprint: fingerprint(&backends, size),
+        };
+        if self.programmed.tables.get(&svc_id) == Some(&info) {
+            return Ok(None);
+        }
+        let table = maglev::create(&build_table(&backends, size), info.fingerprint)
+            .map_err(map_err("maglev_v1"))?;
+        Ok(Some((table, info)))
+    }
+
+    /// Forgets the Maglev table of `svc_id`, if it has one; it leaves the map at the end of the
+    /// sync, with the others, when no frontend points at it.
+    fn remove_table(&mut self, svc_id: u32, report: &mut SyncReport) {
+        if self.programmed.tables.remove(&svc_id).is_some() {
+            self.dropped_tables.push(svc_id);
+            report.deletes += 1;
+        }
     }
 
     /// Removes the source-range entries of `svc_id` that are not in `keep`.

@@ -89,6 +89,41 @@ pub struct Endpoint {
     pub local: bool,
 }
 
+/// How a frontend chooses the backend of a new flow.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum LbAlgorithm {
+    /// Any backend, evenly (kube-proxy's choice): at random for sockets, by a hash of the
+    /// tuple modulo the backend count on the per-packet path.
+    #[default]
+    Random,
+    /// Maglev consistent hashing of the tuple (`model::maglev`): a backend change moves few
+    /// flows, and every node chooses the same backend for the same tuple.
+    Maglev,
+}
+
+impl LbAlgorithm {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Random => "random",
+            Self::Maglev => "maglev",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "random" => Some(Self::Random),
+            "maglev" => Some(Self::Maglev),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for LbAlgorithm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DesiredService {
     /// "namespace/name" of the Service this frontend belongs to: programmed whole or not at all.
@@ -102,6 +137,7 @@ pub struct DesiredService {
     pub affinity_timeout_s: u32,
     /// loadBalancerSourceRanges (load-balancer frontends only): allowed client prefixes.
     pub source_ranges: Vec<(IpAddr, u8)>,
+    pub algorithm: LbAlgorithm,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -31,6 +31,7 @@ pub const MAX_TABLE_SIZE: u32 = 131071;
 /// Seeds of the two hashes of a backend's identity (any two different values; fixed forever).
 const OFFSET_SEED: u64 = 0x6d61_676c_6576_3031; // "maglev01"
 const SKIP_SEED: u64 = 0x6d61_676c_6576_3032; // "maglev02"
+const FINGERPRINT_SEED: u64 = 0x6d61_676c_6576_6670; // "maglevfp"
 
 /// A table size that is not a prime in `MIN_TABLE_SIZE..=MAX_TABLE_SIZE`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -154,6 +155,23 @@ pub fn build_table(backends: &[MaglevBackend], size: u32) -> Vec<u32> {
             }
         }
     }
+}
+
+/// A fingerprint of what a table is built from (the backends with their ids and weights, in
+/// any order, and the size): equal inputs build equal tables, so the agent keeps this next to a
+/// programmed table and compares fingerprints, not tables, to know whether it must rebuild.
+pub fn fingerprint(backends: &[MaglevBackend], size: u32) -> u32 {
+    let mut backends: Vec<&MaglevBackend> = backends.iter().filter(|b| b.weight > 0).collect();
+    backends.sort();
+    let mut bytes = size.to_le_bytes().to_vec();
+    for b in backends {
+        bytes.extend_from_slice(&(b.identity.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(&b.identity);
+        bytes.extend_from_slice(&b.id.to_le_bytes());
+        bytes.extend_from_slice(&b.weight.to_le_bytes());
+    }
+    let h = xxh64(&bytes, FINGERPRINT_SEED);
+    (h ^ (h >> 32)) as u32
 }
 
 /// XXH64 (xxHash's 64-bit variant, https://github.com/Cyan4973/xxHash, doc/xxhash_spec.md):
@@ -473,6 +491,27 @@ mod tests {
         let t = build_table(&b, DEFAULT_TABLE_SIZE);
         let r = build_table(&renumbered, DEFAULT_TABLE_SIZE);
         assert_eq!(t.iter().map(|id| id + 1000).collect::<Vec<_>>(), r);
+    }
+
+    #[test]
+    fn fingerprints_follow_what_the_table_is_built_from() {
+        let b = backends(10);
+        let fp = fingerprint(&b, DEFAULT_TABLE_SIZE);
+        let mut reversed = b.clone();
+        reversed.reverse();
+        assert_eq!(fingerprint(&reversed, DEFAULT_TABLE_SIZE), fp, "order");
+        let mut renumbered = b.clone();
+        renumbered[3].id += 1000;
+        let mut reweighted = b.clone();
+        reweighted[3].weight = 2;
+        for (what, other, size) in [
+            ("size", b.clone(), 251),
+            ("one backend fewer", b[1..].to_vec(), DEFAULT_TABLE_SIZE),
+            ("an id", renumbered, DEFAULT_TABLE_SIZE),
+            ("a weight", reweighted, DEFAULT_TABLE_SIZE),
+        ] {
+            assert_ne!(fingerprint(&other, size), fp, "{what}");
+        }
     }
 
     #[test]

@@ -4,6 +4,6 @@ pub mod maglev;
 pub mod translate;
 
 pub use desired::{
-    DesiredService, DesiredState, Endpoint, EndpointState, Frontend, Protocol, Scope,
+    DesiredService, DesiredState, Endpoint, EndpointState, Frontend, LbAlgorithm, Protocol, Scope,
 };
 pub use translate::{HealthCheck, Inputs, Options, TranslateError, Translation, translate};

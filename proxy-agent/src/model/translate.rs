@@ -13,11 +13,15 @@ use k8s_openapi::api::{
 use proxy_common::{ServiceKind, limits::MAX_BACKENDS_PER_SERVICE};
 
 use super::desired::{
-    DesiredService, DesiredState, Endpoint, EndpointState, Frontend, Protocol, Scope,
+    DesiredService, DesiredState, Endpoint, EndpointState, Frontend, LbAlgorithm, Protocol, Scope,
 };
 
 /// Label that hands a Service to another proxy (kube-proxy skips Services carrying it).
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// Annotation choosing how a Service's frontends choose backends: `random` or `maglev`
+/// (Maglev consistent hashing). Without it, cluster IPs use random and the external frontends
+/// (NodePorts, load-balancer IPs, externalIPs) `--external-lb-algorithm`.
+pub const LB_ALGORITHM_ANNOTATION: &str = "proxy-agent.io/lb-algorithm";
 /// Label linking an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// kube-proxy's default sessionAffinity ClientIP timeout (v1.DefaultClientIPServiceAffinitySeconds).
@@ -42,6 +46,9 @@ pub struct Options {
     pub service_proxy_name: Option<String>,
     /// This node's addresses that serve NodePorts (`--nodeport-addresses`).
     pub node_addresses: Vec<IpAddr>,
+    /// `--external-lb-algorithm`: for NodePort, load-balancer and externalIP frontends of
+    /// Services without the `LB_ALGORITHM_ANNOTATION`.
+    pub external_lb_algorithm: LbAlgorithm,
 }
 
 /// Options plus what is known about this node.
@@ -511,6 +518,23 @@ fn translate_service(
         }
     }
 
+    // An invalid value rejects the Service, like any other invalid field: programming it with
+    // another algorithm than the one asked for would go unnoticed.
+    let algorithm = match svc
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(LB_ALGORITHM_ANNOTATION))
+    {
+        None => None,
+        Some(v) => Some(LbAlgorithm::parse(v).ok_or_else(|| {
+            err(
+                format!("metadata.annotations[{LB_ALGORITHM_ANNOTATION}]"),
+                format!("{v:?} is not an algorithm: random or maglev"),
+            )
+        })?),
+    };
+
     let affinity_timeout_s = if spec.session_affinity.as_deref() == Some("ClientIP") {
         spec.session_affinity_config
             .as_ref()
@@ -681,6 +705,11 @@ fn translate_service(
                         } else {
                             Vec::new()
                         },
+                        algorithm: algorithm.unwrap_or(if kind == ServiceKind::ClusterIp {
+                            LbAlgorithm::Random
+                        } else {
+                            opts.external_lb_algorithm
+                        }),
                     },
                 )
             };
@@ -862,6 +891,7 @@ mod tests {
             node_name: "node1".into(),
             service_proxy_name: None,
             node_addresses: vec!["198.18.0.1".parse().unwrap()],
+            external_lb_algorithm: LbAlgorithm::Random,
         }
     }
 
@@ -1572,6 +1602,109 @@ endpoints:
             ["n/s"],
             "exactly the Services labelled with our name"
         );
+    }
+
+    /// Each row: rule, the annotation's value (None: absent), `--external-lb-algorithm`, and
+    /// either the algorithm of the cluster IP and of every external frontend (NodePort,
+    /// load-balancer IP, externalIP, in both scopes), or the field the Service is rejected on.
+    #[test]
+    fn lb_algorithm_from_annotation_and_flag() {
+        use LbAlgorithm::{Maglev, Random};
+        let field = format!("metadata.annotations[{LB_ALGORITHM_ANNOTATION}]");
+        type Row<'a> = (
+            &'a str,
+            Option<&'a str>,
+            LbAlgorithm,
+            Result<(LbAlgorithm, LbAlgorithm), &'a str>,
+        );
+        let rows: &[Row] = &[
+            (
+                "no annotation, flag random",
+                None,
+                Random,
+                Ok((Random, Random)),
+            ),
+            (
+                "no annotation, flag maglev: external frontends only",
+                None,
+                Maglev,
+                Ok((Random, Maglev)),
+            ),
+            (
+                "annotation maglev: every frontend, whatever the flag",
+                Some("maglev"),
+                Random,
+                Ok((Maglev, Maglev)),
+            ),
+            (
+                "annotation random wins over the flag",
+                Some("random"),
+                Maglev,
+                Ok((Random, Random)),
+            ),
+            (
+                "unknown value: rejected",
+                Some("round-robin"),
+                Maglev,
+                Err(&field),
+            ),
+            ("values are lower case", Some("Maglev"), Random, Err(&field)),
+            ("empty value: rejected", Some(""), Random, Err(&field)),
+        ];
+        for (rule, annotation, flag, want) in rows {
+            let annotations = annotation
+                .map(|v| format!(", annotations: {{{LB_ALGORITHM_ANNOTATION}: {v:?}}}"))
+                .unwrap_or_default();
+            let y = format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: lb, namespace: default{annotations}}}\nspec: {{type: LoadBalancer, clusterIP: 198.18.100.85, externalIPs: [198.18.200.5], externalTrafficPolicy: Local, selector: {{a: b}}, ports: [{{port: 80, nodePort: 30085}}]}}\nstatus: {{loadBalancer: {{ingress: [{{ip: 198.18.201.5}}]}}}}\n---\n{WEB}"
+            );
+            let o = Options {
+                external_lb_algorithm: *flag,
+                ..opts()
+            };
+            let t = translate(&objs(&y), &o);
+            let ours: Vec<&DesiredService> = t
+                .state
+                .services
+                .values()
+                .filter(|d| d.service == "default/lb")
+                .collect();
+            // The other Service is translated either way, with random on its cluster IP.
+            let web: Vec<&DesiredService> = t
+                .state
+                .services
+                .values()
+                .filter(|d| d.service == "default/web")
+                .collect();
+            assert_eq!(web.len(), 3, "{rule}");
+            assert!(web.iter().all(|d| d.algorithm == Random), "{rule}");
+            match want {
+                Ok((cluster, external)) => {
+                    assert!(t.errors.is_empty(), "{rule}: {:?}", t.errors);
+                    // Cluster IP; NodePort, load-balancer IP and externalIP in two scopes each.
+                    assert_eq!(ours.len(), 7, "{rule}");
+                    for d in ours {
+                        let want = if d.kind == ServiceKind::ClusterIp {
+                            cluster
+                        } else {
+                            external
+                        };
+                        assert_eq!(d.algorithm, *want, "{rule}: {:?}", d.kind);
+                    }
+                }
+                Err(f) => {
+                    assert!(ours.is_empty(), "{rule}: rejected whole");
+                    assert_eq!(t.errors.len(), 1, "{rule}: {:?}", t.errors);
+                    assert_eq!(t.errors[0].object, "Service default/lb", "{rule}");
+                    assert_eq!(t.errors[0].field, *f, "{rule}");
+                    assert!(
+                        t.errors[0].message.contains("random or maglev"),
+                        "{rule}: {}",
+                        t.errors[0].message
+                    );
+                }
+            }
+        }
     }
 
     #[test]
