@@ -1,6 +1,6 @@
-//! Per-packet cost of the agent's tc program through BPF_PROG_TEST_RUN, on the program and the
-//! maps a running agent has programmed (found through its pinned tc link), with raw bpf(2)
-//! calls so the bench measures exactly what the agent runs.
+//! Per-packet cost of the agent's tc and XDP programs through BPF_PROG_TEST_RUN, on the programs
+//! and the maps a running agent has programmed (found through its pinned links), with raw
+//! bpf(2) calls so the bench measures exactly what the agent runs.
 //!
 //! With `repeat` > 1 the kernel runs the program again on the same buffer, which a DNAT has
 //! already rewritten, so later runs take the miss path. Every call here is `repeat = 1` with a
@@ -8,6 +8,12 @@
 //! run only) is collected over many calls; the median is reported. An empty program measured
 //! the same way gives the fixed cost of that measurement, and a program that does nothing but
 //! one hash lookup of a constant key in the agent's services map gives the lookup's share.
+//!
+//! NodePort packets ([`measure_node_port`]) are run through both programs as they would arrive
+//! on the node's external interface: from a thread inside the node's network namespace (the XDP
+//! program's FIB lookup and the skb's device are resolved there), with that interface as the
+//! ingress device in the context, so the XDP program forwards them (XDP_TX) and tc translates
+//! them exactly as for real traffic.
 
 use std::ffi::CString;
 use std::io;
@@ -18,13 +24,20 @@ use std::path::Path;
 use anyhow::{Context, Result, bail, ensure};
 
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
 const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
-
+const BPF_PROG_TYPE_XDP: u32 = 6;
+pub const XDP_TX: u32 = 3;
+/// proxy_common::Counter::XdpForwarded, an index of the per-CPU counters map.
+pub const COUNTER_XDP_FORWARDED: u32 = 22;
+const AF_INET: u8 = 2;
+const CT_FORWARD: u8 = 0;
+const CT_REVERSE: u8 = 1;
 #[repr(C, align(8))]
 struct Attr([u8; 128]);
 
@@ -77,23 +90,27 @@ fn obj_get(path: &Path) -> Result<OwnedFd> {
 
 /// The program inside the first pinned tc link under `<bpffs>/links`.
 fn tc_prog(bpffs: &Path, prog_name: &str) -> Result<OwnedFd> {
+    linked_prog(bpffs, |name| name.starts_with(&format!("{prog_name}@")))
+}
+
+/// The program inside the first pinned link under `<bpffs>/links` whose name `pick` accepts
+/// (`tc_ingress@IFACE`, `xdp_native@IFACE`, `xdp_generic@IFACE`).
+fn linked_prog(bpffs: &Path, pick: impl Fn(&str) -> bool) -> Result<OwnedFd> {
     let links = bpffs.join("links");
     let link = std::fs::read_dir(&links)
         .with_context(|| format!("reading {}", links.display()))?
         .flatten()
         .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with(&format!("{prog_name}@")))
-        })
-        .with_context(|| format!("no pinned {prog_name} link in {}", links.display()))?;
+        .find(|p| p.file_name().is_some_and(|n| pick(&n.to_string_lossy())))
+        .with_context(|| format!("no such pinned link in {}", links.display()))?;
     let link_fd = obj_get(&link)?;
     let mut info = [0u64; 16];
     let mut a = Attr::new();
     a.u32(0, link_fd.as_raw_fd() as u32)
         .u32(4, std::mem::size_of_val(&info) as u32)
         .u64(8, info.as_mut_ptr() as u64);
-    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut a).context("BPF_OBJ_GET_INFO_BY_FD on the tc link")?;
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut a)
+        .with_context(|| format!("BPF_OBJ_GET_INFO_BY_FD on {}", link.display()))?;
     // struct bpf_link_info { __u32 type; __u32 id; __u32 prog_id; ... }
     let prog_id = (info[1] & 0xffff_ffff) as u32;
     let mut a = Attr::new();
@@ -112,10 +129,14 @@ fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
 }
 
 fn load_prog(insns: &[u64], name: &str) -> Result<OwnedFd> {
+    load_prog_type(BPF_PROG_TYPE_SCHED_CLS, insns, name)
+}
+
+fn load_prog_type(prog_type: u32, insns: &[u64], name: &str) -> Result<OwnedFd> {
     let license = CString::new("GPL")?;
     let mut log = vec![0u8; 65536];
     let mut a = Attr::new();
-    a.u32(0, BPF_PROG_TYPE_SCHED_CLS)
+    a.u32(0, prog_type)
         .u32(4, insns.len() as u32)
         .u64(8, insns.as_ptr() as u64)
         .u64(16, license.as_ptr() as u64)
@@ -141,6 +162,15 @@ fn empty_prog() -> Result<OwnedFd> {
     load_prog(
         &[insn(0xb7, 0, 0, 0, 0), insn(0x95, 0, 0, 0, 0)],
         "bench_empty",
+    )
+}
+
+/// `return XDP_PASS` (2).
+fn empty_xdp_prog() -> Result<OwnedFd> {
+    load_prog_type(
+        BPF_PROG_TYPE_XDP,
+        &[insn(0xb7, 0, 0, 0, 2), insn(0x95, 0, 0, 0, 0)],
+        "bench_xdp_empty",
     )
 }
 
@@ -201,6 +231,16 @@ fn test_run_repeat(prog: &OwnedFd, data: &[u8], repeat: u32) -> Result<u32> {
 
 /// One run: (return value, kernel-reported duration in ns, output packet).
 fn test_run(prog: &OwnedFd, data: &[u8], out: &mut [u8]) -> Result<(u32, u32, usize)> {
+    test_run_ctx(prog, data, out, &[])
+}
+
+/// One run with a context (`ctx_in`; none when empty).
+fn test_run_ctx(
+    prog: &OwnedFd,
+    data: &[u8],
+    out: &mut [u8],
+    ctx: &[u8],
+) -> Result<(u32, u32, usize)> {
     let mut a = Attr::new();
     a.u32(0, prog.as_raw_fd() as u32)
         .u32(8, data.len() as u32)
@@ -208,8 +248,81 @@ fn test_run(prog: &OwnedFd, data: &[u8], out: &mut [u8]) -> Result<(u32, u32, us
         .u64(16, data.as_ptr() as u64)
         .u64(24, out.as_mut_ptr() as u64)
         .u32(32, 1);
+    if !ctx.is_empty() {
+        a.u32(40, ctx.len() as u32).u64(48, ctx.as_ptr() as u64);
+    }
     bpf(BPF_PROG_TEST_RUN, &mut a).context("BPF_PROG_TEST_RUN")?;
     Ok((a.get_u32(4), a.get_u32(36), a.get_u32(12) as usize))
+}
+
+/// `struct xdp_md` for a packet of `len` bytes arriving on `ifindex`: data, data_end,
+/// data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
+pub fn xdp_md(len: usize, ifindex: u32) -> Vec<u8> {
+    [0u32, len as u32, 0, ifindex, 0, 0]
+        .iter()
+        .flat_map(|v| v.to_ne_bytes())
+        .collect()
+}
+
+/// The start of a `struct __sk_buff` up to and including `ifindex` (offset 40): the device the
+/// test skb arrives on. The kernel takes the rest as zero.
+pub fn skb_ctx(ifindex: u32) -> Vec<u8> {
+    let mut c = vec![0u8; 44];
+    c[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+    c
+}
+
+/// A conntrack key (proxy_common::CtKey: saddr, daddr as [u32; 4] network order, sport_be,
+/// dport_be, proto, family, dir, pad) of an IPv4 flow, as bytes.
+pub fn ct_key(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    sport: u16,
+    dport: u16,
+    proto: u8,
+    dir: u8,
+) -> [u8; 40] {
+    let mut k = [0u8; 40];
+    k[..4].copy_from_slice(&src.octets());
+    k[16..20].copy_from_slice(&dst.octets());
+    k[32..34].copy_from_slice(&sport.to_be_bytes());
+    k[34..36].copy_from_slice(&dport.to_be_bytes());
+    k[36] = proto;
+    k[37] = AF_INET;
+    k[38] = dir;
+    k
+}
+
+fn map_delete(map: &OwnedFd, key: &[u8]) -> io::Result<()> {
+    let mut a = Attr::new();
+    a.u32(0, map.as_raw_fd() as u32).u64(8, key.as_ptr() as u64);
+    bpf(BPF_MAP_DELETE_ELEM, &mut a).map(|_| ())
+}
+
+/// Number of possible CPUs (the per-CPU value count of a per-CPU map).
+fn possible_cpus() -> Result<usize> {
+    let text = std::fs::read_to_string("/sys/devices/system/cpu/possible")?;
+    let mut n = 0;
+    for part in text.trim().split(',') {
+        n += match part.split_once('-') {
+            Some((a, b)) => b.parse::<usize>()? - a.parse::<usize>()? + 1,
+            None => 1,
+        };
+    }
+    Ok(n)
+}
+
+/// One counter of the agent's per-CPU counters map under `bpffs`, summed over CPUs.
+pub fn counter(bpffs: &Path, index: u32) -> Result<u64> {
+    let map = obj_get(&bpffs.join("counters_v1"))?;
+    let mut values = vec![0u64; possible_cpus()?];
+    let key = index.to_ne_bytes();
+    let mut a = Attr::new();
+    a.u32(0, map.as_raw_fd() as u32)
+        .u64(8, key.as_ptr() as u64)
+        .u64(16, values.as_mut_ptr() as u64);
+    bpf(BPF_MAP_LOOKUP_ELEM, &mut a).context("reading counters_v1")?;
+    Ok(values.iter().sum())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -265,6 +378,10 @@ fn ip_src(f: &[u8]) -> Ipv4Addr {
 
 fn dport(f: &[u8]) -> u16 {
     u16::from_be_bytes([f[36], f[37]])
+}
+
+fn sport(f: &[u8]) -> u16 {
+    u16::from_be_bytes([f[34], f[35]])
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -394,6 +511,224 @@ pub fn measure(
     })
 }
 
+// ---------------------------------------------------------------------------------------------
+// NodePort: XDP and tc side by side.
+
+/// Per-packet cost of a NodePort Service whose backends are on another node, at XDP and at tc
+/// on the node's external interface (medians, ns).
+#[derive(Clone, Debug, Default)]
+pub struct NodePortCosts {
+    /// A SYN from a new client port: service lookup, backend choice, SNAT port, conntrack
+    /// insert, DNAT + SNAT (and at XDP the FIB lookup and MAC rewrite, XDP_TX).
+    pub xdp_new: Cost,
+    pub tc_new: Cost,
+    /// The same flow again.
+    pub xdp_established: Cost,
+    pub tc_established: Cost,
+    /// The backend's reply to the node: reverse NAT to the client.
+    pub xdp_reply: Cost,
+    pub tc_reply: Cost,
+    /// `return XDP_PASS` / `return TC_ACT_OK` with the same contexts (the measurement's cost).
+    pub xdp_empty: Cost,
+    pub tc_empty: Cost,
+}
+
+/// Where a NodePort measurement runs.
+pub struct NodePortTarget<'a> {
+    pub bpffs: &'a Path,
+    /// The node's network namespace and its external interface.
+    pub node_ns: &'a str,
+    pub iface: &'a str,
+    /// The node's address on it, and the nodePort (TCP).
+    pub node_ip: Ipv4Addr,
+    pub node_port: u16,
+    /// The Service's endpoints (all on other nodes).
+    pub backends: &'a [Ipv4Addr],
+    /// Two client addresses no other flow uses, routed out of `iface` (one for XDP, one for
+    /// tc, so their flows never meet).
+    pub clients: [Ipv4Addr; 2],
+}
+
+/// One NodePort packet kind through one program, with what it must come out as.
+fn run_np(
+    prog: &OwnedFd,
+    f: &[u8],
+    ctx: &[u8],
+    out: &mut [u8],
+    want_rc: u32,
+    what: &str,
+) -> Result<u32> {
+    let (rc, ns, len) = test_run_ctx(prog, f, out, ctx)?;
+    ensure!(
+        rc == want_rc && len == f.len(),
+        "{what}: returned {rc} (want {want_rc}), {len} bytes out"
+    );
+    Ok(ns)
+}
+
+/// Measures the NodePort path of the agent at `t` with `calls` runs per packet kind. Every new
+/// flow's two conntrack entries are deleted after its run (outside the measured time): each new
+/// flow then finds the SNAT port space towards its backend as empty as on a quiet node, and the
+/// agent's conntrack is left as it was.
+pub fn measure_node_port(t: &NodePortTarget, calls: usize) -> Result<NodePortCosts> {
+    let xdp = linked_prog(t.bpffs, |n| {
+        n.starts_with("xdp_") && n.ends_with(&format!("@{}", t.iface))
+    })
+    .with_context(|| format!("the agent's XDP program on {}", t.iface))?;
+    let tc = tc_prog(t.bpffs, "tc_ingress")?;
+    let ct = obj_get(&t.bpffs.join("ct_v1"))?;
+    let svc = obj_get(&t.bpffs.join("svc_v1"))?;
+    let key = service_key(t.node_ip, t.node_port);
+    ensure!(
+        map_has(&svc, &key),
+        "NodePort {}:{}/TCP is not in the services map",
+        t.node_ip,
+        t.node_port
+    );
+    let empty_xdp = empty_xdp_prog()?;
+    let empty_tc = empty_prog()?;
+    let calls = calls.max(10);
+    tests::in_netns(t.node_ns, move || -> Result<NodePortCosts> {
+        let name = CString::new(t.iface)?;
+        // SAFETY: a valid C string; the index is of this thread's namespace.
+        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        ensure!(ifindex > 0, "no interface {} in {}", t.iface, t.node_ns);
+        let mut out = vec![0u8; 512];
+        let len = tcp_frame(t.node_ip, 1, t.node_ip, 1, true).len();
+        let (xctx, sctx) = (xdp_md(len, ifindex), skb_ctx(ifindex));
+        let paths: [(&OwnedFd, &[u8], u32, Ipv4Addr, &str); 2] = [
+            (&xdp, &xctx, XDP_TX, t.clients[0], "XDP"),
+            (&tc, &sctx, 0, t.clients[1], "tc"),
+        ];
+        let mut new = [Vec::with_capacity(calls), Vec::with_capacity(calls)];
+        for k in 0..calls {
+            let cport = 1024 + (k % 60_000) as u16;
+            for (i, (prog, ctx, rc, client, what)) in paths.iter().enumerate() {
+                let f = tcp_frame(*client, cport, t.node_ip, t.node_port, true);
+                new[i].push(run_np(prog, &f, ctx, &mut out, *rc, what)?);
+                let (backend, bport) = (ip_dst(&out), dport(&out));
+                ensure!(
+                    t.backends.contains(&backend) && ip_src(&out) == t.node_ip,
+                    "{what} new flow: {}:{} -> {backend}:{bport}, want SNAT to {} and DNAT to one of {:?}",
+                    ip_src(&out),
+                    sport(&out),
+                    t.node_ip,
+                    t.backends
+                );
+                let fwd = ct_key(*client, t.node_ip, cport, t.node_port, 6, CT_FORWARD);
+                let rev = ct_key(backend, t.node_ip, bport, sport(&out), 6, CT_REVERSE);
+                map_delete(&ct, &fwd)
+                    .and_then(|()| map_delete(&ct, &rev))
+                    .with_context(|| format!("{what} new flow: deleting its conntrack entries"))?;
+            }
+        }
+        // One established flow per path (opened by a SYN), and its backend's replies.
+        let mut flows = Vec::new();
+        for (prog, ctx, rc, client, what) in &paths {
+            let cport = 65_100;
+            let syn = tcp_frame(*client, cport, t.node_ip, t.node_port, true);
+            run_np(prog, &syn, ctx, &mut out, *rc, what)?;
+            let (backend, bport, snat) = (ip_dst(&out), dport(&out), sport(&out));
+            let est = tcp_frame(*client, cport, t.node_ip, t.node_port, false);
+            let reply = tcp_frame(backend, bport, t.node_ip, snat, false);
+            flows.push((est, reply, *client, cport, backend, bport, snat));
+        }
+        let mut est = [Vec::with_capacity(calls), Vec::with_capacity(calls)];
+        let mut rep = [Vec::with_capacity(calls), Vec::with_capacity(calls)];
+        let mut emp = [Vec::with_capacity(calls), Vec::with_capacity(calls)];
+        for _ in 0..calls {
+            for (i, (prog, ctx, rc, _, what)) in paths.iter().enumerate() {
+                let (e, r, client, cport, backend, _, _) = &flows[i];
+                est[i].push(run_np(prog, e, ctx, &mut out, *rc, what)?);
+                ensure!(
+                    ip_dst(&out) == *backend,
+                    "{what}: established flow lost its backend"
+                );
+                rep[i].push(run_np(prog, r, ctx, &mut out, *rc, what)?);
+                ensure!(
+                    (ip_src(&out), sport(&out), ip_dst(&out), dport(&out))
+                        == (t.node_ip, t.node_port, *client, *cport),
+                    "{what}: reply not reverse-translated to the client"
+                );
+                let empty = if i == 0 { &empty_xdp } else { &empty_tc };
+                emp[i].push(test_run_ctx(empty, e, &mut out, ctx)?.1);
+            }
+        }
+        for (_, _, client, cport, backend, bport, snat) in &flows {
+            let _ = map_delete(
+                &ct,
+                &ct_key(*client, t.node_ip, *cport, t.node_port, 6, CT_FORWARD),
+            );
+            let _ = map_delete(
+                &ct,
+                &ct_key(*backend, t.node_ip, *bport, *snat, 6, CT_REVERSE),
+            );
+        }
+        let [xn, tn] = new;
+        let [xe, te] = est;
+        let [xr, tr] = rep;
+        let [xm, tm] = emp;
+        Ok(NodePortCosts {
+            xdp_new: summarize(xn),
+            tc_new: summarize(tn),
+            xdp_established: summarize(xe),
+            tc_established: summarize(te),
+            xdp_reply: summarize(xr),
+            tc_reply: summarize(tr),
+            xdp_empty: summarize(xm),
+            tc_empty: summarize(tm),
+        })
+    })?
+}
+
+/// Conntrack entries of the NodePort flows through the node: forward entries to `node_ip` from
+/// `client` and the reverse entries of their SNAT (towards `node_ip` from one of `backends`).
+/// Deleted after each NodePort traffic measurement: see BENCHMARKS.md (the agent keeps SNAT
+/// ports taken until its conntrack map evicts the entries). Returns how many were deleted.
+pub fn delete_node_port_flows(
+    bpffs: &Path,
+    node_ip: Ipv4Addr,
+    client: Ipv4Addr,
+    backends: &[Ipv4Addr],
+) -> Result<usize> {
+    const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+    let ct = obj_get(&bpffs.join("ct_v1"))?;
+    let mut doomed = Vec::new();
+    let mut key = [0u8; 40];
+    let mut next = [0u8; 40];
+    let mut first = true;
+    // Bounded by the map's size (and a margin for entries added meanwhile).
+    for _ in 0..4 * 1024 * 1024 {
+        let mut a = Attr::new();
+        a.u32(0, ct.as_raw_fd() as u32)
+            .u64(8, if first { 0 } else { key.as_ptr() as u64 })
+            .u64(16, next.as_mut_ptr() as u64);
+        match bpf(BPF_MAP_GET_NEXT_KEY, &mut a) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => break,
+            Err(e) => return Err(e).context("iterating ct_v1"),
+        }
+        first = false;
+        key = next;
+        let src = Ipv4Addr::new(key[0], key[1], key[2], key[3]);
+        let dst = Ipv4Addr::new(key[16], key[17], key[18], key[19]);
+        let ours = key[37] == AF_INET
+            && dst == node_ip
+            && ((key[38] == CT_FORWARD && src == client)
+                || (key[38] == CT_REVERSE && backends.contains(&src)));
+        if ours {
+            doomed.push(key);
+        }
+    }
+    let mut n = 0;
+    for k in &doomed {
+        if map_delete(&ct, k).is_ok() {
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
 #[cfg(test)]
 mod unit {
     use super::*;
@@ -416,6 +751,31 @@ mod unit {
         assert_eq!(csum(&f[34..], pseudo + 6 + 20), 0);
         assert_eq!(ip_dst(&f), Ipv4Addr::new(198, 18, 32, 1));
         assert_eq!(dport(&f), 80);
+    }
+
+    #[test]
+    fn contexts_and_conntrack_keys() {
+        let md = xdp_md(54, 7);
+        assert_eq!(md.len(), 24);
+        assert_eq!(u32::from_ne_bytes(md[4..8].try_into().unwrap()), 54);
+        assert_eq!(u32::from_ne_bytes(md[12..16].try_into().unwrap()), 7);
+        let skb = skb_ctx(7);
+        assert_eq!(skb.len(), 44);
+        assert_eq!(u32::from_ne_bytes(skb[40..44].try_into().unwrap()), 7);
+        assert!(skb[..40].iter().all(|b| *b == 0));
+        let k = ct_key(
+            Ipv4Addr::new(198, 19, 2, 2),
+            Ipv4Addr::new(198, 18, 0, 1),
+            8080,
+            61_000,
+            6,
+            CT_REVERSE,
+        );
+        assert_eq!(&k[..4], &[198, 19, 2, 2]);
+        assert!(k[4..16].iter().all(|b| *b == 0));
+        assert_eq!(&k[16..20], &[198, 18, 0, 1]);
+        assert_eq!(&k[32..36], &[0x1f, 0x90, 0xee, 0x48]);
+        assert_eq!(&k[36..40], &[6, 2, 1, 0]);
     }
 
     #[test]
