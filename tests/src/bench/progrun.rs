@@ -33,8 +33,10 @@ const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
 const BPF_PROG_TYPE_XDP: u32 = 6;
 pub const XDP_TX: u32 = 3;
-/// proxy_common::Counter::XdpForwarded, an index of the per-CPU counters map.
+/// proxy_common::Counter::XdpForwarded and DroppedSnatPorts, indexes of the per-CPU counters
+/// map.
 pub const COUNTER_XDP_FORWARDED: u32 = 22;
+pub const COUNTER_DROPPED_SNAT_PORTS: u32 = 18;
 const AF_INET: u8 = 2;
 const CT_FORWARD: u8 = 0;
 const CT_REVERSE: u8 = 1;
@@ -681,21 +683,54 @@ pub fn measure_node_port(t: &NodePortTarget, calls: usize) -> Result<NodePortCos
     })?
 }
 
-/// Conntrack entries of the NodePort flows through the node: forward entries to `node_ip` from
-/// `client` and the reverse entries of their SNAT (towards `node_ip` from one of `backends`).
-/// Deleted after each NodePort traffic measurement: see BENCHMARKS.md (the agent keeps SNAT
-/// ports taken until its conntrack map evicts the entries). Returns how many were deleted.
-pub fn delete_node_port_flows(
+/// Offset of `last_seen_ns` (CLOCK_MONOTONIC, ns) in proxy_common::CtValue (56 bytes).
+const CT_LAST_SEEN: usize = 48;
+const CT_VALUE_SIZE: usize = 56;
+
+/// Whether a conntrack entry belongs to a NodePort flow through `node_ip` from `client`: the
+/// forward entry (client -> node) or the reverse entry of its SNAT (backend -> node).
+pub fn is_node_port_entry(
+    key: &[u8; 40],
+    node_ip: Ipv4Addr,
+    client: Ipv4Addr,
+    backends: &[Ipv4Addr],
+) -> bool {
+    let src = Ipv4Addr::new(key[0], key[1], key[2], key[3]);
+    let dst = Ipv4Addr::new(key[16], key[17], key[18], key[19]);
+    key[37] == AF_INET
+        && dst == node_ip
+        && ((key[38] == CT_FORWARD && src == client)
+            || (key[38] == CT_REVERSE && backends.contains(&src)))
+}
+
+/// Deletes the conntrack entries of NodePort flows (see [`is_node_port_entry`]) idle for at
+/// least `min_idle`, and returns (deleted, kept). The agent keeps an entry, and the SNAT port
+/// it holds, until its LRU map evicts it, so a bench that sends many NodePort flows would run
+/// out of SNAT ports (4,536 per endpoint); freeing a port sooner than the endpoint's TIME_WAIT
+/// (60 s) lets a new connection meet the old one's TIME_WAIT there, where PAWS drops its SYN.
+pub fn delete_idle_node_port_flows(
     bpffs: &Path,
     node_ip: Ipv4Addr,
     client: Ipv4Addr,
     backends: &[Ipv4Addr],
-) -> Result<usize> {
+    min_idle: std::time::Duration,
+) -> Result<(usize, usize)> {
     const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
     let ct = obj_get(&bpffs.join("ct_v1"))?;
+    let now = {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes one timespec.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    };
     let mut doomed = Vec::new();
+    let mut kept = 0;
     let mut key = [0u8; 40];
     let mut next = [0u8; 40];
+    let mut value = [0u8; CT_VALUE_SIZE];
     let mut first = true;
     // Bounded by the map's size (and a margin for entries added meanwhile).
     for _ in 0..4 * 1024 * 1024 {
@@ -710,14 +745,21 @@ pub fn delete_node_port_flows(
         }
         first = false;
         key = next;
-        let src = Ipv4Addr::new(key[0], key[1], key[2], key[3]);
-        let dst = Ipv4Addr::new(key[16], key[17], key[18], key[19]);
-        let ours = key[37] == AF_INET
-            && dst == node_ip
-            && ((key[38] == CT_FORWARD && src == client)
-                || (key[38] == CT_REVERSE && backends.contains(&src)));
-        if ours {
+        if !is_node_port_entry(&key, node_ip, client, backends) {
+            continue;
+        }
+        let mut a = Attr::new();
+        a.u32(0, ct.as_raw_fd() as u32)
+            .u64(8, key.as_ptr() as u64)
+            .u64(16, value.as_mut_ptr() as u64);
+        if bpf(BPF_MAP_LOOKUP_ELEM, &mut a).is_err() {
+            continue;
+        }
+        let seen = u64::from_ne_bytes(value[CT_LAST_SEEN..CT_LAST_SEEN + 8].try_into().unwrap());
+        if now.saturating_sub(seen) >= min_idle.as_nanos() as u64 {
             doomed.push(key);
+        } else {
+            kept += 1;
         }
     }
     let mut n = 0;
@@ -726,7 +768,7 @@ pub fn delete_node_port_flows(
             n += 1;
         }
     }
-    Ok(n)
+    Ok((n, kept))
 }
 
 #[cfg(test)]
@@ -751,6 +793,29 @@ mod unit {
         assert_eq!(csum(&f[34..], pseudo + 6 + 20), 0);
         assert_eq!(ip_dst(&f), Ipv4Addr::new(198, 18, 32, 1));
         assert_eq!(dport(&f), 80);
+    }
+
+    #[test]
+    fn node_port_entries() {
+        let node = Ipv4Addr::new(198, 18, 0, 1);
+        let client = Ipv4Addr::new(198, 18, 0, 100);
+        let be = [Ipv4Addr::new(198, 19, 2, 2)];
+        let fwd = ct_key(client, node, 40_000, 30_080, 6, CT_FORWARD);
+        let rev = ct_key(be[0], node, 8080, 61_000, 17, CT_REVERSE);
+        assert!(is_node_port_entry(&fwd, node, client, &be));
+        assert!(is_node_port_entry(&rev, node, client, &be));
+        // A pod's ClusterIP flow, and a reverse entry of another backend, are not.
+        let pod = ct_key(Ipv4Addr::new(198, 19, 1, 2), be[0], 1, 80, 6, CT_FORWARD);
+        assert!(!is_node_port_entry(&pod, node, client, &be));
+        let other = ct_key(
+            Ipv4Addr::new(198, 19, 1, 3),
+            node,
+            8080,
+            61_000,
+            6,
+            CT_REVERSE,
+        );
+        assert!(!is_node_port_entry(&other, node, client, &be));
     }
 
     #[test]

@@ -64,6 +64,11 @@ const NODE2_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 /// bed's external client (so the XDP program's FIB lookup finds a next hop for the replies).
 const TEST_EXT_CLIENTS: &str = "198.18.16.0/20";
 
+/// NodePort flows' conntrack entries idle this long are deleted from the agents' maps after
+/// each NodePort measurement: longer than the endpoints' TIME_WAIT (60 s), see
+/// [`progrun::delete_idle_node_port_flows`].
+const CT_IDLE: Duration = Duration::from_secs(65);
+
 /// Flags every agent runs with (besides the bed's own).
 const AGENT_FLAGS: [&str; 8] = [
     "--poll-interval-ms",
@@ -89,7 +94,10 @@ struct Config {
     big_rounds: usize,
     tcp_count: usize,
     udp_count: usize,
-    /// Requests per NodePort measurement (TCP connections, UDP requests).
+    /// Requests per NodePort measurement (TCP connections, UDP requests). Each is a flow whose
+    /// SNAT port the agents hold for at least `CT_IDLE`: with three endpoints of 4,536 ports
+    /// each, a few measurements' flows must fit with room to spare (a new flow gives up after
+    /// 8 taken ports).
     np_count: usize,
     /// Length of the one-flow NodePort packet-rate measurement, and its requests in flight.
     np_flow_ms: u64,
@@ -145,7 +153,7 @@ impl Config {
                 big_rounds: 0,
                 tcp_count: 1000,
                 udp_count: 1000,
-                np_count: 500,
+                np_count: 300,
                 np_flow_ms: 500,
                 np_flow_window: 16,
                 traffic_ms: 3000,
@@ -168,7 +176,7 @@ impl Config {
                 big_rounds: 3,
                 tcp_count: 2000,
                 udp_count: 2000,
-                np_count: 1000,
+                np_count: 500,
                 np_flow_ms: 1000,
                 np_flow_window: 16,
                 traffic_ms: 5000,
@@ -1146,6 +1154,7 @@ impl Bench {
     /// flow. In the agents' beds, checks which path the traffic took (the XDP program's
     /// `xdp_forwarded` counter) and deletes the flows' conntrack entries afterwards.
     fn node_port_traffic(&mut self, mb: &mut ModeBed, sz: &Size) -> Result<()> {
+        let started = Instant::now();
         let n = sz.n;
         // The socket-LB bed's agent forwards NodePort traffic at XDP: its results are XDP's.
         let mode = if mb.mode == Mode::SockLb {
@@ -1165,6 +1174,12 @@ impl Bench {
                 .transpose()
         };
         let fwd0 = forwarded(&bpffs)?;
+        let snat_drops = |b: &Option<PathBuf>| -> Result<Option<u64>> {
+            b.as_ref()
+                .map(|b| progrun::counter(b, progrun::COUNTER_DROPPED_SNAT_PORTS))
+                .transpose()
+        };
+        let drops0 = snat_drops(&bpffs)?;
         let limit = Duration::from_millis(self.cfg.traffic_ms) + Duration::from_secs(60);
         let mut answered = 0u64;
         for (proto, addr) in [("tcp", tcp), ("udp", udp)] {
@@ -1173,6 +1188,7 @@ impl Bench {
                 self.cfg.np_count, self.cfg.traffic_ms
             );
             let v = mb.ext_worker.call(&line, limit)?;
+            log(format!("EXP {proto} {v}"));
             let ok = v["ok"].as_u64().unwrap_or(0);
             let fail = v["fail"].as_u64().unwrap_or(0);
             answered += ok;
@@ -1237,6 +1253,16 @@ impl Bench {
                     n_label(n)
                 ));
             }
+            let drops = snat_drops(&bpffs)?
+                .unwrap_or(0)
+                .saturating_sub(drops0.unwrap_or(0));
+            if drops > 0 {
+                self.note(format!(
+                    "{} at {} Services: {drops} NodePort packets dropped for want of a free SNAT port",
+                    mode.label(),
+                    n_label(n)
+                ));
+            }
             if mb.mode == Mode::Tc && moved > 0 {
                 self.note(format!(
                     "{} at {} Services: {moved} NodePort packets were forwarded at XDP despite --xdp=off",
@@ -1244,13 +1270,23 @@ impl Bench {
                     n_label(n)
                 ));
             }
-            let gone =
-                progrun::delete_node_port_flows(b, NODE_IP, tests::EXT_IP, &backends().remote)?;
+            let (gone, kept) = progrun::delete_idle_node_port_flows(
+                b,
+                NODE_IP,
+                tests::EXT_IP,
+                &backends().remote,
+                CT_IDLE,
+            )?;
             log(format!(
-                "    {}: {moved} packets forwarded at XDP; {gone} NodePort conntrack entries deleted",
-                mb.mode.label()
+                "    {}: {moved} packets forwarded at XDP; NodePort conntrack entries idle for {} s deleted: {gone}, kept: {kept}",
+                mb.mode.label(),
+                CT_IDLE.as_secs()
             ));
         }
+        log(format!(
+            "    NodePort traffic: {:.1} s",
+            started.elapsed().as_secs_f64()
+        ));
         Ok(())
     }
 
@@ -1386,7 +1422,13 @@ impl Bench {
             backends: &backends().remote,
             clients: [ext(2 * c), ext(2 * c + 1)],
         };
-        match progrun::measure_node_port(&target, self.cfg.np_prog_calls) {
+        let started = Instant::now();
+        let measured = progrun::measure_node_port(&target, self.cfg.np_prog_calls);
+        log(format!(
+            "    NodePort per-packet XDP / tc: {:.1} s",
+            started.elapsed().as_secs_f64()
+        ));
+        match measured {
             Ok(c) => {
                 for (m, v) in [
                     ("np_prog_xdp_new", c.xdp_new),
@@ -2369,7 +2411,7 @@ fn render(bench: &Bench, mc: &Machine, elapsed: Duration, load_end: &str) -> Str
     );
     let _ = writeln!(
         o,
-        "The socket-LB agent's own XDP and tc programs (found through their pinned links `xdp_generic@lan0` and `tc_ingress@lan0`) and maps, with N Services programmed (the same N as above; 100,000 too, which needs no traffic), on TCP packets of the NodePort Service above: *new flow*: a SYN from a new client port each call (service lookup, backend choice by flow hash, a free SNAT port, two conntrack inserts, DNAT + SNAT with checksums; at XDP also the FIB lookup, the MAC rewrite and the TTL); *established*: the same flow again (conntrack hit); *reply*: the backend's answer to node1, reverse-translated to the client. Run as they arrive on node1's LAN interface: from a thread inside node1's network namespace (where the XDP program's FIB lookup and the test skb's device are resolved), the context naming that interface as the ingress device (`struct xdp_md` ingress_ifindex / `struct __sk_buff` ifindex). Every XDP run must return XDP_TX and every tc run TC_ACT_OK with the packet translated as expected, or the measurement fails: the XDP numbers are its forwarding path, never a pass to tc. node1 has permanent neighbour entries for node2 and the external client (their real MACs) and routes made-up clients ({TEST_EXT_CLIENTS}) via the external client, so the FIB lookup resolves both directions. {} calls per kind and path, interleaved, each `repeat = 1` with a fresh copy of the packet; median of the kernel-reported durations. After each new-flow call its two conntrack entries are deleted (outside the measured time), so every new flow finds a free SNAT port at its first probe and the agent's conntrack is left as it was. *empty*: `return XDP_PASS` / `return TC_ACT_OK` with the same contexts: the measurement's own cost, included in the others. The last row divides the largest N by the smallest: flat is 1.\n",
+        "The socket-LB agent's own XDP and tc programs (found through their pinned links `xdp_generic@lan0` and `tc_ingress@lan0`) and maps, with N Services programmed (the same N as above; 100,000 too, which needs no traffic), on TCP packets of the NodePort Service above: *new flow*: a SYN from a new client port each call (service lookup, backend choice by flow hash, a free SNAT port, two conntrack inserts, DNAT + SNAT with checksums; at XDP also the FIB lookup, the MAC rewrite and the TTL); *established*: the same flow again (conntrack hit); *reply*: the backend's answer to node1, reverse-translated to the client. Run as they arrive on node1's LAN interface: from a thread inside node1's network namespace (where the XDP program's FIB lookup and the test skb's device are resolved), the context naming that interface as the ingress device (`struct xdp_md` ingress_ifindex / `struct __sk_buff` ifindex). Every XDP run must return XDP_TX and every tc run TC_ACT_OK with the packet translated as expected, or the measurement fails: the XDP numbers are its forwarding path, never a pass to tc. node1 has permanent neighbour entries for node2 and the external client (their real MACs) and routes made-up clients ({TEST_EXT_CLIENTS}) via the external client, so the FIB lookup resolves both directions. {} calls per kind and path, interleaved, each `repeat = 1` with a fresh copy of the packet; median of the kernel-reported durations. After each new-flow call its two conntrack entries are deleted (outside the measured time; no packet left the node, so no endpoint holds the port), so the SNAT ports taken are those of the recent NodePort traffic only, and the agent's conntrack is left as it was. *empty*: `return XDP_PASS` / `return TC_ACT_OK` with the same contexts: the measurement's own cost, included in the others. The last row divides the largest N by the smallest: flat is 1.\n",
         cfg.np_prog_calls
     );
     {
@@ -2539,12 +2581,13 @@ fn method_text(cfg: &Config) -> String {
     format!(
         "- **Beds.** Every mode runs in its own 2-node emulated cluster of network namespaces (the test bed of `tests/src/bed.rs`, nodes and an external client on one LAN bridge): on node1 a client pod, backend pod A with nine addresses (198.19.1.3 and .200-.207, three for each Service that carries traffic; tb-echo on tcp/8080, a UDP echo on 5353 bound to each address so replies leave from the address asked, `iperf3 -s` on 5201), backend pod B (198.19.1.4, tb-echo tcp/8080), and node1's namespace between them that holds the rules or runs the agent; on node2, which runs no proxy, backend pod C with three addresses (198.19.2.2, .200, .201; tb-echo tcp/8080, the UDP echo on 5353), the endpoints of the NodePort Service; the external client (198.18.0.100) outside both. The Service address ranges are routed locally on node1 (with `accept_local`, which the tc path's reverse-translated replies need then), so a connection that nothing translates is refused at once with a RST (that is how \"answers\" and \"stops answering\" are told apart without timeouts; ICMP unreachables would be rate-limited). node1 sends no ICMP redirects (the client and node2 share its LAN) and has permanent neighbour entries for node2 and the external client (their real MACs). The client pod has `ip_local_port_range` 1024-65535 and `tcp_tw_reuse` 1. All addresses are in 198.18.0.0/15, inside these namespaces.\n\
 - **Services.** N = {sizes}{big}. Every mode is given the same N Services with 3 endpoints each. The first and the last Service lead to pod A (ClusterIP; ports tcp/80 -> 8080, udp/53 -> 5353, tcp/5201 -> 5201; the last Service's tcp/80 is the last rule of KUBE-SERVICES); the second is of type NodePort (tcp/80 -> 8080 with nodePort {np_tcp}, udp/53 -> 5353 with nodePort {np_udp}, externalTrafficPolicy Cluster) with its endpoints on pod C on node2; the others are ClusterIP Services with one port and three endpoints with unique (address, port) that never receive traffic, so the rules and maps hold N Services x 3 endpoints in full. \"Add one Service\" adds a Service with pod A's three addresses; \"change one endpoint\" swaps its third endpoint for pod B (the clock stops when pod B answers); \"delete\" removes it.\n\
-- **Modes.** *ours: socket LB*: `proxy-agent run --manifests DIR` in the node namespace with the client pod in the agent's cgroup (cgroup connect/sendmsg translation). It runs with the default `--xdp auto`: XDP on its LAN interface, in generic mode there because that interface is a veth (the agent's choice on veths: frames a veth peer sends carry offloaded checksums and XDP_TX frames need the peer's NAPI, which broke NodePort flows in native mode on this bed), so its NodePort results are the *ours: XDP* column. *ours: tc*: the same agent with `--socket-lb=false --xdp=off` (per-packet DNAT and reverse NAT at tc ingress, on the pod interfaces and on the LAN interface). Both agents run with `{flags}`: the manifests are polled every 10 ms (the default 200 ms would dominate small changes), the maps are sized for 100,000 Services at every N, and NodePorts are served on node1's IPv4 LAN address (as kube-proxy's IPv4 rules here). The agents keep conntrack entries until their LRU map evicts them, and a SNAT port with them (4,536 ports per endpoint): after each NodePort traffic measurement the bench deletes the entries of its NodePort flows from the agent's conntrack map, or the SNAT ports towards pod C's three addresses would run out within the run. *iptables (nft)* and *iptables-legacy*: kube-proxy's iptables mode reproduced rule for rule (kube-proxy's base chains and jump rules installed once, then every sync one `iptables-restore --noflush` with KUBE-SERVICES -> KUBE-SVC-* (`-m statistic --mode random --probability`) -> KUBE-SEP-* (DNAT), chain names from SHA-256/base32 as kube-proxy makes them, per-endpoint comments dropped above 1,000 endpoints as kube-proxy's large-cluster mode does, `iptables-save -t nat` first below that; partial syncs rewrite every top-level chain, so all of KUBE-SERVICES and KUBE-NODEPORTS, plus the changed Service's chains; the NodePort Service as KUBE-NODEPORTS -> KUBE-EXT-* (KUBE-MARK-MASQ, then its KUBE-SVC-*), reached from KUBE-SERVICES' last rule `-m addrtype --dst-type LOCAL -j KUBE-NODEPORTS`). *nftables mode*: kube-proxy's nftables mode reproduced (table `ip kube-proxy` with its base chains, sets and maps; the `service-ips` verdict map -> one chain per Service port with `numgen random mod N vmap` -> one chain per endpoint with `dnat`; nodePorts as `service-nodeports` elements for node1's address in `nodeport-ips` -> an `external-*` chain (mark for masquerade, then the service chain); the first sync one `nft -f`, later syncs only the changed chains and elements). *no proxy*: the client pod dials pod A directly, and the external client pod C through node1 (routed, not translated); the floor.\n\
+- **Modes.** *ours: socket LB*: `proxy-agent run --manifests DIR` in the node namespace with the client pod in the agent's cgroup (cgroup connect/sendmsg translation). It runs with the default `--xdp auto`: XDP on its LAN interface, in generic mode there because that interface is a veth (the agent's choice on veths: frames a veth peer sends carry offloaded checksums and XDP_TX frames need the peer's NAPI, which broke NodePort flows in native mode on this bed), so its NodePort results are the *ours: XDP* column. *ours: tc*: the same agent with `--socket-lb=false --xdp=off` (per-packet DNAT and reverse NAT at tc ingress, on the pod interfaces and on the LAN interface). Both agents run with `{flags}`: the manifests are polled every 10 ms (the default 200 ms would dominate small changes), the maps are sized for 100,000 Services at every N, and NodePorts are served on node1's IPv4 LAN address (as kube-proxy's IPv4 rules here). The agents keep a flow's conntrack entries, and the SNAT port they hold (4,536 ports per endpoint), until their LRU map evicts them: run as they are, the NodePort measurements would use up the ports towards pod C's three addresses within the run (seen here after about 11,000 flows: `dropped_snat_ports` counted and SYNs retried). So after each NodePort measurement the bench deletes the entries of NodePort flows idle for {ct_idle} s or more from the agent's conntrack map, as a conntrack timeout would; not sooner, because a port freed while the endpoint still holds the old connection in TIME_WAIT (60 s) makes the new SYN fail its PAWS check there (seen here as 10-16 ms stalls of about 5 % of connections when the entries were deleted at once). *iptables (nft)* and *iptables-legacy*: kube-proxy's iptables mode reproduced rule for rule (kube-proxy's base chains and jump rules installed once, then every sync one `iptables-restore --noflush` with KUBE-SERVICES -> KUBE-SVC-* (`-m statistic --mode random --probability`) -> KUBE-SEP-* (DNAT), chain names from SHA-256/base32 as kube-proxy makes them, per-endpoint comments dropped above 1,000 endpoints as kube-proxy's large-cluster mode does, `iptables-save -t nat` first below that; partial syncs rewrite every top-level chain, so all of KUBE-SERVICES and KUBE-NODEPORTS, plus the changed Service's chains; the NodePort Service as KUBE-NODEPORTS -> KUBE-EXT-* (KUBE-MARK-MASQ, then its KUBE-SVC-*), reached from KUBE-SERVICES' last rule `-m addrtype --dst-type LOCAL -j KUBE-NODEPORTS`). *nftables mode*: kube-proxy's nftables mode reproduced (table `ip kube-proxy` with its base chains, sets and maps; the `service-ips` verdict map -> one chain per Service port with `numgen random mod N vmap` -> one chain per endpoint with `dnat`; nodePorts as `service-nodeports` elements for node1's address in `nodeport-ips` -> an `external-*` chain (mark for masquerade, then the service chain); the first sync one `nft -f`, later syncs only the changed chains and elements). *no proxy*: the client pod dials pod A directly, and the external client pod C through node1 (routed, not translated); the floor.\n\
 - **Rounds.** {rounds} round(s) per size; in every round the modes take turns in a rotated order, and each does: full load from empty, traffic (ClusterIP from the client pod, then NodePort from the external client), add / change / delete one Service, then (socket-LB agent) the BPF_PROG_TEST_RUN measurements. Medians over rounds. A full load that takes over 10 s is measured once and its rules kept for the later rounds. Anchor commands run under time limits ({ipt_nft} s for iptables-nft-restore at 10,000 Services and more, {big_anchor} s for any full load above 10,000, {limit} s otherwise); a load stopped at its limit is reported as \"over N s\", and iptables is then loaded in 1,000-Service pieces (the same rules) so its traffic can still be measured. At {big_n} Services the anchors whose 10,000-Service load took over 10 s are skipped (\"skipped: budget\"), the socket-LB agent stands for both of ours (same agent, same writer), and the agent's full load may take {big_load} s and each later change {big_op} s: past that it is stopped (SIGKILL; a sync cannot be cut short and would load the CPU under the other measurements) and its remaining operations are reported as skipped.\n\
 - **Marks.** † the rounds differ by more than {noisy:.0} % of their median: treat as noisy. ¹ one measurement only. Ratios a ÷ b are of the medians (ours ÷ anchor, or XDP ÷ tc).\n",
         flags = AGENT_FLAGS.join(" "),
         np_tcp = NODEPORT_TCP,
         np_udp = NODEPORT_UDP,
+        ct_idle = CT_IDLE.as_secs(),
         rounds = cfg.rounds,
         ipt_nft = cfg.ipt_nft_limit.as_secs(),
         limit = cfg.limit.as_secs(),
