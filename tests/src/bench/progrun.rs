@@ -40,6 +40,7 @@ pub const COUNTER_DROPPED_SNAT_PORTS: u32 = 18;
 const AF_INET: u8 = 2;
 const CT_FORWARD: u8 = 0;
 const CT_REVERSE: u8 = 1;
+
 #[repr(C, align(8))]
 struct Attr([u8; 128]);
 

@@ -1188,7 +1188,6 @@ impl Bench {
                 self.cfg.np_count, self.cfg.traffic_ms
             );
             let v = mb.ext_worker.call(&line, limit)?;
-            log(format!("EXP {proto} {v}"));
             let ok = v["ok"].as_u64().unwrap_or(0);
             let fail = v["fail"].as_u64().unwrap_or(0);
             answered += ok;
@@ -1502,11 +1501,17 @@ impl Bench {
         if mb.loaded != Some(n) {
             bail!("{} not loaded with {n} Services", mb.mode.label());
         }
+        // At the size without traffic (100,000) the per-packet measurements come right after the
+        // full load: the add that follows may go over its limit and stop the agent.
+        let probe_first = !sz.traffic;
+        if probe_first && mb.mode == Mode::SockLb {
+            self.prog_test(mb, sz);
+        }
         if sz.traffic {
             self.traffic(mb, sz)?;
         }
         self.updates(mb, sz)?;
-        if mb.mode == Mode::SockLb && mb.dead.is_none() {
+        if !probe_first && mb.mode == Mode::SockLb && mb.dead.is_none() {
             self.prog_test(mb, sz);
         }
         Ok(())
@@ -2578,11 +2583,20 @@ fn method_text(cfg: &Config) -> String {
         .big
         .map(|b| format!(" and {} (programming time only)", n_label(b)))
         .unwrap_or_default();
+    let big_probe = cfg
+        .big
+        .map(|b| {
+            format!(
+                " (at {} Services, which carry no traffic, right after the full load: the add that follows may go over its limit and stop the agent)",
+                n_label(b)
+            )
+        })
+        .unwrap_or_default();
     format!(
         "- **Beds.** Every mode runs in its own 2-node emulated cluster of network namespaces (the test bed of `tests/src/bed.rs`, nodes and an external client on one LAN bridge): on node1 a client pod, backend pod A with nine addresses (198.19.1.3 and .200-.207, three for each Service that carries traffic; tb-echo on tcp/8080, a UDP echo on 5353 bound to each address so replies leave from the address asked, `iperf3 -s` on 5201), backend pod B (198.19.1.4, tb-echo tcp/8080), and node1's namespace between them that holds the rules or runs the agent; on node2, which runs no proxy, backend pod C with three addresses (198.19.2.2, .200, .201; tb-echo tcp/8080, the UDP echo on 5353), the endpoints of the NodePort Service; the external client (198.18.0.100) outside both. The Service address ranges are routed locally on node1 (with `accept_local`, which the tc path's reverse-translated replies need then), so a connection that nothing translates is refused at once with a RST (that is how \"answers\" and \"stops answering\" are told apart without timeouts; ICMP unreachables would be rate-limited). node1 sends no ICMP redirects (the client and node2 share its LAN) and has permanent neighbour entries for node2 and the external client (their real MACs). The client pod has `ip_local_port_range` 1024-65535 and `tcp_tw_reuse` 1. All addresses are in 198.18.0.0/15, inside these namespaces.\n\
 - **Services.** N = {sizes}{big}. Every mode is given the same N Services with 3 endpoints each. The first and the last Service lead to pod A (ClusterIP; ports tcp/80 -> 8080, udp/53 -> 5353, tcp/5201 -> 5201; the last Service's tcp/80 is the last rule of KUBE-SERVICES); the second is of type NodePort (tcp/80 -> 8080 with nodePort {np_tcp}, udp/53 -> 5353 with nodePort {np_udp}, externalTrafficPolicy Cluster) with its endpoints on pod C on node2; the others are ClusterIP Services with one port and three endpoints with unique (address, port) that never receive traffic, so the rules and maps hold N Services x 3 endpoints in full. \"Add one Service\" adds a Service with pod A's three addresses; \"change one endpoint\" swaps its third endpoint for pod B (the clock stops when pod B answers); \"delete\" removes it.\n\
 - **Modes.** *ours: socket LB*: `proxy-agent run --manifests DIR` in the node namespace with the client pod in the agent's cgroup (cgroup connect/sendmsg translation). It runs with the default `--xdp auto`: XDP on its LAN interface, in generic mode there because that interface is a veth (the agent's choice on veths: frames a veth peer sends carry offloaded checksums and XDP_TX frames need the peer's NAPI, which broke NodePort flows in native mode on this bed), so its NodePort results are the *ours: XDP* column. *ours: tc*: the same agent with `--socket-lb=false --xdp=off` (per-packet DNAT and reverse NAT at tc ingress, on the pod interfaces and on the LAN interface). Both agents run with `{flags}`: the manifests are polled every 10 ms (the default 200 ms would dominate small changes), the maps are sized for 100,000 Services at every N, and NodePorts are served on node1's IPv4 LAN address (as kube-proxy's IPv4 rules here). The agents keep a flow's conntrack entries, and the SNAT port they hold (4,536 ports per endpoint), until their LRU map evicts them: run as they are, the NodePort measurements would use up the ports towards pod C's three addresses within the run (seen here after about 11,000 flows: `dropped_snat_ports` counted and SYNs retried). So after each NodePort measurement the bench deletes the entries of NodePort flows idle for {ct_idle} s or more from the agent's conntrack map, as a conntrack timeout would; not sooner, because a port freed while the endpoint still holds the old connection in TIME_WAIT (60 s) makes the new SYN fail its PAWS check there (seen here as 10-16 ms stalls of about 5 % of connections when the entries were deleted at once). *iptables (nft)* and *iptables-legacy*: kube-proxy's iptables mode reproduced rule for rule (kube-proxy's base chains and jump rules installed once, then every sync one `iptables-restore --noflush` with KUBE-SERVICES -> KUBE-SVC-* (`-m statistic --mode random --probability`) -> KUBE-SEP-* (DNAT), chain names from SHA-256/base32 as kube-proxy makes them, per-endpoint comments dropped above 1,000 endpoints as kube-proxy's large-cluster mode does, `iptables-save -t nat` first below that; partial syncs rewrite every top-level chain, so all of KUBE-SERVICES and KUBE-NODEPORTS, plus the changed Service's chains; the NodePort Service as KUBE-NODEPORTS -> KUBE-EXT-* (KUBE-MARK-MASQ, then its KUBE-SVC-*), reached from KUBE-SERVICES' last rule `-m addrtype --dst-type LOCAL -j KUBE-NODEPORTS`). *nftables mode*: kube-proxy's nftables mode reproduced (table `ip kube-proxy` with its base chains, sets and maps; the `service-ips` verdict map -> one chain per Service port with `numgen random mod N vmap` -> one chain per endpoint with `dnat`; nodePorts as `service-nodeports` elements for node1's address in `nodeport-ips` -> an `external-*` chain (mark for masquerade, then the service chain); the first sync one `nft -f`, later syncs only the changed chains and elements). *no proxy*: the client pod dials pod A directly, and the external client pod C through node1 (routed, not translated); the floor.\n\
-- **Rounds.** {rounds} round(s) per size; in every round the modes take turns in a rotated order, and each does: full load from empty, traffic (ClusterIP from the client pod, then NodePort from the external client), add / change / delete one Service, then (socket-LB agent) the BPF_PROG_TEST_RUN measurements. Medians over rounds. A full load that takes over 10 s is measured once and its rules kept for the later rounds. Anchor commands run under time limits ({ipt_nft} s for iptables-nft-restore at 10,000 Services and more, {big_anchor} s for any full load above 10,000, {limit} s otherwise); a load stopped at its limit is reported as \"over N s\", and iptables is then loaded in 1,000-Service pieces (the same rules) so its traffic can still be measured. At {big_n} Services the anchors whose 10,000-Service load took over 10 s are skipped (\"skipped: budget\"), the socket-LB agent stands for both of ours (same agent, same writer), and the agent's full load may take {big_load} s and each later change {big_op} s: past that it is stopped (SIGKILL; a sync cannot be cut short and would load the CPU under the other measurements) and its remaining operations are reported as skipped.\n\
+- **Rounds.** {rounds} round(s) per size; in every round the modes take turns in a rotated order, and each does: full load from empty, traffic (ClusterIP from the client pod, then NodePort from the external client), add / change / delete one Service, then (socket-LB agent) the BPF_PROG_TEST_RUN measurements{big_probe}. Medians over rounds. A full load that takes over 10 s is measured once and its rules kept for the later rounds. Anchor commands run under time limits ({ipt_nft} s for iptables-nft-restore at 10,000 Services and more, {big_anchor} s for any full load above 10,000, {limit} s otherwise); a load stopped at its limit is reported as \"over N s\", and iptables is then loaded in 1,000-Service pieces (the same rules) so its traffic can still be measured. At {big_n} Services the anchors whose 10,000-Service load took over 10 s are skipped (\"skipped: budget\"), the socket-LB agent stands for both of ours (same agent, same writer), and the agent's full load may take {big_load} s and each later change {big_op} s: past that it is stopped (SIGKILL; a sync cannot be cut short and would load the CPU under the other measurements) and its remaining operations are reported as skipped.\n\
 - **Marks.** † the rounds differ by more than {noisy:.0} % of their median: treat as noisy. ¹ one measurement only. Ratios a ÷ b are of the medians (ours ÷ anchor, or XDP ÷ tc).\n",
         flags = AGENT_FLAGS.join(" "),
         np_tcp = NODEPORT_TCP,
