@@ -578,7 +578,8 @@ pub fn measure_node_port(t: &NodePortTarget, calls: usize) -> Result<NodePortCos
         n.starts_with("xdp_") && n.ends_with(&format!("@{}", t.iface))
     })
     .with_context(|| format!("the agent's XDP program on {}", t.iface))?;
-    let tc = tc_prog(t.bpffs, "tc_ingress")?;
+    let tc = linked_prog(t.bpffs, |n| n == format!("tc_ingress@{}", t.iface))
+        .with_context(|| format!("the agent's tc program on {}", t.iface))?;
     let ct = obj_get(&t.bpffs.join("ct_v1"))?;
     let svc = obj_get(&t.bpffs.join("svc_v1"))?;
     let key = service_key(t.node_ip, t.node_port);
