@@ -1,9 +1,12 @@
-//! kube-proxy's rules for a set of ClusterIP Services, written the way kube-proxy writes them:
-//! the iptables mode's `iptables-restore --noflush` input (KUBE-SERVICES -> KUBE-SVC-* with
-//! `-m statistic --mode random --probability` -> KUBE-SEP-* DNAT, chain names from SHA-256 and
+//! kube-proxy's rules for a set of ClusterIP and NodePort Services, written the way kube-proxy
+//! writes them: the iptables mode's `iptables-restore --noflush` input (KUBE-SERVICES ->
+//! KUBE-SVC-* with `-m statistic --mode random --probability` -> KUBE-SEP-* DNAT; NodePorts as
+//! KUBE-NODEPORTS -> KUBE-EXT-* (masquerade mark) -> KUBE-SVC-*; chain names from SHA-256 and
 //! base32 as in pkg/proxy/iptables) and the nftables mode's `nft -f` transactions (table
 //! `ip kube-proxy`, the `service-ips` verdict map, one chain per Service port with
-//! `numgen random mod N vmap`, one chain per endpoint with `dnat`, as in pkg/proxy/nftables).
+//! `numgen random mod N vmap`, one chain per endpoint with `dnat`; NodePorts as
+//! `service-nodeports` map elements -> `external-*` chains; as in pkg/proxy/nftables). Every
+//! NodePort Service has externalTrafficPolicy Cluster.
 //!
 //! Full syncs and the partial syncs that follow one change are both reproduced: kube-proxy's
 //! iptables mode rewrites every top-level chain (all of KUBE-SERVICES) plus the chains of the
@@ -111,6 +114,12 @@ fn hash_b32(s: &str, n: usize) -> String {
 /// `KUBE-SVC-...` of a Service port (`ns/name:port`, protocol `tcp`/`udp`).
 pub fn svc_chain(port_name: &str, proto: &str) -> String {
     format!("KUBE-SVC-{}", hash_b32(&format!("{port_name}{proto}"), 16))
+}
+
+/// `KUBE-EXT-...` of a Service port: where its external destinations (here its nodePort) jump.
+/// The same hash as its KUBE-SVC chain (kube-proxy's serviceExternalChainName).
+pub fn ext_chain(port_name: &str, proto: &str) -> String {
+    format!("KUBE-EXT-{}", hash_b32(&format!("{port_name}{proto}"), 16))
 }
 
 /// `KUBE-SEP-...` of one endpoint (`ip:port`) of a Service port.
@@ -231,8 +240,18 @@ pub fn ipt_restore(sync: &IptSync) -> String {
                 "-A KUBE-SERVICES -m comment --comment \"{pn} cluster IP\" -m {proto} -p {proto} -d {} --dport {} -j {svc}",
                 s.vip, p.port
             );
+            let ext = ext_chain(&pn, proto);
+            if let Some(np) = p.node_port {
+                let _ = writeln!(
+                    rules,
+                    "-A KUBE-NODEPORTS -m comment --comment {pn} -m {proto} -p {proto} --dport {np} -j {ext}"
+                );
+            }
             if !changed(s) {
                 continue;
+            }
+            if p.node_port.is_some() {
+                let _ = writeln!(chains, ":{ext} - [0:0]");
             }
             let _ = writeln!(chains, ":{svc} - [0:0]");
             let _ = writeln!(
@@ -240,6 +259,15 @@ pub fn ipt_restore(sync: &IptSync) -> String {
                 "-A {svc} -m comment --comment \"{pn} cluster IP\" -m {proto} -p {proto} -d {} --dport {} ! -s {CLUSTER_CIDR} -j KUBE-MARK-MASQ",
                 s.vip, p.port
             );
+            if p.node_port.is_some() {
+                // externalTrafficPolicy Cluster: the endpoints may be on other nodes, so the
+                // traffic is masqueraded, then takes the Service's cluster policy chain.
+                let _ = writeln!(
+                    own,
+                    "-A {ext} -m comment --comment \"masquerade traffic for {pn} external destinations\" -j KUBE-MARK-MASQ"
+                );
+                let _ = writeln!(own, "-A {ext} -j {svc}");
+            }
             let n = s.endpoints.len();
             let mut seps = String::new();
             for (i, ep) in s.endpoints.iter().enumerate() {
@@ -285,12 +313,15 @@ pub fn ipt_restore(sync: &IptSync) -> String {
     o
 }
 
-/// Every KUBE-SVC and KUBE-SEP chain of a Service.
+/// Every KUBE-SVC, KUBE-EXT and KUBE-SEP chain of a Service.
 pub fn ipt_chains(s: &Svc) -> Vec<String> {
     let mut v = Vec::new();
     for p in &s.ports {
         let pn = s.port_name(p);
         let proto = p.proto_lower();
+        if p.node_port.is_some() {
+            v.push(ext_chain(&pn, proto));
+        }
         v.push(svc_chain(&pn, proto));
         for ep in &s.endpoints {
             v.push(sep_chain(&pn, proto, &format!("{ep}:{}", p.target)));
@@ -375,6 +406,14 @@ fn hash_and_truncate(name: &str) -> String {
 pub fn nft_service_chain(s: &Svc, p: &super::workload::PortDef) -> String {
     format!(
         "service-{}",
+        hash_and_truncate(&nft_base(s, p.proto_lower(), p.name))
+    )
+}
+
+/// `external-XXXXXXXX-ns/name/proto/port`: where the Service port's nodePort leads.
+pub fn nft_external_chain(s: &Svc, p: &super::workload::PortDef) -> String {
+    format!(
+        "external-{}",
         hash_and_truncate(&nft_base(s, p.proto_lower(), p.name))
     )
 }
@@ -495,6 +534,9 @@ fn nft_endpoint_rules(o: &mut String, s: &Svc, p: &super::workload::PortDef, ep:
 fn nft_chains(o: &mut String, s: &Svc) {
     for p in &s.ports {
         let _ = writeln!(o, "add chain {T} {}", nft_service_chain(s, p));
+        if p.node_port.is_some() {
+            let _ = writeln!(o, "add chain {T} {}", nft_external_chain(s, p));
+        }
         for ep in &s.endpoints {
             let _ = writeln!(
                 o,
@@ -521,6 +563,18 @@ fn nft_service(o: &mut String, s: &Svc) {
             p.proto_lower(),
             p.port
         );
+        if let Some(np) = p.node_port {
+            // externalTrafficPolicy Cluster: masquerade (the endpoint may be on another
+            // node), then the Service's cluster policy chain.
+            let ec = nft_external_chain(s, p);
+            let _ = writeln!(o, "add rule {T} {ec} jump mark-for-masquerade");
+            let _ = writeln!(o, "add rule {T} {ec} goto {sc}");
+            let _ = writeln!(
+                o,
+                "add element {T} service-nodeports {{ {} . {np} : goto {ec} }}",
+                p.proto_lower()
+            );
+        }
     }
 }
 
@@ -579,9 +633,21 @@ pub fn nft_delete(s: &Svc) -> String {
             p.proto_lower(),
             p.port
         );
+        if let Some(np) = p.node_port {
+            let _ = writeln!(
+                o,
+                "delete element {T} service-nodeports {{ {} . {np} }}",
+                p.proto_lower()
+            );
+        }
     }
     let _ = writeln!(o, "delete element {T} cluster-ips {{ {} }}", s.vip);
     for p in &s.ports {
+        if p.node_port.is_some() {
+            let ec = nft_external_chain(s, p);
+            let _ = writeln!(o, "flush chain {T} {ec}");
+            let _ = writeln!(o, "delete chain {T} {ec}");
+        }
         let sc = nft_service_chain(s, p);
         let _ = writeln!(o, "flush chain {T} {sc}");
         let _ = writeln!(o, "delete chain {T} {sc}");
@@ -640,9 +706,96 @@ mod unit {
                 proto: Proto::Tcp,
                 port: 80,
                 target: 8080,
+                node_port: None,
             }],
             endpoints: eps.iter().map(|e| (*e).into()).collect(),
+            node: "node1",
         }
+    }
+
+    fn node_port_svc() -> Svc {
+        let mut s = svc(
+            "np",
+            [198, 18, 32, 1],
+            &[[198, 19, 2, 2], [198, 19, 2, 200], [198, 19, 2, 201]],
+        );
+        s.ports[0].node_port = Some(30080);
+        s.node = "node2";
+        s
+    }
+
+    /// The NodePort rules as kube-proxy's iptables mode writes them for externalTrafficPolicy
+    /// Cluster (pkg/proxy/iptables/proxier.go, "Capture nodeports" and "Set up external
+    /// traffic handling"): KUBE-NODEPORTS -> KUBE-EXT (mark for masquerade) -> KUBE-SVC.
+    #[test]
+    fn iptables_node_port_shape() {
+        let s = [node_port_svc()];
+        let refs: Vec<&Svc> = s.iter().collect();
+        let text = ipt_restore(&IptSync::new(&s, &refs, vec![]));
+        let svc = svc_chain("bench/np:http", "tcp");
+        let ext = ext_chain("bench/np:http", "tcp");
+        assert_eq!(&ext[9..], &svc[9..], "same hash as the KUBE-SVC chain");
+        assert!(
+            text.contains(&format!(
+                "-A KUBE-NODEPORTS -m comment --comment bench/np:http -m tcp -p tcp --dport 30080 -j {ext}\n"
+            )),
+            "{text}"
+        );
+        assert!(text.contains(&format!(":{ext} - [0:0]\n")));
+        assert!(text.contains(&format!(
+            "-A {ext} -m comment --comment \"masquerade traffic for bench/np:http external destinations\" -j KUBE-MARK-MASQ\n-A {ext} -j {svc}\n"
+        )));
+        // The chain is declared before any rule, and KUBE-NODEPORTS is reached from the last
+        // rule of KUBE-SERVICES for local destinations.
+        let nat = &text[text.find("*nat\n").unwrap()..];
+        let decl = nat.find(&format!(":{ext} ")).unwrap();
+        let first_rule = nat.find("\n-A ").unwrap();
+        assert!(decl < first_rule);
+        assert!(text.ends_with("-m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\nCOMMIT\n"));
+        assert!(ipt_chains(&s[0]).contains(&ext));
+        // A sync that does not change the Service still rewrites KUBE-NODEPORTS (a top-level
+        // chain), but not the Service's own chains.
+        let other = ipt_restore(&IptSync::new(&s, &[], vec![]));
+        assert!(other.contains(&format!("--dport 30080 -j {ext}\n")));
+        assert!(!other.contains(&format!(":{ext} ")));
+        // Chunked loads keep the NodePort rule.
+        assert!(
+            ipt_chunks(&s, 1)
+                .concat()
+                .contains("--dport 30080 -j KUBE-EXT-")
+        );
+    }
+
+    /// kube-proxy's nftables mode (pkg/proxy/nftables/proxier.go): the nodePort is an element
+    /// of `service-nodeports` leading to the `external-` chain, which marks for masquerade and
+    /// goes on to the service chain.
+    #[test]
+    fn nftables_node_port_shape() {
+        let s = node_port_svc();
+        let text = nft_add(&s);
+        let sc = nft_service_chain(&s, &s.ports[0]);
+        let ec = nft_external_chain(&s, &s.ports[0]);
+        assert_eq!(
+            ec,
+            format!(
+                "external-{}-bench/np/tcp/http",
+                hash_b32("bench/np/tcp/http", 8)
+            )
+        );
+        assert!(
+            text.contains(&format!("add chain ip kube-proxy {ec}\n")),
+            "{text}"
+        );
+        assert!(text.contains(&format!(
+            "add rule ip kube-proxy {ec} jump mark-for-masquerade\nadd rule ip kube-proxy {ec} goto {sc}\n"
+        )));
+        assert!(text.contains(&format!(
+            "add element ip kube-proxy service-nodeports {{ tcp . 30080 : goto {ec} }}\n"
+        )));
+        assert!(text.find(&format!("add chain ip kube-proxy {ec}")) < text.find("add rule "));
+        let d = nft_delete(&s);
+        assert!(d.contains("delete element ip kube-proxy service-nodeports { tcp . 30080 }\n"));
+        assert!(d.contains(&format!("delete chain ip kube-proxy {ec}\n")));
     }
 
     #[test]

@@ -1,6 +1,6 @@
-//! Per-packet cost of the agent's tc program through BPF_PROG_TEST_RUN, on the program and the
-//! maps a running agent has programmed (found through its pinned tc link), with raw bpf(2)
-//! calls so the bench measures exactly what the agent runs.
+//! Per-packet cost of the agent's tc and XDP programs through BPF_PROG_TEST_RUN, on the programs
+//! and the maps a running agent has programmed (found through its pinned links), with raw
+//! bpf(2) calls so the bench measures exactly what the agent runs.
 //!
 //! With `repeat` > 1 the kernel runs the program again on the same buffer, which a DNAT has
 //! already rewritten, so later runs take the miss path. Every call here is `repeat = 1` with a
@@ -8,6 +8,12 @@
 //! run only) is collected over many calls; the median is reported. An empty program measured
 //! the same way gives the fixed cost of that measurement, and a program that does nothing but
 //! one hash lookup of a constant key in the agent's services map gives the lookup's share.
+//!
+//! NodePort packets ([`measure_node_port`]) are run through both programs as they would arrive
+//! on the node's external interface: from a thread inside the node's network namespace (the XDP
+//! program's FIB lookup and the skb's device are resolved there), with that interface as the
+//! ingress device in the context, so the XDP program forwards them (XDP_TX) and tc translates
+//! them exactly as for real traffic.
 
 use std::ffi::CString;
 use std::io;
@@ -18,12 +24,22 @@ use std::path::Path;
 use anyhow::{Context, Result, bail, ensure};
 
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
 const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
+const BPF_PROG_TYPE_XDP: u32 = 6;
+pub const XDP_TX: u32 = 3;
+/// proxy_common::Counter::XdpForwarded and DroppedSnatPorts, indexes of the per-CPU counters
+/// map.
+pub const COUNTER_XDP_FORWARDED: u32 = 22;
+pub const COUNTER_DROPPED_SNAT_PORTS: u32 = 18;
+const AF_INET: u8 = 2;
+const CT_FORWARD: u8 = 0;
+const CT_REVERSE: u8 = 1;
 
 #[repr(C, align(8))]
 struct Attr([u8; 128]);
@@ -77,23 +93,27 @@ fn obj_get(path: &Path) -> Result<OwnedFd> {
 
 /// The program inside the first pinned tc link under `<bpffs>/links`.
 fn tc_prog(bpffs: &Path, prog_name: &str) -> Result<OwnedFd> {
+    linked_prog(bpffs, |name| name.starts_with(&format!("{prog_name}@")))
+}
+
+/// The program inside the first pinned link under `<bpffs>/links` whose name `pick` accepts
+/// (`tc_ingress@IFACE`, `xdp_native@IFACE`, `xdp_generic@IFACE`).
+fn linked_prog(bpffs: &Path, pick: impl Fn(&str) -> bool) -> Result<OwnedFd> {
     let links = bpffs.join("links");
     let link = std::fs::read_dir(&links)
         .with_context(|| format!("reading {}", links.display()))?
         .flatten()
         .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with(&format!("{prog_name}@")))
-        })
-        .with_context(|| format!("no pinned {prog_name} link in {}", links.display()))?;
+        .find(|p| p.file_name().is_some_and(|n| pick(&n.to_string_lossy())))
+        .with_context(|| format!("no such pinned link in {}", links.display()))?;
     let link_fd = obj_get(&link)?;
     let mut info = [0u64; 16];
     let mut a = Attr::new();
     a.u32(0, link_fd.as_raw_fd() as u32)
         .u32(4, std::mem::size_of_val(&info) as u32)
         .u64(8, info.as_mut_ptr() as u64);
-    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut a).context("BPF_OBJ_GET_INFO_BY_FD on the tc link")?;
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut a)
+        .with_context(|| format!("BPF_OBJ_GET_INFO_BY_FD on {}", link.display()))?;
     // struct bpf_link_info { __u32 type; __u32 id; __u32 prog_id; ... }
     let prog_id = (info[1] & 0xffff_ffff) as u32;
     let mut a = Attr::new();
@@ -112,10 +132,14 @@ fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
 }
 
 fn load_prog(insns: &[u64], name: &str) -> Result<OwnedFd> {
+    load_prog_type(BPF_PROG_TYPE_SCHED_CLS, insns, name)
+}
+
+fn load_prog_type(prog_type: u32, insns: &[u64], name: &str) -> Result<OwnedFd> {
     let license = CString::new("GPL")?;
     let mut log = vec![0u8; 65536];
     let mut a = Attr::new();
-    a.u32(0, BPF_PROG_TYPE_SCHED_CLS)
+    a.u32(0, prog_type)
         .u32(4, insns.len() as u32)
         .u64(8, insns.as_ptr() as u64)
         .u64(16, license.as_ptr() as u64)
@@ -141,6 +165,15 @@ fn empty_prog() -> Result<OwnedFd> {
     load_prog(
         &[insn(0xb7, 0, 0, 0, 0), insn(0x95, 0, 0, 0, 0)],
         "bench_empty",
+    )
+}
+
+/// `return XDP_PASS` (2).
+fn empty_xdp_prog() -> Result<OwnedFd> {
+    load_prog_type(
+        BPF_PROG_TYPE_XDP,
+        &[insn(0xb7, 0, 0, 0, 2), insn(0x95, 0, 0, 0, 0)],
+        "bench_xdp_empty",
     )
 }
 
@@ -201,6 +234,16 @@ fn test_run_repeat(prog: &OwnedFd, data: &[u8], repeat: u32) -> Result<u32> {
 
 /// One run: (return value, kernel-reported duration in ns, output packet).
 fn test_run(prog: &OwnedFd, data: &[u8], out: &mut [u8]) -> Result<(u32, u32, usize)> {
+    test_run_ctx(prog, data, out, &[])
+}
+
+/// One run with a context (`ctx_in`; none when empty).
+fn test_run_ctx(
+    prog: &OwnedFd,
+    data: &[u8],
+    out: &mut [u8],
+    ctx: &[u8],
+) -> Result<(u32, u32, usize)> {
     let mut a = Attr::new();
     a.u32(0, prog.as_raw_fd() as u32)
         .u32(8, data.len() as u32)
@@ -208,8 +251,81 @@ fn test_run(prog: &OwnedFd, data: &[u8], out: &mut [u8]) -> Result<(u32, u32, us
         .u64(16, data.as_ptr() as u64)
         .u64(24, out.as_mut_ptr() as u64)
         .u32(32, 1);
+    if !ctx.is_empty() {
+        a.u32(40, ctx.len() as u32).u64(48, ctx.as_ptr() as u64);
+    }
     bpf(BPF_PROG_TEST_RUN, &mut a).context("BPF_PROG_TEST_RUN")?;
     Ok((a.get_u32(4), a.get_u32(36), a.get_u32(12) as usize))
+}
+
+/// `struct xdp_md` for a packet of `len` bytes arriving on `ifindex`: data, data_end,
+/// data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
+pub fn xdp_md(len: usize, ifindex: u32) -> Vec<u8> {
+    [0u32, len as u32, 0, ifindex, 0, 0]
+        .iter()
+        .flat_map(|v| v.to_ne_bytes())
+        .collect()
+}
+
+/// The start of a `struct __sk_buff` up to and including `ifindex` (offset 40): the device the
+/// test skb arrives on. The kernel takes the rest as zero.
+pub fn skb_ctx(ifindex: u32) -> Vec<u8> {
+    let mut c = vec![0u8; 44];
+    c[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+    c
+}
+
+/// A conntrack key (proxy_common::CtKey: saddr, daddr as [u32; 4] network order, sport_be,
+/// dport_be, proto, family, dir, pad) of an IPv4 flow, as bytes.
+pub fn ct_key(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    sport: u16,
+    dport: u16,
+    proto: u8,
+    dir: u8,
+) -> [u8; 40] {
+    let mut k = [0u8; 40];
+    k[..4].copy_from_slice(&src.octets());
+    k[16..20].copy_from_slice(&dst.octets());
+    k[32..34].copy_from_slice(&sport.to_be_bytes());
+    k[34..36].copy_from_slice(&dport.to_be_bytes());
+    k[36] = proto;
+    k[37] = AF_INET;
+    k[38] = dir;
+    k
+}
+
+fn map_delete(map: &OwnedFd, key: &[u8]) -> io::Result<()> {
+    let mut a = Attr::new();
+    a.u32(0, map.as_raw_fd() as u32).u64(8, key.as_ptr() as u64);
+    bpf(BPF_MAP_DELETE_ELEM, &mut a).map(|_| ())
+}
+
+/// Number of possible CPUs (the per-CPU value count of a per-CPU map).
+fn possible_cpus() -> Result<usize> {
+    let text = std::fs::read_to_string("/sys/devices/system/cpu/possible")?;
+    let mut n = 0;
+    for part in text.trim().split(',') {
+        n += match part.split_once('-') {
+            Some((a, b)) => b.parse::<usize>()? - a.parse::<usize>()? + 1,
+            None => 1,
+        };
+    }
+    Ok(n)
+}
+
+/// One counter of the agent's per-CPU counters map under `bpffs`, summed over CPUs.
+pub fn counter(bpffs: &Path, index: u32) -> Result<u64> {
+    let map = obj_get(&bpffs.join("counters_v1"))?;
+    let mut values = vec![0u64; possible_cpus()?];
+    let key = index.to_ne_bytes();
+    let mut a = Attr::new();
+    a.u32(0, map.as_raw_fd() as u32)
+        .u64(8, key.as_ptr() as u64)
+        .u64(16, values.as_mut_ptr() as u64);
+    bpf(BPF_MAP_LOOKUP_ELEM, &mut a).context("reading counters_v1")?;
+    Ok(values.iter().sum())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -265,6 +381,10 @@ fn ip_src(f: &[u8]) -> Ipv4Addr {
 
 fn dport(f: &[u8]) -> u16 {
     u16::from_be_bytes([f[36], f[37]])
+}
+
+fn sport(f: &[u8]) -> u16 {
+    u16::from_be_bytes([f[34], f[35]])
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -394,6 +514,265 @@ pub fn measure(
     })
 }
 
+// ---------------------------------------------------------------------------------------------
+// NodePort: XDP and tc side by side.
+
+/// Per-packet cost of a NodePort Service whose backends are on another node, at XDP and at tc
+/// on the node's external interface (medians, ns).
+#[derive(Clone, Debug, Default)]
+pub struct NodePortCosts {
+    /// A SYN from a new client port: service lookup, backend choice, SNAT port, conntrack
+    /// insert, DNAT + SNAT (and at XDP the FIB lookup and MAC rewrite, XDP_TX).
+    pub xdp_new: Cost,
+    pub tc_new: Cost,
+    /// The same flow again.
+    pub xdp_established: Cost,
+    pub tc_established: Cost,
+    /// The backend's reply to the node: reverse NAT to the client.
+    pub xdp_reply: Cost,
+    pub tc_reply: Cost,
+    /// `return XDP_PASS` / `return TC_ACT_OK` with the same contexts (the measurement's cost).
+    pub xdp_empty: Cost,
+    pub tc_empty: Cost,
+}
+
+/// Where a NodePort measurement runs.
+pub struct NodePortTarget<'a> {
+    pub bpffs: &'a Path,
+    /// The node's network namespace and its external interface.
+    pub node_ns: &'a str,
+    pub iface: &'a str,
+    /// The node's address on it, and the nodePort (TCP).
+    pub node_ip: Ipv4Addr,
+    pub node_port: u16,
+    /// The Service's endpoints (all on other nodes).
+    pub backends: &'a [Ipv4Addr],
+    /// Two client addresses no other flow uses, routed out of `iface` (one for XDP, one for
+    /// tc, so their flows never meet).
+    pub clients: [Ipv4Addr; 2],
+}
+
+/// One NodePort packet kind through one program, with what it must come out as.
+fn run_np(
+    prog: &OwnedFd,
+    f: &[u8],
+    ctx: &[u8],
+    out: &mut [u8],
+    want_rc: u32,
+    what: &str,
+) -> Result<u32> {
+    let (rc, ns, len) = test_run_ctx(prog, f, out, ctx)?;
+    ensure!(
+        rc == want_rc && len == f.len(),
+        "{what}: returned {rc} (want {want_rc}), {len} bytes out"
+    );
+    Ok(ns)
+}
+
+/// Measures the NodePort path of the agent at `t` with `calls` runs per packet kind. Every new
+/// flow's two conntrack entries are deleted after its run (outside the measured time): each new
+/// flow then finds the SNAT port space towards its backend as empty as on a quiet node, and the
+/// agent's conntrack is left as it was.
+pub fn measure_node_port(t: &NodePortTarget, calls: usize) -> Result<NodePortCosts> {
+    let xdp = linked_prog(t.bpffs, |n| {
+        n.starts_with("xdp_") && n.ends_with(&format!("@{}", t.iface))
+    })
+    .with_context(|| format!("the agent's XDP program on {}", t.iface))?;
+    let tc = linked_prog(t.bpffs, |n| n == format!("tc_ingress@{}", t.iface))
+        .with_context(|| format!("the agent's tc program on {}", t.iface))?;
+    let ct = obj_get(&t.bpffs.join("ct_v1"))?;
+    let svc = obj_get(&t.bpffs.join("svc_v1"))?;
+    let key = service_key(t.node_ip, t.node_port);
+    ensure!(
+        map_has(&svc, &key),
+        "NodePort {}:{}/TCP is not in the services map",
+        t.node_ip,
+        t.node_port
+    );
+    let empty_xdp = empty_xdp_prog()?;
+    let empty_tc = empty_prog()?;
+    let calls = calls.max(10);
+    tests::in_netns(t.node_ns, move || -> Result<NodePortCosts> {
+        let name = CString::new(t.iface)?;
+        // SAFETY: a valid C string; the index is of this thread's namespace.
+        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        ensure!(ifindex > 0, "no interface {} in {}", t.iface, t.node_ns);
+        let mut out = vec![0u8; 512];
+        let len = tcp_frame(t.node_ip, 1, t.node_ip, 1, true).len();
+        let (xctx, sctx) = (xdp_md(len, ifindex), skb_ctx(ifindex));
+        let paths: [(&OwnedFd, &[u8], u32, Ipv4Addr, &str); 2] = [
+            (&xdp, &xctx, XDP_TX, t.clients[0], "XDP"),
+            (&tc, &sctx, 0, t.clients[1], "tc"),
+        ];
+        let mut new = [Vec::with_capacity(calls), Vec::with_capacity(calls)];
+        for k in 0..calls {
+            let cport = 1024 + (k % 60_000) as u16;
+            for (i, (prog, ctx, rc, client, what)) in paths.iter().enumerate() {
+                let f = tcp_frame(*client, cport, t.node_ip, t.node_port, true);
+                new[i].push(run_np(prog, &f, ctx, &mut out, *rc, what)?);
+                let (backend, bport) = (ip_dst(&out), dport(&out));
+                ensure!(
+                    t.backends.contains(&backend) && ip_src(&out) == t.node_ip,
+                    "{what} new flow: {}:{} -> {backend}:{bport}, want SNAT to {} and DNAT to one of {:?}",
+                    ip_src(&out),
+                    sport(&out),
+                    t.node_ip,
+                    t.backends
+                );
+                let fwd = ct_key(*client, t.node_ip, cport, t.node_port, 6, CT_FORWARD);
+                let rev = ct_key(backend, t.node_ip, bport, sport(&out), 6, CT_REVERSE);
+                map_delete(&ct, &fwd)
+                    .and_then(|()| map_delete(&ct, &rev))
+                    .with_context(|| format!("{what} new flow: deleting its conntrack entries"))?;
+            }
+        }
+        // One established flow per path (opened by a SYN), and its backend's replies.
+        let mut flows = Vec::new();
+        for (prog, ctx, rc, client, what) in &paths {
+            let cport = 65_100;
+            let syn = tcp_frame(*client, cport, t.node_ip, t.node_port, true);
+            run_np(prog, &syn, ctx, &mut out, *rc, what)?;
+            let (backend, bport, snat) = (ip_dst(&out), dport(&out), sport(&out));
+            let est = tcp_frame(*client, cport, t.node_ip, t.node_port, false);
+            let reply = tcp_frame(backend, bport, t.node_ip, snat, false);
+            flows.push((est, reply, *client, cport, backend, bport, snat));
+        }
+        let mut est = [Vec::with_capacity(calls), Vec::with_capacity(calls)];
+        let mut rep = [Vec::with_capacity(calls), Vec::with_capacity(calls)];
+        let mut emp = [Vec::with_capacity(calls), Vec::with_capacity(calls)];
+        for _ in 0..calls {
+            for (i, (prog, ctx, rc, _, what)) in paths.iter().enumerate() {
+                let (e, r, client, cport, backend, _, _) = &flows[i];
+                est[i].push(run_np(prog, e, ctx, &mut out, *rc, what)?);
+                ensure!(
+                    ip_dst(&out) == *backend,
+                    "{what}: established flow lost its backend"
+                );
+                rep[i].push(run_np(prog, r, ctx, &mut out, *rc, what)?);
+                ensure!(
+                    (ip_src(&out), sport(&out), ip_dst(&out), dport(&out))
+                        == (t.node_ip, t.node_port, *client, *cport),
+                    "{what}: reply not reverse-translated to the client"
+                );
+                let empty = if i == 0 { &empty_xdp } else { &empty_tc };
+                emp[i].push(test_run_ctx(empty, e, &mut out, ctx)?.1);
+            }
+        }
+        for (_, _, client, cport, backend, bport, snat) in &flows {
+            let _ = map_delete(
+                &ct,
+                &ct_key(*client, t.node_ip, *cport, t.node_port, 6, CT_FORWARD),
+            );
+            let _ = map_delete(
+                &ct,
+                &ct_key(*backend, t.node_ip, *bport, *snat, 6, CT_REVERSE),
+            );
+        }
+        let [xn, tn] = new;
+        let [xe, te] = est;
+        let [xr, tr] = rep;
+        let [xm, tm] = emp;
+        Ok(NodePortCosts {
+            xdp_new: summarize(xn),
+            tc_new: summarize(tn),
+            xdp_established: summarize(xe),
+            tc_established: summarize(te),
+            xdp_reply: summarize(xr),
+            tc_reply: summarize(tr),
+            xdp_empty: summarize(xm),
+            tc_empty: summarize(tm),
+        })
+    })?
+}
+
+/// Offset of `last_seen_ns` (CLOCK_MONOTONIC, ns) in proxy_common::CtValue (56 bytes).
+const CT_LAST_SEEN: usize = 48;
+const CT_VALUE_SIZE: usize = 56;
+
+/// Whether a conntrack entry belongs to a NodePort flow through `node_ip` from `client`: the
+/// forward entry (client -> node) or the reverse entry of its SNAT (backend -> node).
+pub fn is_node_port_entry(
+    key: &[u8; 40],
+    node_ip: Ipv4Addr,
+    client: Ipv4Addr,
+    backends: &[Ipv4Addr],
+) -> bool {
+    let src = Ipv4Addr::new(key[0], key[1], key[2], key[3]);
+    let dst = Ipv4Addr::new(key[16], key[17], key[18], key[19]);
+    key[37] == AF_INET
+        && dst == node_ip
+        && ((key[38] == CT_FORWARD && src == client)
+            || (key[38] == CT_REVERSE && backends.contains(&src)))
+}
+
+/// Deletes the conntrack entries of NodePort flows (see [`is_node_port_entry`]) idle for at
+/// least `min_idle`, and returns (deleted, kept). The agent keeps an entry, and the SNAT port
+/// it holds, until its LRU map evicts it, so a bench that sends many NodePort flows would run
+/// out of SNAT ports (4,536 per endpoint); freeing a port sooner than the endpoint's TIME_WAIT
+/// (60 s) lets a new connection meet the old one's TIME_WAIT there, where PAWS drops its SYN.
+pub fn delete_idle_node_port_flows(
+    bpffs: &Path,
+    node_ip: Ipv4Addr,
+    client: Ipv4Addr,
+    backends: &[Ipv4Addr],
+    min_idle: std::time::Duration,
+) -> Result<(usize, usize)> {
+    const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+    let ct = obj_get(&bpffs.join("ct_v1"))?;
+    let now = {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes one timespec.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    };
+    let mut doomed = Vec::new();
+    let mut kept = 0;
+    let mut key = [0u8; 40];
+    let mut next = [0u8; 40];
+    let mut value = [0u8; CT_VALUE_SIZE];
+    let mut first = true;
+    // Bounded by the map's size (and a margin for entries added meanwhile).
+    for _ in 0..4 * 1024 * 1024 {
+        let mut a = Attr::new();
+        a.u32(0, ct.as_raw_fd() as u32)
+            .u64(8, if first { 0 } else { key.as_ptr() as u64 })
+            .u64(16, next.as_mut_ptr() as u64);
+        match bpf(BPF_MAP_GET_NEXT_KEY, &mut a) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => break,
+            Err(e) => return Err(e).context("iterating ct_v1"),
+        }
+        first = false;
+        key = next;
+        if !is_node_port_entry(&key, node_ip, client, backends) {
+            continue;
+        }
+        let mut a = Attr::new();
+        a.u32(0, ct.as_raw_fd() as u32)
+            .u64(8, key.as_ptr() as u64)
+            .u64(16, value.as_mut_ptr() as u64);
+        if bpf(BPF_MAP_LOOKUP_ELEM, &mut a).is_err() {
+            continue;
+        }
+        let seen = u64::from_ne_bytes(value[CT_LAST_SEEN..CT_LAST_SEEN + 8].try_into().unwrap());
+        if now.saturating_sub(seen) >= min_idle.as_nanos() as u64 {
+            doomed.push(key);
+        } else {
+            kept += 1;
+        }
+    }
+    let mut n = 0;
+    for k in &doomed {
+        if map_delete(&ct, k).is_ok() {
+            n += 1;
+        }
+    }
+    Ok((n, kept))
+}
+
 #[cfg(test)]
 mod unit {
     use super::*;
@@ -416,6 +795,54 @@ mod unit {
         assert_eq!(csum(&f[34..], pseudo + 6 + 20), 0);
         assert_eq!(ip_dst(&f), Ipv4Addr::new(198, 18, 32, 1));
         assert_eq!(dport(&f), 80);
+    }
+
+    #[test]
+    fn node_port_entries() {
+        let node = Ipv4Addr::new(198, 18, 0, 1);
+        let client = Ipv4Addr::new(198, 18, 0, 100);
+        let be = [Ipv4Addr::new(198, 19, 2, 2)];
+        let fwd = ct_key(client, node, 40_000, 30_080, 6, CT_FORWARD);
+        let rev = ct_key(be[0], node, 8080, 61_000, 17, CT_REVERSE);
+        assert!(is_node_port_entry(&fwd, node, client, &be));
+        assert!(is_node_port_entry(&rev, node, client, &be));
+        // A pod's ClusterIP flow, and a reverse entry of another backend, are not.
+        let pod = ct_key(Ipv4Addr::new(198, 19, 1, 2), be[0], 1, 80, 6, CT_FORWARD);
+        assert!(!is_node_port_entry(&pod, node, client, &be));
+        let other = ct_key(
+            Ipv4Addr::new(198, 19, 1, 3),
+            node,
+            8080,
+            61_000,
+            6,
+            CT_REVERSE,
+        );
+        assert!(!is_node_port_entry(&other, node, client, &be));
+    }
+
+    #[test]
+    fn contexts_and_conntrack_keys() {
+        let md = xdp_md(54, 7);
+        assert_eq!(md.len(), 24);
+        assert_eq!(u32::from_ne_bytes(md[4..8].try_into().unwrap()), 54);
+        assert_eq!(u32::from_ne_bytes(md[12..16].try_into().unwrap()), 7);
+        let skb = skb_ctx(7);
+        assert_eq!(skb.len(), 44);
+        assert_eq!(u32::from_ne_bytes(skb[40..44].try_into().unwrap()), 7);
+        assert!(skb[..40].iter().all(|b| *b == 0));
+        let k = ct_key(
+            Ipv4Addr::new(198, 19, 2, 2),
+            Ipv4Addr::new(198, 18, 0, 1),
+            8080,
+            61_000,
+            6,
+            CT_REVERSE,
+        );
+        assert_eq!(&k[..4], &[198, 19, 2, 2]);
+        assert!(k[4..16].iter().all(|b| *b == 0));
+        assert_eq!(&k[16..20], &[198, 18, 0, 1]);
+        assert_eq!(&k[32..36], &[0x1f, 0x90, 0xee, 0x48]);
+        assert_eq!(&k[36..40], &[6, 2, 1, 0]);
     }
 
     #[test]

@@ -12,6 +12,9 @@ pub enum Mode {
     IptNft,
     IptLegacy,
     Nft,
+    /// Not a bed of its own: the socket-LB bed's agent, whose XDP program forwards NodePort
+    /// traffic arriving on the node's LAN interface (the NodePort results of that bed).
+    Xdp,
 }
 
 impl Mode {
@@ -33,6 +36,7 @@ impl Mode {
             Mode::IptNft => "iptables (nft)",
             Mode::IptLegacy => "iptables-legacy",
             Mode::Nft => "nftables mode",
+            Mode::Xdp => "ours: XDP",
         }
     }
 
@@ -44,6 +48,7 @@ impl Mode {
             Mode::IptNft => "ipt-nft",
             Mode::IptLegacy => "ipt-legacy",
             Mode::Nft => "nft",
+            Mode::Xdp => "xdp",
         }
     }
 

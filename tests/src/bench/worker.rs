@@ -6,6 +6,8 @@
 //!   after MAX_MS; latency of each.
 //! - `udp ADDR COUNT MAX_MS WARMUP`: the same with one datagram and its reply, each from a
 //!   fresh socket (a new source port, a new flow: like a DNS client).
+//! - `flow ADDR MAX_MS WINDOW`: UDP on one flow (one socket): WINDOW datagrams in flight, each
+//!   reply answered by a new datagram, for MAX_MS; the packet rate of an established flow.
 //! - `up ADDR TIMEOUT_MS NAME|-`: tries TCP requests until one is answered (by NAME if given).
 //! - `down ADDR TIMEOUT_MS`: tries TCP requests until one fails.
 //!
@@ -142,6 +144,53 @@ fn load(udp: bool, addr: SocketAddr, count: usize, max: Duration, warmup: usize)
     })
 }
 
+/// UDP request/reply on one flow with `window` requests in flight, for `max`: every reply is
+/// answered by a new request at once. After 50 ms without a reply the requests in flight count
+/// as lost and a new window is sent. Reports exchanges (request + reply) per second.
+fn flow(addr: SocketAddr, max: Duration, window: usize) -> Result<Value> {
+    let s = UdpSocket::bind("0.0.0.0:0")?;
+    s.connect(addr)?;
+    let mut buf = [0u8; 256];
+    // One exchange first, so that the flow exists and every next hop is resolved.
+    s.set_read_timeout(Some(Duration::from_secs(1)))?;
+    s.send(b"q\n")?;
+    s.recv(&mut buf).context("no reply to the first request")?;
+    s.set_read_timeout(Some(Duration::from_millis(50)))?;
+    let (mut got, mut lost, mut in_flight) = (0u64, 0u64, 0u64);
+    let start = Instant::now();
+    while start.elapsed() < max {
+        if in_flight == 0 {
+            for _ in 0..window {
+                s.send(b"q\n")?;
+            }
+            in_flight = window as u64;
+        }
+        match s.recv(&mut buf) {
+            Ok(_) => {
+                got += 1;
+                s.send(b"q\n")?;
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                lost += in_flight;
+                in_flight = 0;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    Ok(json!({
+        "ok": got,
+        "lost": lost,
+        "elapsed_s": elapsed,
+        "rate": got as f64 / elapsed,
+    }))
+}
+
 fn poll(addr: SocketAddr, timeout: Duration, want_up: bool, expect: Option<&str>) -> Value {
     let deadline = Instant::now() + timeout;
     let mut attempts = 0u64;
@@ -188,6 +237,11 @@ fn command(line: &str) -> Result<Value> {
             Duration::from_millis(num(3)?),
             num(4)? as usize,
         ),
+        Some("flow") => flow(
+            addr(1)?,
+            Duration::from_millis(num(2)?),
+            num(3)?.clamp(1, 256) as usize,
+        )?,
         Some("up") => {
             let expect = f.get(3).filter(|e| **e != "-").copied();
             poll(addr(1)?, Duration::from_millis(num(2)?), true, expect)

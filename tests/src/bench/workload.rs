@@ -1,9 +1,13 @@
 //! The benchmark's Services: addresses, ports and endpoints, the same for every mode.
 //!
 //! Address plan (everything in 198.18.0.0/15, inside the bench's own namespaces):
-//! - 198.18.0.0/24: the test bed's LAN (node 198.18.0.1).
-//! - 198.19.0.0/18: the pod ("cluster") CIDR. Real pods live in 198.19.1.0/24 (the bed's node1
-//!   pod CIDR); the endpoints of Services that never carry traffic come from 198.19.16.0/20.
+//! - 198.18.0.0/24: the test bed's LAN (node1 198.18.0.1, node2 198.18.0.2, the external
+//!   client 198.18.0.100).
+//! - 198.18.16.0/20: made-up external clients of the per-packet NodePort measurement, routed
+//!   via the external client by node1.
+//! - 198.19.0.0/18: the pod ("cluster") CIDR. Real pods live in 198.19.1.0/24 (node1) and
+//!   198.19.2.0/24 (node2); the endpoints of Services that never carry traffic come from
+//!   198.19.16.0/20.
 //! - Service ClusterIPs: 198.18.32.0 .. 198.18.255.255 then 198.19.64.0 .. 198.19.255.255
 //!   ([`SERVICE_CIDRS`], 106,496 addresses), disjoint from every pod address.
 
@@ -28,6 +32,11 @@ pub const NAMESPACE: &str = "bench";
 pub const HTTP_TARGET: u16 = 8080;
 pub const DNS_TARGET: u16 = 5353;
 pub const IPERF_PORT: u16 = 5201;
+/// nodePorts of the NodePort Service (Service 1), whose endpoints are on node2.
+pub const NODEPORT_TCP: u16 = 30080;
+pub const NODEPORT_UDP: u16 = 30053;
+/// Index of the NodePort Service among the N.
+pub const NODEPORT_INDEX: usize = 1;
 
 /// i-th Service address.
 pub fn vip(i: usize) -> Ipv4Addr {
@@ -58,6 +67,8 @@ pub struct PortDef {
     pub proto: Proto,
     pub port: u16,
     pub target: u16,
+    /// The Service's nodePort for this port (type NodePort).
+    pub node_port: Option<u16>,
 }
 
 impl PortDef {
@@ -76,12 +87,19 @@ pub struct Svc {
     pub vip: Ipv4Addr,
     pub ports: Vec<PortDef>,
     pub endpoints: Vec<Ipv4Addr>,
+    /// `nodeName` of every endpoint.
+    pub node: &'static str,
 }
 
 impl Svc {
     /// `namespace/name:port` (kube-proxy's ServicePortName).
     pub fn port_name(&self, p: &PortDef) -> String {
         format!("{NAMESPACE}/{}:{}", self.name, p.name)
+    }
+
+    /// Type NodePort (some port has a nodePort).
+    pub fn is_node_port(&self) -> bool {
+        self.ports.iter().any(|p| p.node_port.is_some())
     }
 }
 
@@ -103,6 +121,9 @@ pub struct Backends {
     pub added: [Ipv4Addr; 3],
     /// Backend pod B (tb-echo tcp/8080): the endpoint that "change one endpoint" swaps in.
     pub b: Ipv4Addr,
+    /// Endpoints of the NodePort Service: three addresses of backend pod C on node2 (tb-echo
+    /// tcp/8080 and udp/5353).
+    pub remote: [Ipv4Addr; 3],
 }
 
 fn exercised_ports(last: bool) -> Vec<PortDef> {
@@ -111,18 +132,21 @@ fn exercised_ports(last: bool) -> Vec<PortDef> {
         proto: Proto::Tcp,
         port: 80,
         target: HTTP_TARGET,
+        node_port: None,
     };
     let dns = PortDef {
         name: "dns",
         proto: Proto::Udp,
         port: 53,
         target: DNS_TARGET,
+        node_port: None,
     };
     let iperf = PortDef {
         name: "iperf",
         proto: Proto::Tcp,
         port: IPERF_PORT,
         target: IPERF_PORT,
+        node_port: None,
     };
     // The last Service's TCP port is the very last rule of KUBE-SERVICES.
     if last {
@@ -132,11 +156,33 @@ fn exercised_ports(last: bool) -> Vec<PortDef> {
     }
 }
 
-/// `n` Services (n >= 2). The first and the last one lead to the real backend pod A on three
-/// ports (tcp/80, udp/53, tcp/5201); the others have one port (tcp/80) and three endpoints that
-/// never receive traffic.
+/// The NodePort Service's ports: tcp/80 -> 8080 (nodePort 30080), udp/53 -> 5353 (30053).
+fn node_port_ports() -> Vec<PortDef> {
+    vec![
+        PortDef {
+            name: "http",
+            proto: Proto::Tcp,
+            port: 80,
+            target: HTTP_TARGET,
+            node_port: Some(NODEPORT_TCP),
+        },
+        PortDef {
+            name: "dns",
+            proto: Proto::Udp,
+            port: 53,
+            target: DNS_TARGET,
+            node_port: Some(NODEPORT_UDP),
+        },
+    ]
+}
+
+/// `n` Services (n >= 3). The first and the last one lead to the real backend pod A on three
+/// ports (tcp/80, udp/53, tcp/5201); Service 1 is of type NodePort (tcp/80 and udp/53 with
+/// nodePorts 30080 and 30053, externalTrafficPolicy Cluster) with its three endpoints on pod C
+/// on node2, so traffic to node1's NodePort is forwarded to another node; the others have one
+/// port (tcp/80) and three endpoints that never receive traffic.
 pub fn services(n: usize, be: &Backends) -> Vec<Svc> {
-    assert!(n >= 2);
+    assert!(n >= 3);
     (0..n)
         .map(|i| {
             let name = format!("svc-{i:06}");
@@ -146,6 +192,15 @@ pub fn services(n: usize, be: &Backends) -> Vec<Svc> {
                     vip: vip(i),
                     ports: exercised_ports(i == n - 1),
                     endpoints: if i == 0 { be.first } else { be.last }.to_vec(),
+                    node: "node1",
+                }
+            } else if i == NODEPORT_INDEX {
+                Svc {
+                    name,
+                    vip: vip(i),
+                    ports: node_port_ports(),
+                    endpoints: be.remote.to_vec(),
+                    node: "node2",
                 }
             } else {
                 let port = idle_endpoint(i, 0).1;
@@ -157,8 +212,10 @@ pub fn services(n: usize, be: &Backends) -> Vec<Svc> {
                         proto: Proto::Tcp,
                         port: 80,
                         target: port,
+                        node_port: None,
                     }],
                     endpoints: (0..3).map(|j| idle_endpoint(i, j).0).collect(),
+                    node: "node1",
                 }
             }
         })
@@ -179,23 +236,34 @@ pub fn added(n: usize, be: &Backends, changed: bool) -> Svc {
             proto: Proto::Tcp,
             port: 80,
             target: HTTP_TARGET,
+            node_port: None,
         }],
         endpoints,
+        node: "node1",
     }
 }
 
-/// Frontends (Service ports) of a set of Services.
+/// Frontends the agent programs for a set of Services: one per Service port, plus one per
+/// nodePort (the agents serve NodePorts on node1's one IPv4 LAN address only).
 pub fn frontends(svcs: &[Svc]) -> usize {
-    svcs.iter().map(|s| s.ports.len()).sum()
+    svcs.iter()
+        .flat_map(|s| &s.ports)
+        .map(|p| 1 + usize::from(p.node_port.is_some()))
+        .sum()
 }
 
 /// Service + EndpointSlice as YAML documents, as the agent's `--manifests` source reads them.
 pub fn yaml(s: &Svc, out: &mut String) {
     let _ = write!(
         out,
-        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: {NAMESPACE}\nspec:\n  type: ClusterIP\n  clusterIP: {vip}\n  clusterIPs: [{vip}]\n  selector:\n    app: {name}\n  ports:\n",
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: {NAMESPACE}\nspec:\n  type: {kind}\n  clusterIP: {vip}\n  clusterIPs: [{vip}]\n  selector:\n    app: {name}\n  ports:\n",
         name = s.name,
-        vip = s.vip
+        vip = s.vip,
+        kind = if s.is_node_port() {
+            "NodePort"
+        } else {
+            "ClusterIP"
+        },
     );
     for p in &s.ports {
         let _ = write!(
@@ -206,6 +274,9 @@ pub fn yaml(s: &Svc, out: &mut String) {
             p.proto.k8s(),
             p.target
         );
+        if let Some(np) = p.node_port {
+            let _ = writeln!(out, "    nodePort: {np}");
+        }
     }
     let _ = write!(
         out,
@@ -215,7 +286,8 @@ pub fn yaml(s: &Svc, out: &mut String) {
     for e in &s.endpoints {
         let _ = write!(
             out,
-            "- addresses: [{e}]\n  conditions: {{ready: true}}\n  nodeName: node1\n"
+            "- addresses: [{e}]\n  conditions: {{ready: true}}\n  nodeName: {}\n",
+            s.node
         );
     }
     out.push_str("ports:\n");
@@ -251,11 +323,13 @@ mod unit {
 
     fn be() -> Backends {
         let a = |k: u8| Ipv4Addr::new(198, 19, 1, k);
+        let c = |k: u8| Ipv4Addr::new(198, 19, 2, k);
         Backends {
             first: [a(3), a(200), a(201)],
             last: [a(202), a(203), a(204)],
             added: [a(205), a(206), a(207)],
             b: a(4),
+            remote: [c(2), c(200), c(201)],
         }
     }
 
@@ -280,14 +354,14 @@ mod unit {
     fn idle_endpoints_are_unique() {
         let svcs = services(100_000, &be());
         let mut seen = std::collections::HashSet::new();
-        for s in &svcs[1..svcs.len() - 1] {
+        for s in &svcs[2..svcs.len() - 1] {
             for e in &s.endpoints {
                 assert!(seen.insert((*e, s.ports[0].target)));
                 let o = e.octets();
                 assert!(o[0] == 198 && o[1] == 19 && (16..32).contains(&o[2]), "{e}");
             }
         }
-        assert_eq!(seen.len(), 3 * 99_998);
+        assert_eq!(seen.len(), 3 * 99_997);
     }
 
     #[test]
@@ -307,6 +381,30 @@ mod unit {
             Some("198.19.1.203")
         );
         assert_eq!(docs[1]["ports"][0]["port"].as_u64(), Some(5353));
-        assert_eq!(frontends(&svcs), 14);
+        assert_eq!(docs[1]["endpoints"][0]["nodeName"].as_str(), Some("node1"));
+        // 3 + 3 ports of the first and last Service, 2 ports and 2 nodePorts of the NodePort
+        // Service, one port of each of the 7 others.
+        assert_eq!(frontends(&svcs), 17);
+
+        let mut text = String::new();
+        yaml(&svcs[NODEPORT_INDEX], &mut text);
+        let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&text)
+            .map(|d| serde::Deserialize::deserialize(d).unwrap())
+            .filter(|v: &serde_yaml::Value| !v.is_null())
+            .collect();
+        assert_eq!(docs[0]["spec"]["type"].as_str(), Some("NodePort"));
+        assert_eq!(
+            docs[0]["spec"]["ports"][0]["nodePort"].as_u64(),
+            Some(30080)
+        );
+        assert_eq!(
+            docs[0]["spec"]["ports"][1]["nodePort"].as_u64(),
+            Some(30053)
+        );
+        assert_eq!(docs[1]["endpoints"][2]["nodeName"].as_str(), Some("node2"));
+        assert_eq!(
+            docs[1]["endpoints"][2]["addresses"][0].as_str(),
+            Some("198.19.2.201")
+        );
     }
 }

@@ -2,12 +2,14 @@
 //! machine, in one run; writes BENCHMARKS.md. Run it through `cargo xtask bench` (release
 //! build, packages installed); `BENCH_QUICK=1` for a short development run.
 //!
-//! Every mode gets its own small bed (a 1-node emulated cluster from `tests::TestBed`): a client
-//! pod, a backend pod A with three addresses (tb-echo on tcp/8080 and udp/5353, iperf3 on 5201),
-//! a backend pod B, and the "node" namespace between them where the rules or the agent live.
-//! The same N Services (3 endpoints each) are programmed in every mode; only the first and the
-//! last lead to pod A and carry traffic, the others have endpoints that never do. Modes are
-//! interleaved over rounds and medians reported. See BENCHMARKS.md for the method in full.
+//! Every mode gets its own small bed (a 2-node emulated cluster from `tests::TestBed`): on node1
+//! a client pod, a backend pod A with nine addresses (tb-echo on tcp/8080 and udp/5353, iperf3
+//! on 5201), a backend pod B, and the "node" namespace between them where the rules or the agent
+//! live; on node2 (no proxy) backend pod C, the endpoints of a NodePort Service that the bed's
+//! external client reaches through node1. The same N Services (3 endpoints each) are programmed
+//! in every mode; only the first, the last and the NodePort Service carry traffic, the others
+//! have endpoints that never do. Modes are interleaved over rounds and medians reported. See
+//! BENCHMARKS.md for the method in full.
 
 #[path = "../bench/kube_rules.rs"]
 mod kube_rules;
@@ -32,33 +34,52 @@ use kube_rules::IptSync;
 use report::{Cell, Mode, Results, Unit, V, fmt_cell, fmt_ratio, table};
 use tests::{Agent, Pod, TestBed, cmd};
 use worker::{Worker, mono_ns};
-use workload::{Backends, DNS_TARGET, HTTP_TARGET, IPERF_PORT, SERVICE_CIDRS, Svc};
+use workload::{
+    Backends, DNS_TARGET, HTTP_TARGET, IPERF_PORT, NODEPORT_TCP, NODEPORT_UDP, SERVICE_CIDRS, Svc,
+};
 
 /// Addresses the bed gives the pods (the first three pods on node1).
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 1, 2);
 const A0: Ipv4Addr = Ipv4Addr::new(198, 19, 1, 3);
 const B0: Ipv4Addr = Ipv4Addr::new(198, 19, 1, 4);
+/// Backend pod C, the first pod on node2.
+const C0: Ipv4Addr = Ipv4Addr::new(198, 19, 2, 2);
 
-/// Pod A's addresses: the first, the last and the added Service get three each.
+/// Pod A's addresses: the first, the last and the added Service get three each; pod C's three
+/// are the NodePort Service's endpoints.
 fn backends() -> Backends {
     let a = |k: u8| Ipv4Addr::new(198, 19, 1, k);
+    let c = |k: u8| Ipv4Addr::new(198, 19, 2, k);
     Backends {
         first: [A0, a(200), a(201)],
         last: [a(202), a(203), a(204)],
         added: [a(205), a(206), a(207)],
         b: B0,
+        remote: [C0, c(200), c(201)],
     }
 }
 const NODE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+const NODE2_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+/// Made-up external clients of the per-packet NodePort measurement, routed by node1 via the
+/// bed's external client (so the XDP program's FIB lookup finds a next hop for the replies).
+const TEST_EXT_CLIENTS: &str = "198.18.16.0/20";
+
+/// NodePort flows' conntrack entries idle this long are deleted from the agents' maps after
+/// each NodePort measurement: longer than the endpoints' TIME_WAIT (60 s), see
+/// [`progrun::delete_idle_node_port_flows`].
+const CT_IDLE: Duration = Duration::from_secs(65);
 
 /// Flags every agent runs with (besides the bed's own).
-const AGENT_FLAGS: [&str; 6] = [
+const AGENT_FLAGS: [&str; 8] = [
     "--poll-interval-ms",
     "10",
     "--map-size-services",
     "131072",
     "--map-size-backends",
     "524288",
+    // NodePorts on node1's IPv4 LAN address only, as kube-proxy's IPv4 rules here serve them.
+    "--nodeport-addresses",
+    "198.18.0.0/24",
 ];
 
 /// Whole-run budget: later phases are cut when it runs out.
@@ -73,9 +94,19 @@ struct Config {
     big_rounds: usize,
     tcp_count: usize,
     udp_count: usize,
+    /// Requests per NodePort measurement (TCP connections, UDP requests). Each is a flow whose
+    /// SNAT port the agents hold for at least `CT_IDLE`: with three endpoints of 4,536 ports
+    /// each, a few measurements' flows must fit with room to spare (a new flow gives up after
+    /// 8 taken ports).
+    np_count: usize,
+    /// Length of the one-flow NodePort packet-rate measurement, and its requests in flight.
+    np_flow_ms: u64,
+    np_flow_window: usize,
     traffic_ms: u64,
     iperf_secs: u32,
     prog_calls: usize,
+    /// Calls per packet kind of the NodePort XDP / tc per-packet measurement.
+    np_prog_calls: usize,
     /// Time limit of a full load at >= 10,000 Services for the userspace-bound
     /// iptables-nft-restore (it can be killed early).
     ipt_nft_limit: Duration,
@@ -122,9 +153,13 @@ impl Config {
                 big_rounds: 0,
                 tcp_count: 1000,
                 udp_count: 1000,
+                np_count: 300,
+                np_flow_ms: 500,
+                np_flow_window: 16,
                 traffic_ms: 3000,
                 iperf_secs: 2,
                 prog_calls: 5000,
+                np_prog_calls: 2000,
                 ipt_nft_limit: Duration::from_secs(60),
                 limit: Duration::from_secs(180),
                 big_load_limit: Duration::from_secs(150),
@@ -141,9 +176,13 @@ impl Config {
                 big_rounds: 3,
                 tcp_count: 2000,
                 udp_count: 2000,
+                np_count: 500,
+                np_flow_ms: 1000,
+                np_flow_window: 16,
                 traffic_ms: 5000,
                 iperf_secs: 3,
                 prog_calls: 20_000,
+                np_prog_calls: 10_000,
                 ipt_nft_limit: Duration::from_secs(60),
                 limit: Duration::from_secs(180),
                 big_load_limit: Duration::from_secs(150),
@@ -194,6 +233,8 @@ struct ModeBed {
     mode: Mode,
     // Dropped before the bed: the worker must leave the pod's cgroup before it is removed.
     worker: Worker,
+    /// The same in the bed's external client namespace (NodePort traffic).
+    ext_worker: Worker,
     agent: Option<Agent>,
     client: Pod,
     node_ns: String,
@@ -222,25 +263,130 @@ fn sysctl(ns: &str, settings: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// The MAC address of `dev` in namespace `ns`.
+fn mac_of(ns: &str, dev: &str) -> Result<String> {
+    let out = cmd::ip(&["-n", ns, "-j", "link", "show", "dev", dev])?;
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    v[0]["address"]
+        .as_str()
+        .map(String::from)
+        .with_context(|| format!("no MAC address of {dev} in {ns}: {out}"))
+}
+
+/// `bench udp-echo` in `pod` on port 5353 of each of `addrs`, waiting until it is ready.
+fn start_udp_echo(bed: &mut TestBed, pod: &Pod, exe: &Path, addrs: &[Ipv4Addr]) -> Result<()> {
+    // UDP replies must leave from the address the request went to (tb-echo binds 0.0.0.0, so
+    // its replies would leave from the pod's first address): one socket per address.
+    let mut args = vec!["udp-echo".to_string(), pod.name.clone()];
+    args.extend(addrs.iter().map(|ip| sa(*ip, DNS_TARGET).to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let udp = bed.spawn_in_pod(pod, &exe.to_string_lossy(), &args)?;
+    let udp_log = bed.log_of(udp).context("udp-echo log")?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !fs::read_to_string(&udp_log)
+        .unwrap_or_default()
+        .contains("ready")
+    {
+        ensure!(
+            Instant::now() < deadline && bed.is_running(udp),
+            "udp-echo did not start: {}",
+            fs::read_to_string(&udp_log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
 fn setup_bed(mode: Mode, exe: &Path) -> Result<ModeBed> {
-    let mut bed = TestBed::new(1)?;
+    let mut bed = TestBed::new(2)?;
     let client = bed.add_pod(1, "client")?;
     let a = bed.add_pod(1, "be-a")?;
     let b = bed.add_pod(1, "be-b")?;
+    let c = bed.add_pod(2, "be-c")?;
     ensure!(
-        (client.ip, a.ip, b.ip) == (CLIENT_IP, A0, B0),
-        "unexpected pod addresses {} {} {}",
+        (client.ip, a.ip, b.ip, c.ip) == (CLIENT_IP, A0, B0, C0),
+        "unexpected pod addresses {} {} {} {}",
         client.ip,
         a.ip,
-        b.ip
+        b.ip,
+        c.ip
     );
     let node_ns = bed.node(1).ns.clone();
-    // Pod A answers on nine addresses: the endpoints of the exercised Services.
+    let node2_ns = bed.node(2).ns.clone();
+    let ext_ns = bed.ext_ns().to_string();
+    // Pod A answers on nine addresses: the endpoints of the exercised Services; pod C on node2
+    // on three: the NodePort Service's.
     let be = backends();
     for extra in be.first[1..].iter().chain(&be.last).chain(&be.added) {
         let cidr = format!("{extra}/32");
         cmd::ip(&["-n", &a.ns, "addr", "add", &cidr, "dev", "eth0"])?;
         cmd::ip(&["-n", &node_ns, "route", "add", &cidr, "dev", &a.host_if])?;
+    }
+    for extra in &be.remote[1..] {
+        let cidr = format!("{extra}/32");
+        cmd::ip(&["-n", &c.ns, "addr", "add", &cidr, "dev", "eth0"])?;
+        cmd::ip(&["-n", &node2_ns, "route", "add", &cidr, "dev", &c.host_if])?;
+    }
+    // node1's next hops on the LAN are fixed (the real MACs): the XDP program's FIB lookup
+    // needs a resolved neighbour, also in the per-packet measurement long after any traffic.
+    for (ip, ns) in [(NODE2_IP, &node2_ns), (tests::EXT_IP, &ext_ns)] {
+        let mac = mac_of(ns, "lan0")?;
+        cmd::ip(&[
+            "-n",
+            &node_ns,
+            "neigh",
+            "replace",
+            &ip.to_string(),
+            "lladdr",
+            &mac,
+            "dev",
+            "lan0",
+            "nud",
+            "permanent",
+        ])?;
+    }
+    cmd::ip(&[
+        "-n",
+        &node_ns,
+        "route",
+        "add",
+        TEST_EXT_CLIENTS,
+        "via",
+        &tests::EXT_IP.to_string(),
+        "dev",
+        "lan0",
+    ])?;
+    // The external client and node2 share the LAN with node1, which forwards between them on
+    // the same interface: no ICMP redirects, or the client would learn to bypass node1 (the
+    // no-proxy floor).
+    sysctl(
+        &node_ns,
+        &[
+            "net.ipv4.conf.all.send_redirects=0",
+            "net.ipv4.conf.lan0.send_redirects=0",
+        ],
+    )?;
+    if mode == Mode::NoProxy {
+        // The floor of the NodePort measurement: node1 forwards between the client and pod C
+        // both ways, without any translation.
+        cmd::ip(&[
+            "-n",
+            &ext_ns,
+            "route",
+            "replace",
+            "198.19.2.0/24",
+            "via",
+            &NODE_IP.to_string(),
+        ])?;
+        cmd::ip(&[
+            "-n",
+            &node2_ns,
+            "route",
+            "add",
+            &format!("{}/32", tests::EXT_IP),
+            "via",
+            &NODE_IP.to_string(),
+        ])?;
     }
     // Service addresses are local to the node: a connection to a VIP that nothing translates
     // is refused at once (RST; ICMP errors would be rate-limited), so "is it programmed yet?"
@@ -260,34 +406,26 @@ fn setup_bed(mode: Mode, exe: &Path) -> Result<ModeBed> {
     )?;
     bed.start_echo(&a, &[HTTP_TARGET], &[])?;
     bed.start_echo(&b, &[HTTP_TARGET], &[])?;
-    // UDP replies must leave from the address the request went to (tb-echo binds 0.0.0.0, so
-    // its replies would leave from the pod's first address): one socket per address.
-    let mut udp_args = vec!["udp-echo".to_string(), "be-a".to_string()];
-    for ip in be.first.iter().chain(&be.last).chain(&be.added) {
-        udp_args.push(sa(*ip, DNS_TARGET).to_string());
-    }
-    let udp_args: Vec<&str> = udp_args.iter().map(String::as_str).collect();
-    let udp = bed.spawn_in_pod(&a, &exe.to_string_lossy(), &udp_args)?;
-    let udp_log = bed.log_of(udp).context("udp-echo log")?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !fs::read_to_string(&udp_log)
-        .unwrap_or_default()
-        .contains("ready")
-    {
-        ensure!(
-            Instant::now() < deadline && bed.is_running(udp),
-            "udp-echo did not start: {}",
-            fs::read_to_string(&udp_log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    bed.start_echo(&c, &[HTTP_TARGET], &[])?;
+    let a_addrs: Vec<Ipv4Addr> = be
+        .first
+        .iter()
+        .chain(&be.last)
+        .chain(&be.added)
+        .copied()
+        .collect();
+    start_udp_echo(&mut bed, &a, exe, &a_addrs)?;
+    start_udp_echo(&mut bed, &c, exe, &be.remote)?;
     let iperf = bed.spawn_in_pod(&a, "iperf3", &["-s", "-p", &IPERF_PORT.to_string()])?;
     let log = bed.dir().join(format!("worker-{}.log", mode.short()));
     let worker = Worker::start(&client.ns, client.cgroup.as_deref(), exe, &log)?;
+    let log = bed.dir().join(format!("ext-worker-{}.log", mode.short()));
+    let ext_worker = Worker::start(&ext_ns, None, exe, &log)?;
     let manifests = bed.manifests_dir().to_path_buf();
     let mut mb = ModeBed {
         mode,
         worker,
+        ext_worker,
         agent: None,
         client,
         node_ns,
@@ -302,8 +440,11 @@ fn setup_bed(mode: Mode, exe: &Path) -> Result<ModeBed> {
     match mode {
         Mode::SockLb | Mode::Tc => {
             let mut args: Vec<&str> = AGENT_FLAGS.to_vec();
+            // The socket-LB agent keeps the default `--xdp auto` (generic XDP on the bed's
+            // veths), so its NodePort traffic takes the XDP path; the tc agent runs without
+            // XDP, so its NodePort traffic takes the tc path.
             if mode == Mode::Tc {
-                args.push("--socket-lb=false");
+                args.extend(["--socket-lb=false", "--xdp=off"]);
             }
             let dir = mb.manifests.clone();
             let agent = mb.bed.start_agent_with(1, &dir, &args)?;
@@ -317,6 +458,7 @@ fn setup_bed(mode: Mode, exe: &Path) -> Result<ModeBed> {
             mb.run(&restore, &[&base.to_string_lossy()], cmd::SHORT)?;
         }
         Mode::NoProxy | Mode::Nft => {}
+        Mode::Xdp => bail!("XDP has no bed of its own"),
     }
     std::thread::sleep(Duration::from_millis(300));
     ensure!(mb.bed.is_running(iperf), "iperf3 -s exited in {}", a.ns);
@@ -750,7 +892,7 @@ impl Bench {
             return Ok(());
         }
         match mb.mode {
-            Mode::NoProxy => {}
+            Mode::NoProxy | Mode::Xdp => {}
             Mode::SockLb | Mode::Tc => {
                 let _ = fs::remove_file(mb.manifests.join("added.yaml"));
                 if let Some(k) = mb.agent_stage.take() {
@@ -790,7 +932,7 @@ impl Bench {
         let last = sa(sz.last(), 80);
         let answer_limit = Duration::from_secs(600);
         match mode {
-            Mode::NoProxy => {
+            Mode::NoProxy | Mode::Xdp => {
                 mb.loaded = Some(n);
             }
             Mode::SockLb | Mode::Tc => {
@@ -999,10 +1141,151 @@ impl Bench {
             Ok(g) => self.add(n, mode, "iperf", V::Num(g)),
             Err(e) => self.add(n, mode, "iperf", V::Fail(format!("{e:#}"))),
         }
+        self.node_port_traffic(mb, sz)?;
         if let (Some(c0), Some(a)) = (cpu0, &mb.agent) {
             let pct = 100.0 * (cpu_secs(a.pid) - c0) / wall0.elapsed().as_secs_f64();
             self.add(n, mode, "agent_cpu_idle", V::Num(pct));
         }
+        Ok(())
+    }
+
+    /// From the bed's external client to node1's NodePort (no proxy: to pod C through node1),
+    /// the backends on node2: TCP connections and UDP requests, each a new flow, then UDP on one
+    /// flow. In the agents' beds, checks which path the traffic took (the XDP program's
+    /// `xdp_forwarded` counter) and deletes the flows' conntrack entries afterwards.
+    fn node_port_traffic(&mut self, mb: &mut ModeBed, sz: &Size) -> Result<()> {
+        let started = Instant::now();
+        let n = sz.n;
+        // The socket-LB bed's agent forwards NodePort traffic at XDP: its results are XDP's.
+        let mode = if mb.mode == Mode::SockLb {
+            Mode::Xdp
+        } else {
+            mb.mode
+        };
+        let (tcp, udp) = if mb.mode == Mode::NoProxy {
+            (sa(C0, HTTP_TARGET), sa(C0, DNS_TARGET))
+        } else {
+            (sa(NODE_IP, NODEPORT_TCP), sa(NODE_IP, NODEPORT_UDP))
+        };
+        let bpffs = mb.agent.as_ref().map(|a| a.bpffs.clone());
+        let forwarded = |b: &Option<PathBuf>| -> Result<Option<u64>> {
+            b.as_ref()
+                .map(|b| progrun::counter(b, progrun::COUNTER_XDP_FORWARDED))
+                .transpose()
+        };
+        let fwd0 = forwarded(&bpffs)?;
+        let snat_drops = |b: &Option<PathBuf>| -> Result<Option<u64>> {
+            b.as_ref()
+                .map(|b| progrun::counter(b, progrun::COUNTER_DROPPED_SNAT_PORTS))
+                .transpose()
+        };
+        let drops0 = snat_drops(&bpffs)?;
+        let limit = Duration::from_millis(self.cfg.traffic_ms) + Duration::from_secs(60);
+        let mut answered = 0u64;
+        for (proto, addr) in [("tcp", tcp), ("udp", udp)] {
+            let line = format!(
+                "{proto} {addr} {} {} 50",
+                self.cfg.np_count, self.cfg.traffic_ms
+            );
+            let v = mb.ext_worker.call(&line, limit)?;
+            let ok = v["ok"].as_u64().unwrap_or(0);
+            let fail = v["fail"].as_u64().unwrap_or(0);
+            answered += ok;
+            let keys: [&'static str; 3] = if proto == "tcp" {
+                ["np_tcp_rate", "np_tcp_p50", "np_tcp_p99"]
+            } else {
+                ["np_udp_rate", "np_udp_p50", "np_udp_p99"]
+            };
+            if ok == 0 {
+                let e = V::Fail(v["error"].as_str().unwrap_or("no answer").to_string());
+                for k in keys {
+                    self.add(n, mode, k, e.clone());
+                }
+                continue;
+            }
+            if fail > 0 {
+                self.note(format!(
+                    "{} at {} Services: {fail} of {} {proto} requests to the NodePort failed ({})",
+                    mode.label(),
+                    n_label(n),
+                    ok + fail,
+                    v["error"]
+                ));
+            }
+            for (k, field) in keys.into_iter().zip(["rate", "p50_us", "p99_us"]) {
+                self.add(n, mode, k, V::Num(v[field].as_f64().unwrap_or(f64::NAN)));
+            }
+        }
+        let line = format!(
+            "flow {udp} {} {}",
+            self.cfg.np_flow_ms, self.cfg.np_flow_window
+        );
+        let v = mb.ext_worker.call(&line, limit)?;
+        match v["rate"].as_f64() {
+            // Two packets through node1 per exchange: the request and the reply.
+            Some(r) if v["ok"].as_u64().unwrap_or(0) > 0 => {
+                answered += v["ok"].as_u64().unwrap_or(0);
+                self.add(n, mode, "np_flow_pps", V::Num(2.0 * r));
+                let lost = v["lost"].as_u64().unwrap_or(0);
+                if lost > 0 {
+                    self.note(format!(
+                        "{} at {} Services: {lost} datagrams lost in the one-flow NodePort measurement",
+                        mode.label(),
+                        n_label(n)
+                    ));
+                }
+            }
+            _ => self.add(
+                n,
+                mode,
+                "np_flow_pps",
+                V::Fail(v["error"].as_str().unwrap_or("no answer").to_string()),
+            ),
+        }
+        if let (Some(b), Some(f0)) = (&bpffs, fwd0) {
+            let moved = forwarded(&bpffs)?.unwrap_or(0).saturating_sub(f0);
+            // Every exchange is at least a request and a reply.
+            if mb.mode == Mode::SockLb && moved < 2 * answered {
+                self.note(format!(
+                    "{} at {} Services: the XDP program forwarded only {moved} packets for {answered} NodePort exchanges (the rest went through tc)",
+                    mode.label(),
+                    n_label(n)
+                ));
+            }
+            let drops = snat_drops(&bpffs)?
+                .unwrap_or(0)
+                .saturating_sub(drops0.unwrap_or(0));
+            if drops > 0 {
+                self.note(format!(
+                    "{} at {} Services: {drops} NodePort packets dropped for want of a free SNAT port",
+                    mode.label(),
+                    n_label(n)
+                ));
+            }
+            if mb.mode == Mode::Tc && moved > 0 {
+                self.note(format!(
+                    "{} at {} Services: {moved} NodePort packets were forwarded at XDP despite --xdp=off",
+                    mode.label(),
+                    n_label(n)
+                ));
+            }
+            let (gone, kept) = progrun::delete_idle_node_port_flows(
+                b,
+                NODE_IP,
+                tests::EXT_IP,
+                &backends().remote,
+                CT_IDLE,
+            )?;
+            log(format!(
+                "    {}: {moved} packets forwarded at XDP; NodePort conntrack entries idle for {} s deleted: {gone}, kept: {kept}",
+                mb.mode.label(),
+                CT_IDLE.as_secs()
+            ));
+        }
+        log(format!(
+            "    NodePort traffic: {:.1} s",
+            started.elapsed().as_secs_f64()
+        ));
         Ok(())
     }
 
@@ -1057,7 +1340,7 @@ impl Bench {
                 _ => ("delete", "delete_cmd"),
             };
             match mode {
-                Mode::NoProxy => return Ok(()),
+                Mode::NoProxy | Mode::Xdp => return Ok(()),
                 Mode::SockLb | Mode::Tc => {
                     let agent = mb.agent().clone();
                     let g = last_generation(&agent);
@@ -1127,6 +1410,42 @@ impl Bench {
         let Some(agent) = &mb.agent else { return };
         self.test_clients += 1;
         let c = self.test_clients;
+        // NodePort packets at XDP and at tc, from two made-up external clients.
+        let ext = |k: u32| Ipv4Addr::new(198, 18, 16 + (k / 250 % 16) as u8, 1 + (k % 250) as u8);
+        let target = progrun::NodePortTarget {
+            bpffs: &agent.bpffs,
+            node_ns: &mb.node_ns,
+            iface: "lan0",
+            node_ip: NODE_IP,
+            node_port: NODEPORT_TCP,
+            backends: &backends().remote,
+            clients: [ext(2 * c), ext(2 * c + 1)],
+        };
+        let started = Instant::now();
+        let measured = progrun::measure_node_port(&target, self.cfg.np_prog_calls);
+        log(format!(
+            "    NodePort per-packet XDP / tc: {:.1} s",
+            started.elapsed().as_secs_f64()
+        ));
+        match measured {
+            Ok(c) => {
+                for (m, v) in [
+                    ("np_prog_xdp_new", c.xdp_new),
+                    ("np_prog_tc_new", c.tc_new),
+                    ("np_prog_xdp_est", c.xdp_established),
+                    ("np_prog_tc_est", c.tc_established),
+                    ("np_prog_xdp_reply", c.xdp_reply),
+                    ("np_prog_tc_reply", c.tc_reply),
+                    ("np_prog_xdp_empty", c.xdp_empty),
+                    ("np_prog_tc_empty", c.tc_empty),
+                ] {
+                    self.add(sz.n, mb.mode, m, V::Num(v.median));
+                }
+            }
+            Err(e) => {
+                self.add(sz.n, mb.mode, "np_prog_xdp_new", V::Fail(format!("{e:#}")));
+            }
+        }
         let client = Ipv4Addr::new(198, 19, 32 + (c / 250 % 32) as u8, 1 + (c % 250) as u8);
         match progrun::measure(&agent.bpffs, sz.last(), 80, A0, client, self.cfg.prog_calls) {
             Ok(c) => {
@@ -1182,11 +1501,17 @@ impl Bench {
         if mb.loaded != Some(n) {
             bail!("{} not loaded with {n} Services", mb.mode.label());
         }
+        // At the size without traffic (100,000) the per-packet measurements come right after the
+        // full load: the add that follows may go over its limit and stop the agent.
+        let probe_first = !sz.traffic;
+        if probe_first && mb.mode == Mode::SockLb {
+            self.prog_test(mb, sz);
+        }
         if sz.traffic {
             self.traffic(mb, sz)?;
         }
         self.updates(mb, sz)?;
-        if mb.mode == Mode::SockLb && mb.dead.is_none() {
+        if !probe_first && mb.mode == Mode::SockLb && mb.dead.is_none() {
             self.prog_test(mb, sz);
         }
         Ok(())
@@ -1523,6 +1848,27 @@ impl Machine {
 
 const OURS: [Mode; 2] = [Mode::SockLb, Mode::Tc];
 
+/// Columns of the headline table: every bed, and XDP (the socket-LB bed's NodePort results).
+const HEADLINE_COLUMNS: [Mode; 7] = [
+    Mode::NoProxy,
+    Mode::SockLb,
+    Mode::Tc,
+    Mode::Xdp,
+    Mode::IptNft,
+    Mode::IptLegacy,
+    Mode::Nft,
+];
+
+/// Columns of the NodePort tables.
+const NODE_PORT_COLUMNS: [Mode; 6] = [
+    Mode::NoProxy,
+    Mode::Xdp,
+    Mode::Tc,
+    Mode::IptNft,
+    Mode::IptLegacy,
+    Mode::Nft,
+];
+
 struct Metric {
     key: &'static str,
     title: &'static str,
@@ -1587,6 +1933,51 @@ const PROGRAMMING: [Metric; 8] = [
         "Delete one Service: the command alone / the agent's map sync",
         Unit::Secs,
         false,
+    ),
+];
+
+const NODE_PORT_TRAFFIC: [Metric; 7] = [
+    m(
+        "np_tcp_rate",
+        "NodePort: TCP connections per second, client outside, endpoints on node2",
+        Unit::Rate,
+        true,
+    ),
+    m(
+        "np_tcp_p50",
+        "NodePort: TCP connection p50 latency",
+        Unit::Micros,
+        false,
+    ),
+    m(
+        "np_tcp_p99",
+        "NodePort: TCP connection p99 latency",
+        Unit::Micros,
+        false,
+    ),
+    m(
+        "np_udp_rate",
+        "NodePort: UDP requests per second (new socket each)",
+        Unit::Rate,
+        true,
+    ),
+    m(
+        "np_udp_p50",
+        "NodePort: UDP request p50 latency",
+        Unit::Micros,
+        false,
+    ),
+    m(
+        "np_udp_p99",
+        "NodePort: UDP request p99 latency",
+        Unit::Micros,
+        false,
+    ),
+    m(
+        "np_flow_pps",
+        "NodePort: UDP packets per second through node1 on one flow (requests and replies)",
+        Unit::Rate,
+        true,
     ),
 ];
 
@@ -1678,31 +2069,45 @@ fn sizes_of(res: &Results) -> Vec<usize> {
     v
 }
 
-/// One metric over every size: modes, then ours / each anchor.
-fn metric_table(out: &mut String, res: &Results, metric: &Metric, sizes: &[usize], modes: &[Mode]) {
+/// Ratios of the ClusterIP and programming tables: each of ours ÷ each anchor.
+fn ours_vs_anchors() -> Vec<(Mode, Mode)> {
+    OURS.iter()
+        .flat_map(|o| Mode::ANCHORS.iter().map(move |a| (*o, *a)))
+        .collect()
+}
+
+/// Ratios of the NodePort tables: XDP ÷ tc, then XDP and tc ÷ each anchor.
+fn node_port_ratios() -> Vec<(Mode, Mode)> {
+    let mut v = vec![(Mode::Xdp, Mode::Tc)];
+    for o in [Mode::Xdp, Mode::Tc] {
+        v.extend(Mode::ANCHORS.iter().map(|a| (o, *a)));
+    }
+    v
+}
+
+/// One metric over every size: modes, then the `ratios` (a ÷ b of the medians).
+fn metric_table(
+    out: &mut String,
+    res: &Results,
+    metric: &Metric,
+    sizes: &[usize],
+    modes: &[Mode],
+    ratios: &[(Mode, Mode)],
+) {
     let _ = writeln!(
         out,
         "**{}** ({})\n",
         metric.title,
         if metric.higher_better {
-            "higher is better; ratios above 1 favour ours"
+            "higher is better; a ratio a ÷ b above 1 favours a"
         } else {
-            "lower is better; ratios below 1 favour ours"
+            "lower is better; a ratio a ÷ b below 1 favours a"
         }
     );
     let mut header = vec!["Services".to_string()];
     header.extend(modes.iter().map(|m| m.label().to_string()));
-    header.insert(
-        1 + modes
-            .iter()
-            .position(|m| *m == Mode::Tc)
-            .map_or(0, |p| p + 1),
-        "ours: XDP".into(),
-    );
-    for o in OURS {
-        for a in Mode::ANCHORS {
-            header.push(format!("{} ÷ {}", o.short(), a.short()));
-        }
+    for (a, b) in ratios {
+        header.push(format!("{} ÷ {}", a.short(), b.short()));
     }
     let mut rows = Vec::new();
     for &n in sizes {
@@ -1712,17 +2117,12 @@ fn metric_table(out: &mut String, res: &Results, metric: &Metric, sizes: &[usize
         let mut row = vec![n_label(n)];
         for mode in modes {
             row.push(fmt_cell(&res.cell(n, *mode, metric.key), metric.unit));
-            if *mode == Mode::Tc {
-                row.push("not built yet".into());
-            }
         }
-        for o in OURS {
-            for a in Mode::ANCHORS {
-                row.push(fmt_ratio(
-                    &res.cell(n, o, metric.key),
-                    &res.cell(n, a, metric.key),
-                ));
-            }
+        for (a, b) in ratios {
+            row.push(fmt_ratio(
+                &res.cell(n, *a, metric.key),
+                &res.cell(n, *b, metric.key),
+            ));
         }
         rows.push(row);
     }
@@ -1787,58 +2187,80 @@ fn render(bench: &Bench, mc: &Machine, elapsed: Duration, load_end: &str) -> Str
             report::NOISY * 100.0
         );
         let mut header = vec!["".to_string()];
-        for mode in Mode::ALL {
-            header.push(mode.label().into());
-            if mode == Mode::Tc {
-                header.push("ours: XDP".into());
-            }
-        }
+        header.extend(HEADLINE_COLUMNS.iter().map(|m| m.label().to_string()));
         let mut rows = Vec::new();
-        let nop = res.cell(top, Mode::NoProxy, "tcp_rate_last").num();
-        for (key, title, unit) in [
+        // (metric, title, unit, the no-proxy metric it is shown as a share of)
+        let lines: [(&str, &str, Unit, Option<&str>); 12] = [
             (
                 "full",
                 "full load from empty (until it answers)",
                 Unit::Secs,
+                None,
             ),
-            ("add", "add one Service (until it answers)", Unit::Secs),
+            (
+                "add",
+                "add one Service (until it answers)",
+                Unit::Secs,
+                None,
+            ),
             (
                 "change",
                 "change one endpoint (until it answers)",
                 Unit::Secs,
+                None,
             ),
             (
                 "delete",
                 "delete one Service (until it stops answering)",
                 Unit::Secs,
+                None,
             ),
             (
                 "tcp_rate_last",
                 "TCP conn/s, last Service (share of no proxy)",
                 Unit::Rate,
+                Some("tcp_rate_last"),
             ),
-            ("tcp_p50_last", "TCP p50, last Service", Unit::Micros),
-            ("tcp_p99_last", "TCP p99, last Service", Unit::Micros),
-            ("udp_rate_last", "UDP req/s, last Service", Unit::Rate),
-            ("iperf", "iperf3 throughput, last Service", Unit::Gbps),
-        ] {
+            ("tcp_p50_last", "TCP p50, last Service", Unit::Micros, None),
+            ("tcp_p99_last", "TCP p99, last Service", Unit::Micros, None),
+            ("udp_rate_last", "UDP req/s, last Service", Unit::Rate, None),
+            ("iperf", "iperf3 throughput, last Service", Unit::Gbps, None),
+            (
+                "np_tcp_rate",
+                "NodePort from outside to node2's pods: TCP conn/s (share of no proxy)",
+                Unit::Rate,
+                Some("np_tcp_rate"),
+            ),
+            (
+                "np_udp_rate",
+                "NodePort: UDP req/s, a new flow each",
+                Unit::Rate,
+                None,
+            ),
+            (
+                "np_flow_pps",
+                "NodePort: UDP packets/s on one flow (share of no proxy)",
+                Unit::Rate,
+                Some("np_flow_pps"),
+            ),
+        ];
+        for (key, title, unit, share) in lines {
+            let base = share.and_then(|k| res.cell(top, Mode::NoProxy, k).num());
             let mut row = vec![title.to_string()];
-            for mode in Mode::ALL {
+            for mode in HEADLINE_COLUMNS {
                 let c = res.cell(top, mode, key);
                 let mut s = fmt_cell(&c, unit);
-                if key == "tcp_rate_last"
-                    && let (Some(v), Some(base)) = (c.num(), nop)
+                if let (Some(v), Some(base)) = (c.num(), base)
                     && mode != Mode::NoProxy
                 {
                     let _ = write!(s, " ({:.2})", v / base);
                 }
-                if matches!(c, Cell::Empty) && mode == Mode::NoProxy {
+                if matches!(c, Cell::Empty) {
+                    // Paths that do not carry this traffic: socket LB only pods' own
+                    // connections, XDP only what arrives on the node's LAN interface.
                     s = "-".into();
                 }
                 row.push(s);
-                if mode == Mode::Tc {
-                    row.push("not built yet".into());
-                }
             }
             rows.push(row);
         }
@@ -1848,6 +2270,10 @@ fn render(bench: &Bench, mc: &Machine, elapsed: Duration, load_end: &str) -> Str
         let empty = res.cell(top, Mode::SockLb, "prog_empty");
         let _ = writeln!(
             o,
+            "\"-\": the path does not carry that traffic (socket LB translates pods' own connections; XDP handles what arrives on the node's LAN interface for a backend on another node, here the NodePort; the socket-LB agent attaches XDP, so its NodePort traffic is the XDP column, and the tc agent runs with `--xdp=off`).\n"
+        );
+        let _ = writeln!(
+            o,
             "The tc program per packet (BPF_PROG_TEST_RUN, single runs, median): new flow {}, established flow {}, a miss {} (warm, `repeat` 10,000: {}), an empty program {} (warm: {}). For reference (ANCHORS.md): a C XDP DNAT 113-132 ns per packet on this kind of machine, an empty program 22-26 ns.\n",
             fmt_cell(&hit, Unit::Nanos),
             fmt_cell(&est, Unit::Nanos),
@@ -1855,6 +2281,22 @@ fn render(bench: &Bench, mc: &Machine, elapsed: Duration, load_end: &str) -> Str
             fmt_cell(&res.cell(top, Mode::SockLb, "prog_miss_warm"), Unit::Nanos),
             fmt_cell(&empty, Unit::Nanos),
             fmt_cell(&res.cell(top, Mode::SockLb, "prog_empty_warm"), Unit::Nanos),
+        );
+        let c = |k: &str| res.cell(top, Mode::SockLb, k);
+        let _ = writeln!(
+            o,
+            "NodePort packets to a backend on another node, at the LAN interface (BPF_PROG_TEST_RUN, single runs, median), XDP vs tc: new flow {} vs {} ({}), established {} vs {} ({}), reply {} vs {} ({}); empty programs {} vs {}.\n",
+            fmt_cell(&c("np_prog_xdp_new"), Unit::Nanos),
+            fmt_cell(&c("np_prog_tc_new"), Unit::Nanos),
+            fmt_ratio(&c("np_prog_xdp_new"), &c("np_prog_tc_new")),
+            fmt_cell(&c("np_prog_xdp_est"), Unit::Nanos),
+            fmt_cell(&c("np_prog_tc_est"), Unit::Nanos),
+            fmt_ratio(&c("np_prog_xdp_est"), &c("np_prog_tc_est")),
+            fmt_cell(&c("np_prog_xdp_reply"), Unit::Nanos),
+            fmt_cell(&c("np_prog_tc_reply"), Unit::Nanos),
+            fmt_ratio(&c("np_prog_xdp_reply"), &c("np_prog_tc_reply")),
+            fmt_cell(&c("np_prog_xdp_empty"), Unit::Nanos),
+            fmt_cell(&c("np_prog_tc_empty"), Unit::Nanos),
         );
     }
     if let Some(&big) = sizes.iter().find(|n| **n > 10_000) {
@@ -1891,7 +2333,14 @@ fn render(bench: &Bench, mc: &Machine, elapsed: Duration, load_end: &str) -> Str
         "For the agent, the clock starts when the manifests are in place (one directory rename, or one file rename) and stops when a client pod's connection through the new state succeeds (or, for a delete, is refused); `_cmd` rows are the agent's own `sync complete ... elapsed_us` (map writes only: parsing the YAML and translating come before it). For kube-proxy's rules, the clock starts when the command starts; `_cmd` rows are the command alone (with the `iptables-save -t nat` kube-proxy runs first on every sync below 1,000 endpoints).\n"
     );
     for metric in &PROGRAMMING {
-        metric_table(&mut o, res, metric, &sizes, &Mode::ALL[1..]);
+        metric_table(
+            &mut o,
+            res,
+            metric,
+            &sizes,
+            &Mode::ALL[1..],
+            &ours_vs_anchors(),
+        );
     }
     if let Some(c) = sizes
         .iter()
@@ -1919,7 +2368,114 @@ fn render(bench: &Bench, mc: &Machine, elapsed: Duration, load_end: &str) -> Str
         .filter(|n| res.get(*n, Mode::NoProxy, "tcp_rate_last").is_some())
         .collect();
     for metric in &TRAFFIC {
-        metric_table(&mut o, res, metric, &traffic_sizes, &Mode::ALL);
+        metric_table(
+            &mut o,
+            res,
+            metric,
+            &traffic_sizes,
+            &Mode::ALL,
+            &ours_vs_anchors(),
+        );
+    }
+
+    let _ = writeln!(
+        o,
+        "## NodePort from outside the cluster: XDP, tc and kube-proxy's rules\n"
+    );
+    let _ = writeln!(
+        o,
+        "The bed's external client (198.18.0.100, on the LAN with the nodes) to node1's NodePort (198.18.0.1:{NODEPORT_TCP}/TCP, :{NODEPORT_UDP}/UDP) of a Service whose three endpoints are on pod C on node2: node1 translates (DNAT to the endpoint, SNAT to itself, as kube-proxy's masquerade for externalTrafficPolicy Cluster does), forwards the request out of the same LAN interface to node2, and the reply back to the client. *ours: XDP*: the socket-LB bed's agent (`--xdp auto`, which attaches generic XDP on a veth such as the bed's LAN interface), whose XDP program forwards both directions with XDP_TX; *ours: tc*: the tc bed's agent, with `--xdp=off`, translating at tc ingress and leaving the forwarding to the kernel; the anchors with kube-proxy's NodePort rules (iptables: KUBE-SERVICES' last rule -> KUBE-NODEPORTS -> KUBE-EXT-* (mark for masquerade) -> KUBE-SVC-* -> KUBE-SEP-*, MASQUERADE in POSTROUTING; nftables mode: the `service-nodeports` map -> `external-*` chain -> service chain); *no proxy*: the client sends to pod C's address and node1 just routes both ways (the floor). TCP and UDP as in the traffic tables, {} requests per measurement after 50 unmeasured, each a new flow; *one flow*: UDP on one socket with {} requests in flight for {:.1} s, each reply answered by a new request at once: the packet rate of an established flow, counting requests and replies (the packets node1 forwards). Generic XDP runs after the kernel has built the socket buffer (native XDP on a physical NIC runs before), so these rates understate what XDP saves on hardware; every process here (client, node1's forwarding, pod C's server) shares the machine's {} CPUs.\n",
+        cfg.np_count,
+        cfg.np_flow_window,
+        cfg.np_flow_ms as f64 / 1000.0,
+        mc.nproc,
+    );
+    let np_sizes: Vec<usize> = sizes
+        .iter()
+        .copied()
+        .filter(|n| {
+            NODE_PORT_COLUMNS
+                .iter()
+                .any(|m| res.get(*n, *m, "np_tcp_rate").is_some())
+        })
+        .collect();
+    for metric in &NODE_PORT_TRAFFIC {
+        metric_table(
+            &mut o,
+            res,
+            metric,
+            &np_sizes,
+            &NODE_PORT_COLUMNS,
+            &node_port_ratios(),
+        );
+    }
+
+    let _ = writeln!(
+        o,
+        "## Per-packet cost at the LAN interface: XDP vs tc (BPF_PROG_TEST_RUN)\n"
+    );
+    let _ = writeln!(
+        o,
+        "The socket-LB agent's own XDP and tc programs (found through their pinned links `xdp_generic@lan0` and `tc_ingress@lan0`) and maps, with N Services programmed (the same N as above; 100,000 too, which needs no traffic), on TCP packets of the NodePort Service above: *new flow*: a SYN from a new client port each call (service lookup, backend choice by flow hash, a free SNAT port, two conntrack inserts, DNAT + SNAT with checksums; at XDP also the FIB lookup, the MAC rewrite and the TTL); *established*: the same flow again (conntrack hit); *reply*: the backend's answer to node1, reverse-translated to the client. Run as they arrive on node1's LAN interface: from a thread inside node1's network namespace (where the XDP program's FIB lookup and the test skb's device are resolved), the context naming that interface as the ingress device (`struct xdp_md` ingress_ifindex / `struct __sk_buff` ifindex). Every XDP run must return XDP_TX and every tc run TC_ACT_OK with the packet translated as expected, or the measurement fails: the XDP numbers are its forwarding path, never a pass to tc. node1 has permanent neighbour entries for node2 and the external client (their real MACs) and routes made-up clients ({TEST_EXT_CLIENTS}) via the external client, so the FIB lookup resolves both directions. {} calls per kind and path, interleaved, each `repeat = 1` with a fresh copy of the packet; median of the kernel-reported durations. After each new-flow call its two conntrack entries are deleted (outside the measured time; no packet left the node, so no endpoint holds the port), so the SNAT ports taken are those of the recent NodePort traffic only, and the agent's conntrack is left as it was. *empty*: `return XDP_PASS` / `return TC_ACT_OK` with the same contexts: the measurement's own cost, included in the others. The last row divides the largest N by the smallest: flat is 1.\n",
+        cfg.np_prog_calls
+    );
+    {
+        let header: Vec<String> = [
+            "Services",
+            "XDP new flow",
+            "tc new flow",
+            "xdp ÷ tc",
+            "XDP established",
+            "tc established",
+            "xdp ÷ tc",
+            "XDP reply",
+            "tc reply",
+            "xdp ÷ tc",
+            "XDP empty",
+            "tc empty",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let c = |n: usize, k: &str| res.cell(n, Mode::SockLb, k);
+        let np: Vec<usize> = sizes
+            .iter()
+            .copied()
+            .filter(|n| res.get(*n, Mode::SockLb, "np_prog_xdp_new").is_some())
+            .collect();
+        let mut rows = Vec::new();
+        for &n in &np {
+            let mut row = vec![n_label(n)];
+            for kind in ["new", "est", "reply"] {
+                let (x, t) = (
+                    c(n, &format!("np_prog_xdp_{kind}")),
+                    c(n, &format!("np_prog_tc_{kind}")),
+                );
+                row.push(fmt_cell(&x, Unit::Nanos));
+                row.push(fmt_cell(&t, Unit::Nanos));
+                row.push(fmt_ratio(&x, &t));
+            }
+            row.push(fmt_cell(&c(n, "np_prog_xdp_empty"), Unit::Nanos));
+            row.push(fmt_cell(&c(n, "np_prog_tc_empty"), Unit::Nanos));
+            rows.push(row);
+        }
+        if let (Some(&lo), Some(&hi)) = (np.first(), np.last())
+            && hi > lo
+        {
+            let mut row = vec![format!("{} ÷ {}", n_label(hi), n_label(lo))];
+            for kind in ["new", "est", "reply"] {
+                for path in ["xdp", "tc"] {
+                    let k = format!("np_prog_{path}_{kind}");
+                    row.push(fmt_ratio(&c(hi, &k), &c(lo, &k)));
+                }
+                row.push(String::new());
+            }
+            for k in ["np_prog_xdp_empty", "np_prog_tc_empty"] {
+                row.push(fmt_ratio(&c(hi, k), &c(lo, k)));
+            }
+            rows.push(row);
+        }
+        table(&mut o, &header, &rows);
     }
 
     let _ = writeln!(
@@ -1928,7 +2484,7 @@ fn render(bench: &Bench, mc: &Machine, elapsed: Duration, load_end: &str) -> Str
     );
     let _ = writeln!(
         o,
-        "The agent's own tc program and maps (found through its pinned link), {} calls per kind, each with `repeat = 1` and a fresh copy of the packet (with `repeat` > 1 the kernel reuses the buffer, which the DNAT has already rewritten, so later runs would measure the miss path). Median of the kernel-reported durations. *new flow*: a SYN to the last Service from a new source port each call (service lookup, backend choice, conntrack insert, DNAT); *established*: the same flow again; *reply*: the backend's answer, reverse-translated to the VIP; *miss*: a packet to a pod address; *empty program*: `return TC_ACT_OK`, the cost of the measurement itself; *lookup only*: a program doing one hash lookup of the same Service key in the agent's services map. The *warm* columns run the programs that leave the packet unchanged with `repeat = 10,000` on one buffer (median of 15 such calls): no per-call setup and warm caches, which is how the usual per-packet figures are taken; the difference to the single runs is what a single run adds. Reference from ANCHORS.md: a C XDP DNAT 113-132 ns, an empty program 22-26 ns, on this kind of machine. XDP: not built yet.\n",
+        "The agent's own tc program and maps (found through its pinned link), {} calls per kind, each with `repeat = 1` and a fresh copy of the packet (with `repeat` > 1 the kernel reuses the buffer, which the DNAT has already rewritten, so later runs would measure the miss path). Median of the kernel-reported durations. *new flow*: a SYN to the last Service from a new source port each call (service lookup, backend choice, conntrack insert, DNAT); *established*: the same flow again; *reply*: the backend's answer, reverse-translated to the VIP; *miss*: a packet to a pod address; *empty program*: `return TC_ACT_OK`, the cost of the measurement itself; *lookup only*: a program doing one hash lookup of the same Service key in the agent's services map. The *warm* columns run the programs that leave the packet unchanged with `repeat = 10,000` on one buffer (median of 15 such calls): no per-call setup and warm caches, which is how the usual per-packet figures are taken; the difference to the single runs is what a single run adds. Reference from ANCHORS.md: a C XDP DNAT 113-132 ns, an empty program 22-26 ns, on this kind of machine. The XDP program: see the previous section.\n",
         cfg.prog_calls
     );
     {
@@ -2027,13 +2583,25 @@ fn method_text(cfg: &Config) -> String {
         .big
         .map(|b| format!(" and {} (programming time only)", n_label(b)))
         .unwrap_or_default();
+    let big_probe = cfg
+        .big
+        .map(|b| {
+            format!(
+                " (at {} Services, which carry no traffic, right after the full load: the add that follows may go over its limit and stop the agent)",
+                n_label(b)
+            )
+        })
+        .unwrap_or_default();
     format!(
-        "- **Beds.** Every mode runs in its own 1-node emulated cluster of network namespaces (the test bed of `tests/src/bed.rs`): a client pod, backend pod A with nine addresses (198.19.1.3 and .200-.207, three for each Service that carries traffic; tb-echo on tcp/8080, a UDP echo on 5353 bound to each address so replies leave from the address asked, `iperf3 -s` on 5201), backend pod B (198.19.1.4, tb-echo tcp/8080), and the node namespace between them that holds the rules or runs the agent. The Service address ranges are routed locally on the node (with `accept_local`, which the tc path's reverse-translated replies need then), so a connection that nothing translates is refused at once with a RST (that is how \"answers\" and \"stops answering\" are told apart without timeouts; ICMP unreachables would be rate-limited). The client pod has `ip_local_port_range` 1024-65535 and `tcp_tw_reuse` 1. All addresses are in 198.18.0.0/15, inside these namespaces.\n\
-- **Services.** N = {sizes}{big}. Every mode is given the same N ClusterIP Services with 3 endpoints each. Only the first and the last Service lead to pod A (ports tcp/80 -> 8080, udp/53 -> 5353, tcp/5201 -> 5201; the last Service's tcp/80 is the last rule of KUBE-SERVICES); the others have one port and three endpoints with unique (address, port) that never receive traffic, so the rules and maps hold N Services x 3 endpoints in full. \"Add one Service\" adds a Service with pod A's three addresses; \"change one endpoint\" swaps its third endpoint for pod B (the clock stops when pod B answers); \"delete\" removes it.\n\
-- **Modes.** *ours: socket LB*: `proxy-agent run --manifests DIR` in the node namespace with the client pod in the agent's cgroup (cgroup connect/sendmsg translation). *ours: tc*: the same agent with `--socket-lb=false` (per-packet DNAT and reverse NAT on the pod interfaces). Both agents run with `{flags}`: the manifests are polled every 10 ms (the default 200 ms would dominate small changes), and the maps are sized for 100,000 Services at every N. *ours: XDP*: not built yet. *iptables (nft)* and *iptables-legacy*: kube-proxy's iptables mode reproduced rule for rule (kube-proxy's base chains and jump rules installed once, then every sync one `iptables-restore --noflush` with KUBE-SERVICES -> KUBE-SVC-* (`-m statistic --mode random --probability`) -> KUBE-SEP-* (DNAT), chain names from SHA-256/base32 as kube-proxy makes them, per-endpoint comments dropped above 1,000 endpoints as kube-proxy's large-cluster mode does, `iptables-save -t nat` first below that; partial syncs rewrite every top-level chain, so all of KUBE-SERVICES, plus the changed Service's chains). *nftables mode*: kube-proxy's nftables mode reproduced (table `ip kube-proxy` with its base chains, sets and maps; the `service-ips` verdict map -> one chain per Service port with `numgen random mod N vmap` -> one chain per endpoint with `dnat`; the first sync one `nft -f`, later syncs only the changed chains and elements). *no proxy*: the client dials pod A directly; the floor.\n\
-- **Rounds.** {rounds} round(s) per size; in every round the modes take turns in a rotated order, and each does: full load from empty, traffic, add / change / delete one Service, then (socket-LB agent) the BPF_PROG_TEST_RUN measurement. Medians over rounds. A full load that takes over 10 s is measured once and its rules kept for the later rounds. Anchor commands run under time limits ({ipt_nft} s for iptables-nft-restore at 10,000 Services and more, {big_anchor} s for any full load above 10,000, {limit} s otherwise); a load stopped at its limit is reported as \"over N s\", and iptables is then loaded in 1,000-Service pieces (the same rules) so its traffic can still be measured. At {big_n} Services the anchors whose 10,000-Service load took over 10 s are skipped (\"skipped: budget\"), the socket-LB agent stands for both of ours (same agent, same writer), and the agent's full load may take {big_load} s and each later change {big_op} s: past that it is stopped (SIGKILL; a sync cannot be cut short and would load the CPU under the other measurements) and its remaining operations are reported as skipped.\n\
-- **Marks.** † the rounds differ by more than {noisy:.0} % of their median: treat as noisy. ¹ one measurement only. Ratios are ours ÷ anchor of the medians.\n",
+        "- **Beds.** Every mode runs in its own 2-node emulated cluster of network namespaces (the test bed of `tests/src/bed.rs`, nodes and an external client on one LAN bridge): on node1 a client pod, backend pod A with nine addresses (198.19.1.3 and .200-.207, three for each Service that carries traffic; tb-echo on tcp/8080, a UDP echo on 5353 bound to each address so replies leave from the address asked, `iperf3 -s` on 5201), backend pod B (198.19.1.4, tb-echo tcp/8080), and node1's namespace between them that holds the rules or runs the agent; on node2, which runs no proxy, backend pod C with three addresses (198.19.2.2, .200, .201; tb-echo tcp/8080, the UDP echo on 5353), the endpoints of the NodePort Service; the external client (198.18.0.100) outside both. The Service address ranges are routed locally on node1 (with `accept_local`, which the tc path's reverse-translated replies need then), so a connection that nothing translates is refused at once with a RST (that is how \"answers\" and \"stops answering\" are told apart without timeouts; ICMP unreachables would be rate-limited). node1 sends no ICMP redirects (the client and node2 share its LAN) and has permanent neighbour entries for node2 and the external client (their real MACs). The client pod has `ip_local_port_range` 1024-65535 and `tcp_tw_reuse` 1. All addresses are in 198.18.0.0/15, inside these namespaces.\n\
+- **Services.** N = {sizes}{big}. Every mode is given the same N Services with 3 endpoints each. The first and the last Service lead to pod A (ClusterIP; ports tcp/80 -> 8080, udp/53 -> 5353, tcp/5201 -> 5201; the last Service's tcp/80 is the last rule of KUBE-SERVICES); the second is of type NodePort (tcp/80 -> 8080 with nodePort {np_tcp}, udp/53 -> 5353 with nodePort {np_udp}, externalTrafficPolicy Cluster) with its endpoints on pod C on node2; the others are ClusterIP Services with one port and three endpoints with unique (address, port) that never receive traffic, so the rules and maps hold N Services x 3 endpoints in full. \"Add one Service\" adds a Service with pod A's three addresses; \"change one endpoint\" swaps its third endpoint for pod B (the clock stops when pod B answers); \"delete\" removes it.\n\
+- **Modes.** *ours: socket LB*: `proxy-agent run --manifests DIR` in the node namespace with the client pod in the agent's cgroup (cgroup connect/sendmsg translation). It runs with the default `--xdp auto`: XDP on its LAN interface, in generic mode there because that interface is a veth (the agent's choice on veths: frames a veth peer sends carry offloaded checksums and XDP_TX frames need the peer's NAPI, which broke NodePort flows in native mode on this bed), so its NodePort results are the *ours: XDP* column. *ours: tc*: the same agent with `--socket-lb=false --xdp=off` (per-packet DNAT and reverse NAT at tc ingress, on the pod interfaces and on the LAN interface). Both agents run with `{flags}`: the manifests are polled every 10 ms (the default 200 ms would dominate small changes), the maps are sized for 100,000 Services at every N, and NodePorts are served on node1's IPv4 LAN address (as kube-proxy's IPv4 rules here). The agents keep a flow's conntrack entries, and the SNAT port they hold (4,536 ports per endpoint), until their LRU map evicts them: run as they are, the NodePort measurements would use up the ports towards pod C's three addresses within the run (seen here after about 11,000 flows: `dropped_snat_ports` counted and SYNs retried). So after each NodePort measurement the bench deletes the entries of NodePort flows idle for {ct_idle} s or more from the agent's conntrack map, as a conntrack timeout would; not sooner, because a port freed while the endpoint still holds the old connection in TIME_WAIT (60 s) makes the new SYN fail its PAWS check there (seen here as 10-16 ms stalls of 5-13 % of connections when the entries were deleted at once). *iptables (nft)* and *iptables-legacy*: kube-proxy's iptables mode reproduced rule for rule (kube-proxy's base chains and jump rules installed once, then every sync one `iptables-restore --noflush` with KUBE-SERVICES -> KUBE-SVC-* (`-m statistic --mode random --probability`) -> KUBE-SEP-* (DNAT), chain names from SHA-256/base32 as kube-proxy makes them, per-endpoint comments dropped above 1,000 endpoints as kube-proxy's large-cluster mode does, `iptables-save -t nat` first below that; partial syncs rewrite every top-level chain, so all of KUBE-SERVICES and KUBE-NODEPORTS, plus the changed Service's chains; the NodePort Service as KUBE-NODEPORTS -> KUBE-EXT-* (KUBE-MARK-MASQ, then its KUBE-SVC-*), reached from KUBE-SERVICES' last rule `-m addrtype --dst-type LOCAL -j KUBE-NODEPORTS`). *nftables mode*: kube-proxy's nftables mode reproduced (table `ip kube-proxy` with its base chains, sets and maps; the `service-ips` verdict map -> one chain per Service port with `numgen random mod N vmap` -> one chain per endpoint with `dnat`; nodePorts as `service-nodeports` elements for node1's address in `nodeport-ips` -> an `external-*` chain (mark for masquerade, then the service chain); the first sync one `nft -f`, later syncs only the changed chains and elements). *no proxy*: the client pod dials pod A directly, and the external client pod C through node1 (routed, not translated); the floor.\n\
+- **Rounds.** {rounds} round(s) per size; in every round the modes take turns in a rotated order, and each does: full load from empty, traffic (ClusterIP from the client pod, then NodePort from the external client), add / change / delete one Service, then (socket-LB agent) the BPF_PROG_TEST_RUN measurements{big_probe}. Medians over rounds. A full load that takes over 10 s is measured once and its rules kept for the later rounds. Anchor commands run under time limits ({ipt_nft} s for iptables-nft-restore at 10,000 Services and more, {big_anchor} s for any full load above 10,000, {limit} s otherwise); a load stopped at its limit is reported as \"over N s\", and iptables is then loaded in 1,000-Service pieces (the same rules) so its traffic can still be measured. At {big_n} Services the anchors whose 10,000-Service load took over 10 s are skipped (\"skipped: budget\"), the socket-LB agent stands for both of ours (same agent, same writer), and the agent's full load may take {big_load} s and each later change {big_op} s: past that it is stopped (SIGKILL; a sync cannot be cut short and would load the CPU under the other measurements) and its remaining operations are reported as skipped.\n\
+- **Marks.** † the rounds differ by more than {noisy:.0} % of their median: treat as noisy. ¹ one measurement only. Ratios a ÷ b are of the medians (ours ÷ anchor, or XDP ÷ tc).\n",
         flags = AGENT_FLAGS.join(" "),
+        np_tcp = NODEPORT_TCP,
+        np_udp = NODEPORT_UDP,
+        ct_idle = CT_IDLE.as_secs(),
         rounds = cfg.rounds,
         ipt_nft = cfg.ipt_nft_limit.as_secs(),
         limit = cfg.limit.as_secs(),
