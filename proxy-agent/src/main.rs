@@ -78,6 +78,20 @@ struct RunArgs {
     /// (native mode where the driver has it, generic otherwise), native, generic or off.
     #[arg(long, value_enum, default_value = "auto")]
     xdp: proxy_agent::datapath::loader::XdpSetting,
+    /// Seconds between passes of the conntrack collector, which removes idle entries (TCP
+    /// after FIN/RST: 120 s, other TCP: 6 h, UDP: 120 s) and frees their SNAT ports; 0: never.
+    #[arg(long, default_value_t = 30)]
+    conntrack_gc_interval_s: u64,
+    /// Idle seconds before an established TCP flow's conntrack entries go.
+    #[arg(long, default_value_t = 6 * 3600)]
+    conntrack_tcp_timeout_established_s: u64,
+    /// Idle seconds before the entries of a TCP flow that sent FIN or RST go (at least the
+    /// backends' TIME_WAIT, or a reused SNAT port meets the old connection).
+    #[arg(long, default_value_t = 120)]
+    conntrack_tcp_timeout_closing_s: u64,
+    /// Idle seconds before a UDP (or other) flow's entries go.
+    #[arg(long, default_value_t = 120)]
+    conntrack_udp_timeout_s: u64,
     #[arg(long, default_value = DEFAULT_BPFFS)]
     bpffs: PathBuf,
     #[arg(long, default_value = "127.0.0.1:10249")]
@@ -195,6 +209,10 @@ fn main() -> anyhow::Result<()> {
                 cgroup,
                 socket_lb,
                 xdp,
+                conntrack_gc_interval_s,
+                conntrack_tcp_timeout_established_s,
+                conntrack_tcp_timeout_closing_s,
+                conntrack_udp_timeout_s,
                 bpffs,
                 metrics_bind_address,
                 healthz_bind_address,
@@ -239,6 +257,12 @@ fn main() -> anyhow::Result<()> {
                 )?,
                 healthz_timeout: Duration::from_secs(healthz_timeout_s.max(1)),
                 xdp,
+                conntrack_gc_interval: Duration::from_secs(conntrack_gc_interval_s),
+                conntrack_timeouts: proxy_agent::datapath::gc::Timeouts {
+                    tcp_established: Duration::from_secs(conntrack_tcp_timeout_established_s),
+                    tcp_closing: Duration::from_secs(conntrack_tcp_timeout_closing_s),
+                    other: Duration::from_secs(conntrack_udp_timeout_s),
+                },
                 socket_lb_cgroup: if socket_lb {
                     Some(match cgroup {
                         Some(c) => c,

@@ -9,7 +9,7 @@ use anyhow::{Context as _, bail};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
-    datapath::{external, loader, maps::Maps, sockets, writer::Writer},
+    datapath::{external, gc, loader, maps::Maps, sockets, writer::Writer},
     model::{DesiredState, Inputs, LbAlgorithm, Options, translate},
     report,
     serve::{Health, HealthCheckState, serve, serve_health_check},
@@ -44,6 +44,9 @@ pub struct RunConfig {
     pub external_lb_algorithm: LbAlgorithm,
     /// `--nodeport-addresses`: which external addresses serve NodePorts (empty: all).
     pub nodeport_cidrs: Vec<external::Cidr>,
+    /// How often idle conntrack entries are removed (zero: never; the LRU alone).
+    pub conntrack_gc_interval: Duration,
+    pub conntrack_timeouts: gc::Timeouts,
     /// `--xdp`: the XDP fast path on the external interfaces.
     pub xdp: loader::XdpSetting,
     /// cgroup v2 directory for socket LB; `None` leaves socket LB off.
@@ -183,6 +186,38 @@ fn attach_all(
     Ok(())
 }
 
+/// Removes idle conntrack entries every `interval`, on a thread of its own (a pass over a full
+/// map takes a second or so, and must not hold up syncs); it ends with the process.
+fn spawn_conntrack_gc(
+    bpffs: &std::path::Path,
+    interval: Duration,
+    timeouts: gc::Timeouts,
+) -> anyhow::Result<()> {
+    let pin = crate::datapath::maps::pin_path(bpffs, proxy_common::names::CONNTRACK);
+    let data =
+        aya::maps::MapData::from_pin(&pin).with_context(|| format!("opening {}", pin.display()))?;
+    let mut ct: aya::maps::HashMap<_, proxy_common::CtKey, proxy_common::CtValue> =
+        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data)).context("conntrack map")?;
+    std::thread::Builder::new()
+        .name("conntrack-gc".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(interval);
+                match gc::collect(&mut ct, gc::monotonic_ns(), &timeouts) {
+                    Ok(p) if p.removed > 0 => tracing::debug!(
+                        scanned = p.scanned,
+                        removed = p.removed,
+                        "conntrack entries expired"
+                    ),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "conntrack collection"),
+                }
+            }
+        })
+        .context("starting the conntrack collector")?;
+    Ok(())
+}
+
 /// healthCheckNodePort servers, one task per port.
 #[derive(Default)]
 struct HealthChecks {
@@ -307,6 +342,13 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     // earlier agent attached keeps serving.
     let mut migration = Some(migration);
     let mut writer = Writer::adopt(Maps::open(&cfg.bpffs)?)?;
+    if !cfg.conntrack_gc_interval.is_zero() {
+        spawn_conntrack_gc(
+            &cfg.bpffs,
+            cfg.conntrack_gc_interval,
+            cfg.conntrack_timeouts,
+        )?;
+    }
     writer
         .set_maglev_table_size(cfg.maglev_table_size)
         .context("--maglev-table-size")?;

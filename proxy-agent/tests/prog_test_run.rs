@@ -577,10 +577,15 @@ fn tcp_ack(sport: u16) -> Vec<u8> {
 }
 
 /// A TCP SYN frame turned into a bare ACK.
-fn as_ack(mut f: Vec<u8>) -> Vec<u8> {
+fn as_ack(f: Vec<u8>) -> Vec<u8> {
+    with_tcp_flags(f, 0x10)
+}
+
+/// A TCP frame (IPv4 without options) with other flags, checksum kept valid.
+fn with_tcp_flags(mut f: Vec<u8>, flags: u8) -> Vec<u8> {
     let l4 = 14 + 20;
     let old = u16::from_be_bytes([f[l4 + 12], f[l4 + 13]]);
-    f[l4 + 13] = 0x10;
+    f[l4 + 13] = flags;
     let new = u16::from_be_bytes([f[l4 + 12], f[l4 + 13]]);
     let c = u16::from_be_bytes([f[l4 + 16], f[l4 + 17]]);
     let mut sum = (!c as u32) + (!old as u32) + new as u32;
@@ -1455,4 +1460,59 @@ fn maglev_tables_follow_the_size_fall_back_and_are_repaired() {
     assert!(r.failed.is_empty(), "{r:?}");
     assert_eq!(info(&b), None);
     assert!(maps.maglev.keys().next().is_none(), "table left behind");
+}
+
+#[test]
+fn fin_and_rst_mark_both_conntrack_entries_closing_and_a_new_syn_clears_them() {
+    let mut b = bed();
+    let ct = conntrack(&b);
+    let closing = |ct: &aya::maps::HashMap<_, proxy_common::CtKey, proxy_common::CtValue>| {
+        let mut v: Vec<(u8, bool)> = ct
+            .iter()
+            .map(|e| e.unwrap())
+            .map(|(k, v)| (k.dir, v.flags & proxy_common::CT_CLOSING != 0))
+            .collect();
+        v.sort();
+        v
+    };
+    let (fwd, rev) = (proxy_common::CT_FORWARD, proxy_common::CT_REVERSE);
+    for (i, flags) in [0x11u8, 0x04, 0x14].into_iter().enumerate() {
+        let port = 46000 + i as u16;
+        let backend = pkt::parse(&b.run(&tcp_syn(port)).1).dst;
+        b.run(&tcp_ack(port));
+        assert_eq!(
+            closing(&ct),
+            [(fwd, false), (rev, false)],
+            "flags {flags:#x}"
+        );
+        // The client's FIN (or RST) marks both directions.
+        let (rc, out, _) = b.run_counted(&with_tcp_flags(tcp_syn(port), flags));
+        assert_eq!((rc, pkt::parse(&out).dst), (TC_ACT_OK, backend));
+        assert_eq!(closing(&ct), [(fwd, true), (rev, true)], "flags {flags:#x}");
+        // A new connection on the same tuple clears the mark in both.
+        b.run(&tcp_syn(port));
+        assert_eq!(closing(&ct), [(fwd, false), (rev, false)]);
+        let synack = with_tcp_flags(
+            pkt::Ip::new(backend, CLIENT, pkt::TCP).frame(&pkt::l4(
+                pkt::TCP,
+                backend,
+                CLIENT,
+                8080,
+                port,
+                b"",
+            )),
+            0x12,
+        );
+        b.run(&synack);
+        assert_eq!(closing(&ct), [(fwd, false), (rev, false)]);
+        // The backend's FIN marks both as well.
+        let (_, out, moved) = b.run_counted(&with_tcp_flags(synack, 0x11));
+        assert_eq!(
+            (moved, pkt::parse(&out).src),
+            (vec!["reverse_translated"], VIP)
+        );
+        assert_eq!(closing(&ct), [(fwd, true), (rev, true)]);
+        let mut ct = conntrack(&b);
+        evict(&mut ct, false);
+    }
 }

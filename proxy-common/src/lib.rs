@@ -274,6 +274,10 @@ pub const CT_SNAT: u16 = 1;
 /// A forward entry XDP recorded for a packet it then passed to tc (a local backend, an
 /// unresolved next hop...): tc counts the flow as new when it translates that packet.
 pub const CT_UNCOUNTED: u16 = 2;
+/// The TCP connection of this entry (either direction) sent a FIN or a RST: the agent's
+/// conntrack collector removes the entry (and frees its SNAT port) after a short idle time
+/// instead of the established one. A new SYN on the tuple clears it.
+pub const CT_CLOSING: u16 = 4;
 
 /// An interface the agent marked as external (node-facing), keyed by ifindex: traffic entering
 /// it may be SNATed to `addr4` when its backend runs on another node. Key 0 (no interface has

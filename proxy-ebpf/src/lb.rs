@@ -1,10 +1,10 @@
 //! Service lookup, backend choice and conntrack: the decision every hook makes the same way.
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use proxy_common::{
-    AF_INET, AffinityKey, AffinityValue, BACKEND_LOCAL, BackendKey, CT_FORWARD, CT_REVERSE,
-    CT_SNAT, CT_UNCOUNTED, Counter, CtKey, CtValue, IPPROTO_TCP, IfaceConfig, MAGLEV_HEADER,
-    MAGLEV_SIZE, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_MAGLEV, SVC_SOURCE_RANGES, ServiceKey,
-    ServiceValue, SlotKey,
+    AF_INET, AffinityKey, AffinityValue, BACKEND_LOCAL, BackendKey, CT_CLOSING, CT_FORWARD,
+    CT_REVERSE, CT_SNAT, CT_UNCOUNTED, Counter, CtKey, CtValue, IPPROTO_TCP, IfaceConfig,
+    MAGLEV_HEADER, MAGLEV_SIZE, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_MAGLEV, SVC_SOURCE_RANGES,
+    ServiceKey, ServiceValue, SlotKey,
     limits::{SNAT_PORT_COUNT, SNAT_PORT_MIN},
 };
 
@@ -13,7 +13,7 @@ use crate::{
         AFFINITY, BACKENDS, CONNTRACK, CT_SCRATCH, INTERFACES, MAGLEV, SERVICES, SLOTS,
         source_allowed,
     },
-    parse::{Flow, TCP_ACK, TCP_SYN},
+    parse::{Flow, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 /// What to do with a packet.
@@ -103,6 +103,20 @@ fn touch(v: *mut CtValue, now: u64) {
     unsafe {
         if now.wrapping_sub((*v).last_seen_ns) > TOUCH_NS {
             (*v).last_seen_ns = now;
+        }
+    }
+}
+
+/// Sets or clears `CT_CLOSING` on an entry (one write, only when it changes).
+#[inline(always)]
+fn mark_closing(ct: *mut CtValue, closing: bool, reopened: bool) {
+    // SAFETY: `ct` came from a successful lookup in this program run.
+    unsafe {
+        let f = (*ct).flags;
+        if closing && f & CT_CLOSING == 0 {
+            (*ct).flags = f | CT_CLOSING;
+        } else if reopened && f & CT_CLOSING != 0 {
+            (*ct).flags = f & !CT_CLOSING;
         }
     }
 }
@@ -398,7 +412,16 @@ fn forward(flow: &Flow, svc: &ServiceValue, iface: Option<IfaceConfig>) -> Verdi
                 s.rkey.daddr = orig_addr;
                 s.rkey.dport_be = orig_port;
             }
-            if CONNTRACK.get_ptr(&s.rkey).is_none() {
+            // A FIN or RST marks the connection closing in both entries (the collector then
+            // frees them, and the SNAT port, soon after it goes idle); a new SYN on the tuple
+            // clears the mark.
+            let tcp = flow.proto == IPPROTO_TCP;
+            let closing = tcp && flow.tcp_flags & (TCP_FIN | TCP_RST) != 0;
+            let reopened = tcp && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+            mark_closing(ct, closing, reopened);
+            if let Some(r) = CONNTRACK.get_ptr_mut(&s.rkey) {
+                mark_closing(r, closing, reopened);
+            } else {
                 s.rval = CtValue {
                     nat_addr: flow.daddr,
                     nat_port_be: flow.dport_be,
@@ -410,6 +433,9 @@ fn forward(flow: &Flow, svc: &ServiceValue, iface: Option<IfaceConfig>) -> Verdi
                     _pad: 0,
                     last_seen_ns: now,
                 };
+                if closing {
+                    s.rval.flags |= CT_CLOSING;
+                }
                 let _ = CONNTRACK.insert(&s.rkey, &s.rval, 0);
             }
             return Verdict::Dnat {
@@ -522,6 +548,7 @@ fn forward(flow: &Flow, svc: &ServiceValue, iface: Option<IfaceConfig>) -> Verdi
     }
 }
 
+#[allow(clippy::needless_borrows_for_generic_args)]
 #[inline(never)]
 fn reverse(flow: &Flow) -> Verdict {
     if flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
@@ -561,6 +588,31 @@ fn reverse(flow: &Flow) -> Verdict {
                     (*ct).orig_port_be,
                 )
             };
+            let tcp = flow.proto == IPPROTO_TCP;
+            let closing = tcp && flow.tcp_flags & (TCP_FIN | TCP_RST) != 0;
+            // The backend's SYN-ACK of a new connection on a reused tuple.
+            let reopened = tcp && flow.tcp_flags & TCP_SYN != 0;
+            if closing || (reopened && flags & CT_CLOSING != 0) {
+                mark_closing(ct, closing, reopened);
+                // The forward entry: client to frontend (for SNATed flows too: the reverse
+                // entry keeps the client as its original address).
+                if let Some(s) = CT_SCRATCH.get_ptr_mut(0) {
+                    // SAFETY: this CPU's scratch entry, used by this program run only.
+                    let s = unsafe { &mut *s };
+                    s.fkey = ct_key(
+                        orig_addr,
+                        addr,
+                        orig_port,
+                        port_be,
+                        flow.proto,
+                        flow.family,
+                        CT_FORWARD,
+                    );
+                    if let Some(f) = CONNTRACK.get_ptr_mut(&s.fkey) {
+                        mark_closing(f, closing, reopened);
+                    }
+                }
+            }
             Verdict::ReverseNat {
                 addr,
                 port_be,

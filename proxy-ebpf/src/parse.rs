@@ -28,7 +28,9 @@ pub struct Flow {
     pub tcp_flags: u8,
 }
 
+pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
 /// Parses an Ethernet frame; `Err` carries the counter that says why the packet is passed.

@@ -233,6 +233,100 @@ fn nodeport_to_another_node_is_forwarded_at_xdp() {
     });
 }
 
+/// The conntrack collector frees finished flows (and their SNAT ports) and keeps live ones:
+/// NodePort connections to a backend on another node (SNATed) that closed are gone from the
+/// conntrack map soon after the closing timeout (2 s here), while an established connection
+/// idle for longer than that keeps its entries and goes on working; with the collector off
+/// (node 2), the finished flows' entries stay.
+#[test]
+fn conntrack_collector_frees_finished_flows_and_keeps_live_ones() {
+    with_bed(|bed| {
+        let p = bed.add_pod(2, "gc-2a")?;
+        bed.start_echo_streams(&p, &[8080], &[], &[9000])?;
+        let pods = vec![p];
+        let svc = Service::cluster_ip("default", "gcnp", "198.18.100.94")
+            .type_("NodePort")
+            .spec(
+                "ports",
+                json!([
+                    {"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP", "nodePort": 30094},
+                    {"name": "stream", "port": 9000, "targetPort": 9000, "protocol": "TCP", "nodePort": 30097},
+                ]),
+            );
+        let mut gc_slice = EndpointSlice::new("default", "gcnp", "x1")
+            .port("http", 8080, Proto::Tcp)
+            .port("stream", 9000, Proto::Tcp);
+        for p in &pods {
+            gc_slice = gc_slice.endpoint(Endpoint::ready(&p.ip.to_string(), "node2"));
+        }
+        bed.write_manifest("gc-svc.yaml", &svc.to_yaml())?;
+        bed.write_manifest("gc-slice.yaml", &gc_slice.to_yaml())?;
+        let dir = bed.manifests_dir().to_path_buf();
+        let flags = [
+            "--conntrack-gc-interval-s",
+            "1",
+            "--conntrack-tcp-timeout-closing-s",
+            "2",
+        ];
+        let node1 = bed.start_agent_with(1, &dir, &flags)?;
+        let node2 = bed.start_agent_with(2, &dir, &["--conntrack-gc-interval-s", "0"])?;
+        node1.wait_for_sync(1, SYNC)?;
+        node2.wait_for_sync(1, SYNC)?;
+        let ct_entries = |a: &tests::Agent| -> Result<u64> {
+            let status = a.status_json()?;
+            Ok(status["maps"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|m| m["name"] == "ct_v1")
+                .and_then(|m| m["entries"].as_u64())
+                .unwrap_or(0))
+        };
+        let all: Vec<&Pod> = pods.iter().collect();
+        let ext = bed.ext_ns().to_string();
+        // A long-lived connection through node 1, idle across several collector passes.
+        let np1 = nodeport(node_ip(1), 30094);
+        let stream_to = nodeport(node_ip(1), 30097);
+        let mut stream = tests::in_netns(&ext, move || {
+            tests::client::EchoStream::connect(stream_to, T)
+        })??;
+        let (np2, n) = (nodeport(node_ip(2), 30094), 60);
+        answered(
+            &tcp_requests(&ext, np1, n, T)?,
+            np1,
+            &all,
+            "NodePort via node1",
+        )?;
+        answered(
+            &tcp_requests(&ext, np2, n, T)?,
+            np2,
+            &all,
+            "NodePort via node2",
+        )?;
+        let (busy1, busy2) = (ct_entries(&node1)?, ct_entries(&node2)?);
+        ensure!(
+            busy1 >= 2 * n as u64 && busy2 >= 2 * n as u64,
+            "conntrack holds {busy1} and {busy2} entries after {n} connections each"
+        );
+        std::thread::sleep(Duration::from_secs(6));
+        let (idle1, idle2) = (ct_entries(&node1)?, ct_entries(&node2)?);
+        ensure!(
+            idle1 <= 4,
+            "node1 still holds {idle1} conntrack entries (of {busy1}) 6 s after its connections closed"
+        );
+        ensure!(
+            idle2 >= 2 * n as u64,
+            "node2 (collector off) dropped entries: {idle2} of {busy2}"
+        );
+        ensure!(
+            ct_entries(&node1)? >= 2,
+            "the idle established connection lost its entries"
+        );
+        tests::in_netns(&ext, move || stream.exchange("still-there", T))??;
+        Ok(())
+    });
+}
+
 #[test]
 fn local_policy_keeps_the_client_address_and_serves_health_checks() {
     with_bed(|bed| {

@@ -1,6 +1,7 @@
 //! The kernel side as the agent sees it: loading and attaching programs, and the maps' contents.
 pub mod addr;
 pub mod external;
+pub mod gc;
 pub mod loader;
 pub mod maglev;
 pub mod maps;
