@@ -107,6 +107,23 @@ fn touch(v: *mut CtValue, now: u64) {
     }
 }
 
+/// The reverse entry of a flow to `flow`'s destination: the frontend to restore as the reply's
+/// source and the client. Written in place (into the scratch map), not built on the stack.
+#[inline(always)]
+fn reply_entry(v: &mut CtValue, flow: &Flow, flags: u16, backend_id: u32, svc_id: u32, now: u64) {
+    *v = CtValue {
+        nat_addr: flow.daddr,
+        nat_port_be: flow.dport_be,
+        flags,
+        backend_id,
+        svc_id,
+        orig_addr: flow.saddr,
+        orig_port_be: flow.sport_be,
+        _pad: 0,
+        last_seen_ns: now,
+    };
+}
+
 /// Sets or clears `CT_CLOSING` on an entry (one write, only when it changes).
 #[inline(always)]
 fn mark_closing(ct: *mut CtValue, closing: bool, reopened: bool) {
@@ -422,17 +439,7 @@ fn forward(flow: &Flow, svc: &ServiceValue, iface: Option<IfaceConfig>) -> Verdi
             if let Some(r) = CONNTRACK.get_ptr_mut(&s.rkey) {
                 mark_closing(r, closing, reopened);
             } else {
-                s.rval = CtValue {
-                    nat_addr: flow.daddr,
-                    nat_port_be: flow.dport_be,
-                    flags,
-                    backend_id,
-                    svc_id,
-                    orig_addr: flow.saddr,
-                    orig_port_be: flow.sport_be,
-                    _pad: 0,
-                    last_seen_ns: now,
-                };
+                reply_entry(&mut s.rval, flow, flags, backend_id, svc_id, now);
                 if closing {
                     s.rval.flags |= CT_CLOSING;
                 }
@@ -519,17 +526,7 @@ fn forward(flow: &Flow, svc: &ServiceValue, iface: Option<IfaceConfig>) -> Verdi
         flow.family,
         CT_REVERSE,
     );
-    s.rval = CtValue {
-        nat_addr: flow.daddr,
-        nat_port_be: flow.dport_be,
-        flags,
-        backend_id,
-        svc_id,
-        orig_addr: flow.saddr,
-        orig_port_be: flow.sport_be,
-        _pad: 0,
-        last_seen_ns: now,
-    };
+    reply_entry(&mut s.rval, flow, flags, backend_id, svc_id, now);
     // Reverse entry first: a reply must never find a forward entry without its way back.
     if CONNTRACK.insert(&s.rkey, &s.rval, 0).is_err()
         || CONNTRACK.insert(&s.fkey, &s.fval, 0).is_err()
