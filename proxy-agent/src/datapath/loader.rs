@@ -107,16 +107,24 @@ pub fn load_replacing(
     Ok((ebpf, migration))
 }
 
-fn sock_program<'a>(
-    ebpf: &'a mut Ebpf,
-    name: &'static str,
-) -> Result<&'a mut CgroupSockAddr, DatapathError> {
+/// The program `name` of the object, as its type `T`.
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, DatapathError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
     let prog = ebpf.program_mut(name).ok_or(DatapathError::Program {
         name,
         source: aya::programs::ProgramError::UnexpectedProgramType,
     })?;
     prog.try_into()
         .map_err(|source| DatapathError::Program { name, source })
+}
+
+fn sock_program<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut CgroupSockAddr, DatapathError> {
+    program(ebpf, name)
 }
 
 const BPF_OBJ_GET: libc::c_long = 7;
@@ -207,13 +215,7 @@ pub fn detach_sock(bpffs: &Path) {
 }
 
 pub fn tc_program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, DatapathError> {
-    let name = programs::TC_INGRESS;
-    let prog = ebpf.program_mut(name).ok_or(DatapathError::Program {
-        name,
-        source: aya::programs::ProgramError::UnexpectedProgramType,
-    })?;
-    prog.try_into()
-        .map_err(|source| DatapathError::Program { name, source })
+    program(ebpf, programs::TC_INGRESS)
 }
 
 fn link_pin(bpffs: &Path, iface: &str) -> PathBuf {
@@ -273,13 +275,7 @@ pub fn attach_tc(
 }
 
 pub fn xdp_program(ebpf: &mut Ebpf) -> Result<&mut Xdp, DatapathError> {
-    let name = programs::XDP_INGRESS;
-    let prog = ebpf.program_mut(name).ok_or(DatapathError::Program {
-        name,
-        source: aya::programs::ProgramError::UnexpectedProgramType,
-    })?;
-    prog.try_into()
-        .map_err(|source| DatapathError::Program { name, source })
+    program(ebpf, programs::XDP_INGRESS)
 }
 
 /// `--xdp`: where the XDP fast path runs on external interfaces.
