@@ -1078,11 +1078,14 @@ fn flood_loop(to: SocketAddr, duration: Duration, max: usize) -> Vec<Outcome> {
 /// How long the flood of short connections lasts.
 const FLOOD_FOR: Duration = Duration::from_secs(6);
 
-/// A conntrack map of 256 entries (128 flows) with socket LB off, so every pod connection takes
-/// the per-packet tc path with two conntrack entries per flow. Established streams exchange a
-/// line every 20 ms (five), 200 ms, 1 s and 3 s (two each) while two threads open short
-/// connections for 6 s (at least 2,000, typically several thousand: the map turns over dozens of
-/// times). Busy streams are looked up on every packet, which refreshes them in the LRU; idle
+/// A conntrack map of 1,024 entries (512 flows) with socket LB off, so every pod connection
+/// takes the per-packet tc path with two conntrack entries per flow. Established streams
+/// exchange a line every 20 ms (five), 200 ms, 1 s and 3 s (two each) while two threads open
+/// short connections for 6 s (at least 2,000, typically near 10,000: the map turns over about
+/// every 0.3 s). Not smaller: the kernel's LRU hands out free entries in per-CPU batches of 128,
+/// so in a 256-entry map a reply entry written a moment ago can go before the backend's answer
+/// comes back (seen: 200 ms streams reset once in several runs). Busy streams are looked up on
+/// every packet, which refreshes them in the LRU; idle
 /// ones are evicted, and must carry on all the same: their next packet finds the same backend
 /// (the choice is a hash of the tuple) and records the flow again, and a forward packet puts
 /// back an evicted reply entry. Every stream must survive.
@@ -1124,7 +1127,7 @@ fn conntrack_pressure_keeps_established_streams() {
         let agent = bed.start_agent_with(
             1,
             &dir,
-            &["--socket-lb=false", "--map-size-conntrack", "256"],
+            &["--socket-lb=false", "--map-size-conntrack", "1024"],
         )?;
         agent.wait_for_sync(1, SYNC)?;
         let status = agent.status_json()?;
@@ -1244,7 +1247,7 @@ fn conntrack_pressure_keeps_established_streams() {
                 .join("\n    ")
         };
         let mut report = format!(
-            "conntrack pressure (ct_v1 capacity 256 = 128 flows, tc path): {} short connections \
+            "conntrack pressure (ct_v1 capacity 1024 = 512 flows, tc path): {} short connections \
              in {flood_took:?} ({flood_tally}); {:?} in all; established streams broken:",
             flood.len(),
             started.elapsed()
