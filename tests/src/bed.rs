@@ -752,6 +752,20 @@ impl TestBed {
         count: usize,
         timeout: Duration,
     ) -> Result<Vec<Outcome>> {
+        self.client_requests(&pod.ns, pod.cgroup.as_deref(), proto, addr, count, timeout)
+    }
+
+    /// Runs `tb-client` as a process in network namespace `ns` (and `cgroup`): `count`
+    /// requests to `addr`, each with `timeout`. Stops early after 5 failures in a row.
+    pub fn client_requests(
+        &self,
+        ns: &str,
+        cgroup: Option<&Path>,
+        proto: Proto,
+        addr: std::net::SocketAddr,
+        count: usize,
+        timeout: Duration,
+    ) -> Result<Vec<Outcome>> {
         let bin = crate::helper_bin("tb-client")?;
         let args = [
             proto.flag(),
@@ -762,17 +776,10 @@ impl TestBed {
             &timeout.as_millis().to_string(),
         ];
         let limit = timeout * (count.min(50) as u32 + 5) + Duration::from_secs(30);
-        let out = self.run_in(
-            &pod.ns,
-            pod.cgroup.as_deref(),
-            &bin.to_string_lossy(),
-            &args,
-            limit,
-        )?;
+        let out = self.run_in(ns, cgroup, &bin.to_string_lossy(), &args, limit)?;
         if !out.status.success() {
             bail!(
-                "tb-client in {} failed ({}): {}",
-                pod.ns,
+                "tb-client in {ns} failed ({}): {}",
                 out.status,
                 String::from_utf8_lossy(&out.stderr)
             );
