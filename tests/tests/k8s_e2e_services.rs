@@ -1437,3 +1437,128 @@ fn should_be_able_to_handle_large_requests() {
         Ok(())
     });
 }
+
+/// networking.go: "Granular Checks: Services should update nodePort: http" and "...: udp"
+/// [Slow]: a Service's nodePort changed in place stops answering on the old port and answers on
+/// the new one, on every node.
+#[test]
+fn should_update_node_port() {
+    for_each_source(2, |c| {
+        const VIP: &str = "198.18.102.47";
+        let (server, _) = c.backend(2, "upd-np", &[8080], &[5353])?;
+        c.put(nodeport_service("node-port-service", VIP, 30880, 30853).to_value())?;
+        c.put(slice("node-port-service", "a", &[&server], &NP_PORTS))?;
+        c.start_agents(&[])?;
+        for node in [1u8, 2] {
+            for (proto, port) in [(Proto::Tcp, 30880), (Proto::Udp, 30853)] {
+                let a = SocketAddr::new(node_ip(node).into(), port);
+                c.expect_external("old nodePort", proto, a, &[&server])?;
+            }
+        }
+        c.put(nodeport_service("node-port-service", VIP, 30881, 30854).to_value())?;
+        for node in [1u8, 2] {
+            for (proto, old, new) in [(Proto::Tcp, 30880, 30881), (Proto::Udp, 30853, 30854)] {
+                let a = SocketAddr::new(node_ip(node).into(), new);
+                c.expect_external("new nodePort", proto, a, &[&server])?;
+                let gone = SocketAddr::new(node_ip(node).into(), old);
+                eventually("old nodePort closed", || {
+                    let t = Tally::new(&c.ext_requests(proto, gone, 2)?);
+                    ensure!(t.ok == 0, "old nodePort {gone} still answers: {t}");
+                    Ok(())
+                })?;
+            }
+        }
+        Ok(())
+    });
+}
+
+/// service.go: "should fail health check node port if there are only terminating
+/// endpoints": with externalTrafficPolicy Local, a node whose local endpoints are all
+/// terminating answers its healthCheckNodePort with 503 (so load balancers drain it) while
+/// still serving the terminating endpoint to traffic that arrives.
+#[test]
+fn should_fail_health_check_node_port_if_there_are_only_terminating_endpoints() {
+    for_each_source(2, |c| {
+        const VIP: &str = "198.18.102.48";
+        let (server, _) = c.backend(1, "hc-term", &[8080], &[5353])?;
+        let s = nodeport_service("hc-term", VIP, 30980, 30953)
+            .type_("LoadBalancer")
+            .spec("externalTrafficPolicy", json!("Local"))
+            .spec("healthCheckNodePort", json!(32190));
+        c.put(s.to_value())?;
+        c.put(slice("hc-term", "a", &[&server], &NP_PORTS))?;
+        c.start_agents(&[])?;
+        let ext = c.bed.ext_ns().to_string();
+        let probe = || -> Result<(u16, Value)> {
+            let a = SocketAddr::new(node_ip(1).into(), 32190);
+            let r = tests::in_netns(&ext, move || tests::client::http_get(a, "/", T))??;
+            Ok((r.status, serde_json::from_str(&r.body)?))
+        };
+        eventually("healthy with a ready endpoint", || {
+            let (status, body) = probe()?;
+            ensure!(
+                status == 200 && body["localEndpoints"] == 1,
+                "{status} {body}"
+            );
+            Ok(())
+        })?;
+        c.put(
+            EndpointSlice::new("default", "hc-term", "a")
+                .port("http", 8080, Proto::Tcp)
+                .port("udp", 5353, Proto::Udp)
+                .endpoint(
+                    Endpoint::ready(&server.ip.to_string(), "node1").conditions(false, true, true),
+                )
+                .to_value(),
+        )?;
+        eventually("unhealthy with only a terminating endpoint", || {
+            let (status, body) = probe()?;
+            ensure!(
+                status == 503 && body["localEndpoints"] == 0,
+                "{status} {body}"
+            );
+            Ok(())
+        })?;
+        let np = SocketAddr::new(node_ip(1).into(), 30980);
+        c.expect_external(
+            "terminating endpoint still serves",
+            Proto::Tcp,
+            np,
+            &[&server],
+        )?;
+        Ok(())
+    });
+}
+
+/// service.go: "should respect internalTrafficPolicy=Local Pod and Node, to Pod (hostNetwork:
+/// true)": the node itself, like its pods, reaches only its own node's endpoints of an
+/// internalTrafficPolicy Local Service, and nothing from a node without one.
+#[test]
+fn should_respect_internal_traffic_policy_local_pod_and_node_to_pod() {
+    for_each_source(2, |c| {
+        const VIP: &str = "198.18.102.49";
+        let (server, _) = c.backend(1, "itpn-server", &[8080], &[5353])?;
+        c.put(
+            svc("itp-node", VIP)
+                .port("http", 80, 8080, Proto::Tcp)
+                .port("udp", 53, 5353, Proto::Udp)
+                .spec("internalTrafficPolicy", json!("Local"))
+                .to_value(),
+        )?;
+        c.put(slice("itp-node", "a", &[&server], &NP_PORTS))?;
+        c.start_agents(&[])?;
+        for (proto, port) in [(Proto::Tcp, 80), (Proto::Udp, 53)] {
+            eventually("node1 to its own endpoint", || {
+                let t = Tally::new(&c.node_requests(1, proto, addr(VIP, port), 10)?);
+                t.expect_no_failures()?;
+                t.expect_spread(&["itpn-server"], 0.5)
+            })?;
+            let t = Tally::new(&c.node_requests(2, proto, addr(VIP, port), 2)?);
+            ensure!(
+                t.ok == 0,
+                "node2 has no local endpoint but was answered: {t}"
+            );
+        }
+        Ok(())
+    });
+}
