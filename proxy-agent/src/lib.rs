@@ -1,6 +1,7 @@
 //! proxy-agent: turns Kubernetes Services into eBPF map entries and keeps them in step.
 pub mod cleanup;
 pub mod datapath;
+pub mod kpconfig;
 pub mod model;
 pub mod report;
 pub mod run;

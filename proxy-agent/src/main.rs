@@ -1,7 +1,7 @@
 //! The proxy-agent command line.
 use std::{io::IsTerminal as _, path::PathBuf, time::Duration};
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use proxy_agent::{cleanup, run, status};
 
 #[derive(Parser)]
@@ -49,6 +49,11 @@ enum Output {
 
 #[derive(Args)]
 struct RunArgs {
+    /// kube-proxy's configuration file (KubeProxyConfiguration, kubeproxy.config.k8s.io/v1alpha1,
+    /// e.g. the kube-proxy ConfigMap's config.conf): the fields that mean something here set the
+    /// matching flags; flags given on the command line win.
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// Kubernetes manifest files or directories (Service, EndpointSlice, Endpoints).
     #[arg(long)]
     manifests: Vec<PathBuf>,
@@ -130,6 +135,10 @@ struct RunArgs {
     /// How often the maps are re-read and repaired, in seconds.
     #[arg(long, default_value_t = 60)]
     resync_period_s: u64,
+    /// Failing to serve healthz or metrics on their addresses stops the agent (kube-proxy's
+    /// bindAddressHardFail); otherwise it is logged and the agent goes on.
+    #[arg(long, default_value_t = false)]
+    bind_address_hard_fail: bool,
 }
 
 const DEFAULT_BPFFS: &str = "/sys/fs/bpf/proxy-agent";
@@ -193,12 +202,109 @@ fn init_logging(format: LogFormat, level: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Applies a KubeProxyConfiguration's settings to the flags that were not given on the command
+/// line (flags win, as with kube-proxy's own flags and --config).
+fn apply_config(
+    args: &mut RunArgs,
+    m: &ArgMatches,
+    s: proxy_agent::kpconfig::Settings,
+) -> anyhow::Result<()> {
+    let unset = |id: &str| m.value_source(id) != Some(clap::parser::ValueSource::CommandLine);
+    let secs = |d: Duration| d.as_secs().max(1);
+    if let Some(v) = s.node_name
+        && unset("node_name")
+    {
+        args.node_name = v;
+    }
+    if let Some(v) = s.kubeconfig
+        && unset("kubeconfig")
+    {
+        args.kubeconfig = Some(v);
+    }
+    if let Some(v) = s.healthz_bind_address
+        && unset("healthz_bind_address")
+    {
+        args.healthz_bind_address = v;
+    }
+    if let Some(v) = s.metrics_bind_address
+        && unset("metrics_bind_address")
+    {
+        args.metrics_bind_address = v;
+    }
+    if let Some(v) = s.nodeport_addresses
+        && unset("nodeport_addresses")
+    {
+        args.nodeport_addresses = v;
+    }
+    if let Some(v) = s.pod_interfaces
+        && unset("pod_interfaces")
+    {
+        args.pod_interfaces = v;
+    }
+    if let Some(v) = s.sync_period
+        && unset("resync_period_s")
+    {
+        args.resync_period_s = secs(v);
+    }
+    if let Some(v) = s.min_sync_period
+        && unset("sync_debounce_ms")
+    {
+        // The least time between two syncs: changes wait that long to be written together.
+        args.sync_debounce_ms = v.as_millis().min(u64::MAX as u128) as u64;
+    }
+    if let Some(v) = s.tcp_established_timeout
+        && unset("conntrack_tcp_timeout_established_s")
+    {
+        args.conntrack_tcp_timeout_established_s = secs(v);
+    }
+    if let Some(v) = s.tcp_close_wait_timeout
+        && unset("conntrack_tcp_timeout_closing_s")
+    {
+        args.conntrack_tcp_timeout_closing_s = secs(v);
+    }
+    // One UDP timeout here: the longer of netfilter's unreplied and assured ones, so that no
+    // flow goes sooner than under kube-proxy.
+    if let Some(v) = s.udp_timeout.max(s.udp_stream_timeout)
+        && unset("conntrack_udp_timeout_s")
+    {
+        args.conntrack_udp_timeout_s = secs(v);
+    }
+    if let Some(flows) = s.conntrack_max_flows
+        && unset("map_size_conntrack")
+    {
+        // Two entries per flow (forward and reply).
+        args.map_size_conntrack = flows.saturating_mul(2);
+    }
+    if let Some(v) = s.oom_score_adj {
+        std::fs::write("/proc/self/oom_score_adj", v.to_string())
+            .map_err(|e| anyhow::anyhow!("oomScoreAdj {v}: /proc/self/oom_score_adj: {e}"))?;
+    }
+    args.bind_address_hard_fail |= s.bind_address_hard_fail;
+    for (field, why) in &s.no_effect {
+        tracing::warn!(field = %field, reason = %why, "kube-proxy setting accepted but has no effect here");
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches)?;
     init_logging(cli.log_format, &cli.log_level)?;
     match cli.cmd {
-        Cmd::Run(args) => {
+        Cmd::Run(mut args) => {
+            if let Some(path) = args.config.clone() {
+                let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+                // Read and checked before anything is loaded: a bad file changes nothing.
+                let settings = proxy_agent::kpconfig::load(&path, cpus)?;
+                let run_matches = matches
+                    .subcommand_matches("run")
+                    .expect("the run subcommand matched");
+                apply_config(&mut args, run_matches, settings)?;
+                tracing::info!(config = %path.display(), "read kube-proxy configuration");
+            }
             let RunArgs {
+                config: _,
+                bind_address_hard_fail,
                 manifests,
                 kubeconfig,
                 node_name,
@@ -256,6 +362,7 @@ fn main() -> anyhow::Result<()> {
                     &healthz_bind_address,
                 )?,
                 healthz_timeout: Duration::from_secs(healthz_timeout_s.max(1)),
+                bind_address_hard_fail,
                 xdp,
                 conntrack_gc_interval: Duration::from_secs(conntrack_gc_interval_s),
                 conntrack_timeouts: proxy_agent::datapath::gc::Timeouts {

@@ -55,6 +55,8 @@ pub struct RunConfig {
     pub healthz_bind_address: Option<std::net::SocketAddr>,
     /// A change not programmed within this long makes /healthz fail.
     pub healthz_timeout: Duration,
+    /// A healthz or metrics address that cannot be bound stops the agent.
+    pub bind_address_hard_fail: bool,
 }
 
 enum Source {
@@ -327,6 +329,11 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         (cfg.healthz_bind_address, false),
     ] {
         if let Some(addr) = addr {
+            if cfg.bind_address_hard_fail {
+                // Checked before the datapath is touched; the server binds again just after.
+                std::net::TcpListener::bind(addr)
+                    .with_context(|| format!("binding {addr} (bind-address-hard-fail)"))?;
+            }
             let h = health.clone();
             tokio::spawn(async move {
                 if let Err(e) = serve(addr, h, metrics).await {

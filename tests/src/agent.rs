@@ -202,10 +202,8 @@ impl TestBed {
         source: &[String],
         extra_args: &[&str],
     ) -> Result<Agent> {
-        let bin = agent_bin()?;
-        ensure_bpffs()?;
         let n = self.node(node).clone();
-        let bpffs = PathBuf::from("/sys/fs/bpf").join(format!("{}-node{node}", self.prefix()));
+        let bpffs = self.agent_bpffs(node);
         let mut args: Vec<String> = vec!["run".into()];
         args.extend(source.iter().cloned());
         args.extend([
@@ -226,6 +224,21 @@ impl TestBed {
             args.extend(more.split_whitespace().map(str::to_string));
         }
         args.extend(extra_args.iter().map(|s| s.to_string()));
+        self.spawn_agent(node, &args)
+    }
+
+    /// The `--bpffs` directory agents on `node` use: `/sys/fs/bpf/<prefix>-node<N>`.
+    pub fn agent_bpffs(&self, node: u8) -> PathBuf {
+        PathBuf::from("/sys/fs/bpf").join(format!("{}-node{node}", self.prefix()))
+    }
+
+    /// Starts `proxy-agent ARGS...` (complete arguments; pass `--bpffs` [`TestBed::agent_bpffs`]
+    /// so the bed cleans up after it) in node `node`'s namespace, its output to a log file.
+    pub fn spawn_agent(&mut self, node: u8, args: &[String]) -> Result<Agent> {
+        let bin = agent_bin()?;
+        ensure_bpffs()?;
+        let n = self.node(node).clone();
+        let bpffs = self.agent_bpffs(node);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
         let (pid, log) = self.spawn_full(

@@ -562,13 +562,52 @@ fn kubectl_kustomize_renders_the_base_and_the_side_by_side_overlay() {
     assert_eq!(changed.len(), 3, "only the three flags differ: {changed:?}");
 }
 
+/// The overlay that keeps kube-proxy's configuration: the kube-proxy ConfigMap mounted read-only
+/// where kube-proxy reads it, `--config` pointing at its config.conf, and the base's metrics and
+/// healthz flags gone (they would win over the file). Nothing else changes.
+#[test]
+fn kubectl_kustomize_renders_the_kube_proxy_config_overlay() {
+    let Some(overlay) = kustomize("deploy/kube-proxy-config/") else {
+        return;
+    };
+    let files = manifests();
+    assert_eq!(overlay.cluster_role(), files.cluster_role());
+    let spec = pod_spec(overlay.daemonset());
+    let c = agent_container(spec);
+    let args = args(c);
+    assert_eq!(
+        flag(args, "--config"),
+        Some("/var/lib/kube-proxy/config.conf")
+    );
+    assert_eq!(flag(args, "--metrics-bind-address"), None);
+    assert_eq!(flag(args, "--healthz-bind-address"), None);
+    let v = volume(spec, "kube-proxy-config");
+    assert_eq!(
+        v.config_map.as_ref().map(|c| c.name.as_str()),
+        Some("kube-proxy"),
+        "the kube-proxy ConfigMap itself, unchanged"
+    );
+    let m = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.name == "kube-proxy-config")
+        .expect("kube-proxy-config mounted");
+    assert_eq!(m.mount_path, "/var/lib/kube-proxy");
+    assert_eq!(m.read_only, Some(true));
+    let base_args = args_of(files.daemonset());
+    let added: Vec<_> = args.iter().filter(|a| !base_args.contains(a)).collect();
+    assert_eq!(added, ["--config=/var/lib/kube-proxy/config.conf"]);
+    assert_eq!(base_args.len(), args.len() + 1, "two flags go, one comes");
+}
+
 fn args_of(ds: &DaemonSet) -> Vec<String> {
     args(agent_container(pod_spec(ds))).to_vec()
 }
 
-/// The string values of the side-by-side overlay's JSON patches that are flags.
-fn overlay_flags() -> Vec<String> {
-    let path = deploy().join("side-by-side/kustomization.yaml");
+/// The string values of an overlay's JSON patches that are flags.
+fn overlay_flags(overlay: &str) -> Vec<String> {
+    let path = deploy().join(overlay).join("kustomization.yaml");
     let text = fs::read_to_string(&path).unwrap();
     let doc = &documents(&text, &path.display().to_string())[0];
     let mut out = Vec::new();
@@ -602,7 +641,8 @@ fn daemonset_flags_are_accepted_by_the_agent() {
         "run",
         "the DaemonSet runs `proxy-agent run`"
     );
-    args.extend(overlay_flags());
+    args.extend(overlay_flags("side-by-side"));
+    args.extend(overlay_flags("kube-proxy-config"));
     for arg in &args {
         assert!(arg.starts_with("--"), "not a flag: {arg}");
         let name = arg.split('=').next().unwrap();
