@@ -1,5 +1,6 @@
 //! The kernel side as the agent sees it: loading and attaching programs, and the maps' contents.
 pub mod addr;
+pub mod attach;
 pub mod external;
 pub mod gc;
 pub mod loader;
