@@ -406,6 +406,14 @@ fn main() -> anyhow::Result<()> {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&s)?),
                 Output::Table => status::print_table(&s),
             }
+            // A node that looks synced but does not carry every required hook is not working.
+            if let Some(r) = s.sync.as_ref().filter(|r| !r.missing_hooks.is_empty()) {
+                eprintln!(
+                    "error: required hooks not attached: {}",
+                    r.missing_hooks.join("; ")
+                );
+                std::process::exit(1);
+            }
             Ok(())
         }
         Cmd::Cleanup { bpffs } => cleanup::cleanup(&bpffs),

@@ -296,6 +296,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         Source::Kube(_) => "kube",
     };
     let mut generation = 0u64;
+    let mut last_report: Option<report::SyncReport> = None;
     let mut last_resync = Instant::now();
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -303,6 +304,13 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     loop {
         if generation > 0 {
             ifaces.reconcile(&cfg, &mut ebpf)?;
+            // A hook that failed (or came back) between syncs shows in health and status now.
+            let missing = ifaces.missing();
+            if let Some(r) = last_report.as_mut().filter(|r| r.missing_hooks != missing) {
+                health.set_missing_hooks(missing.clone());
+                r.missing_hooks = missing;
+                report::write(&cfg.bpffs, r);
+            }
         }
 
         // Node addresses decide NodePort frontends; a change re-translates the last inputs.
@@ -359,25 +367,25 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
                 }
             }
             generation += 1;
+            health.set_missing_hooks(ifaces.missing());
             health.updated(started.elapsed(), report.failed.len(), rejected.len());
-            report::write(
-                &cfg.bpffs,
-                &report::SyncReport {
-                    pid: std::process::id(),
-                    generation,
-                    unix_time: report::now(),
-                    source: source_name.into(),
-                    rejected: rejected.clone(),
-                    not_programmed: report
-                        .failed
-                        .iter()
-                        .map(|(service, reason)| report::NotProgrammed {
-                            service: service.clone(),
-                            reason: reason.clone(),
-                        })
-                        .collect(),
-                },
-            );
+            let written = last_report.insert(report::SyncReport {
+                pid: std::process::id(),
+                generation,
+                unix_time: report::now(),
+                source: source_name.into(),
+                rejected: rejected.clone(),
+                not_programmed: report
+                    .failed
+                    .iter()
+                    .map(|(service, reason)| report::NotProgrammed {
+                        service: service.clone(),
+                        reason: reason.clone(),
+                    })
+                    .collect(),
+                missing_hooks: ifaces.missing(),
+            });
+            report::write(&cfg.bpffs, written);
             tracing::info!(
                 generation,
                 services = report.services,

@@ -154,6 +154,9 @@ pub fn print_table(s: &Status) {
             "\nLAST SYNC  generation {} from {} (pid {})",
             r.generation, r.source, r.pid
         );
+        for m in &r.missing_hooks {
+            println!("  HOOK MISSING {m}");
+        }
         for n in &r.not_programmed {
             println!("  NOT PROGRAMMED {}: {}", n.service, n.reason);
         }

@@ -952,3 +952,86 @@ fn healthz_fails_before_the_first_sync() {
         panic!("{e:#}");
     }
 }
+
+/// Polls `path` on node 1's healthz port until it answers `want`.
+fn wait_health(ns: &str, path: &str, want: u16, timeout: Duration) -> Result<HttpResponse> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let r = get(ns, addr("127.0.0.1", 10256), path)?;
+        if r.status == want {
+            return Ok(r);
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{path} still answers {} (want {want}): {}",
+            r.status,
+            r.body
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// (9) A hook the configuration requires that the kernel refuses to attach makes /healthz and
+/// /livez fail with the reason and `status` exit non-zero; once the attach succeeds (retried
+/// every poll) both are healthy again. The failure is real: a directory where the tc link's
+/// pin belongs makes BPF_OBJ_GET fail with EACCES, so the agent cannot adopt or pin a link on
+/// lan0.
+#[test]
+fn missing_hook_fails_health() {
+    let mut bed = TestBed::new(1).expect("building the test bed (needs root)");
+    let res = (|| -> Result<()> {
+        let bpffs = bed.agent_bpffs(1);
+        let blocker = bpffs.join("links").join("tc_ingress@lan0");
+        std::fs::create_dir_all(&blocker)
+            .with_context(|| format!("creating {}", blocker.display()))?;
+        let agent = bed.start_agent(1)?;
+        agent.wait_for_sync(1, SYNC)?;
+        let ns = bed.node(1).ns.clone();
+        for path in ["/healthz", "/livez"] {
+            let r = wait_health(&ns, path, 503, Duration::from_secs(10))?;
+            ensure!(
+                r.body.contains("tc ingress not attached on lan0"),
+                "{path} 503 without the reason: {}",
+                r.body
+            );
+            let v: Value = serde_json::from_str(&r.body)
+                .with_context(|| format!("{path}: body {:?}", r.body))?;
+            ensure!(v["missingHooks"].is_array(), "{path}: {}", r.body);
+        }
+        let err = agent
+            .status_json()
+            .err()
+            .context("status exited 0 with a hook missing")?;
+        ensure!(
+            format!("{err:#}").contains("required hooks not attached"),
+            "status failed without naming the missing hook: {err:#}"
+        );
+        let on_lan0: Vec<String> = netns_attachments(&ns)?
+            .into_iter()
+            .filter(|a| a.starts_with("lan0 "))
+            .collect();
+        ensure!(
+            on_lan0.is_empty(),
+            "attached on lan0 although the agent reports it missing: {on_lan0:?}"
+        );
+
+        std::fs::remove_dir(&blocker).with_context(|| format!("removing {}", blocker.display()))?;
+        let r = wait_health(&ns, "/healthz", 200, Duration::from_secs(10))?;
+        check_healthy(&r, "/healthz after the attach")?;
+        check_healthy(&get(&ns, addr("127.0.0.1", 10256), "/livez")?, "/livez")?;
+        let status = agent.status_json()?;
+        ensure!(
+            status["sync"]["missing_hooks"]
+                .as_array()
+                .is_some_and(|a| a.is_empty()),
+            "status still reports missing hooks: {}",
+            status["sync"]
+        );
+        Ok(())
+    })();
+    if let Err(e) = res {
+        bed.keep_dir();
+        eprintln!("{}", bed.log_tails(40));
+        panic!("{e:#}");
+    }
+}

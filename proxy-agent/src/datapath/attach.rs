@@ -1,6 +1,6 @@
 //! Attaching the loaded programs to their hooks (interfaces, the socket-LB cgroup) and keeping
 //! them attached as interfaces come and go.
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 
 use anyhow::Context as _;
 
@@ -13,6 +13,9 @@ use crate::run::RunConfig;
 pub struct Interfaces {
     attached: HashSet<(String, u32)>,
     warned_missing: HashSet<String>,
+    /// Wanted interfaces present on the node whose tc hook is not attached, with the error:
+    /// the datapath does not serve them, so health says so until a retry succeeds.
+    failed: BTreeMap<String, String>,
 }
 
 impl Interfaces {
@@ -46,10 +49,16 @@ impl Interfaces {
             match loader::attach_tc(loader::tc_program(ebpf)?, &cfg.bpffs, name) {
                 Ok(()) => {
                     tracing::info!(iface = %name, ifindex = index, "attached tc ingress");
+                    self.failed.remove(name);
                 }
-                // It may have vanished between listing and attaching; retried next poll.
+                // It may have vanished between listing and attaching, or the kernel refused:
+                // retried every poll, logged when the reason changes.
                 Err(e) => {
-                    tracing::warn!(iface = %name, error = %e, "attach failed");
+                    let reason = e.to_string();
+                    if self.failed.get(name) != Some(&reason) {
+                        tracing::warn!(iface = %name, error = %reason, "attach failed");
+                        self.failed.insert(name.clone(), reason);
+                    }
                     continue;
                 }
             }
@@ -80,6 +89,8 @@ impl Interfaces {
             .filter(|k| !present.contains(k))
             .cloned()
             .collect();
+        self.failed
+            .retain(|name, _| present.iter().any(|(n, _)| n == name));
         for k in gone {
             if !present.iter().any(|(n, _)| *n == k.0) {
                 loader::forget_interface(&cfg.bpffs, &k.0);
@@ -88,6 +99,17 @@ impl Interfaces {
             self.attached.remove(&k);
         }
         Ok(())
+    }
+}
+
+impl Interfaces {
+    /// Hooks the configuration requires that are not attached, one reason each (empty when
+    /// every present wanted interface carries the tc program).
+    pub fn missing(&self) -> Vec<String> {
+        self.failed
+            .iter()
+            .map(|(iface, e)| format!("tc ingress not attached on {iface}: {e}"))
+            .collect()
     }
 }
 
