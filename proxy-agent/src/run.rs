@@ -64,6 +64,16 @@ pub struct RunConfig {
     pub bind_address_hard_fail: bool,
 }
 
+impl RunConfig {
+    /// The optional programs this configuration uses; the others are not loaded.
+    pub fn enabled(&self) -> loader::Enabled {
+        loader::Enabled {
+            xdp: self.xdp != loader::XdpSetting::Off,
+            socket_lb: self.socket_lb_cgroup.is_some(),
+        }
+    }
+}
+
 enum Source {
     Manifests(ManifestSource),
     Kube(KubeSource),
@@ -246,8 +256,8 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
             });
         }
     }
-    let (mut ebpf, migration) =
-        loader::load_replacing(&cfg.bpffs, cfg.map_sizes).context("loading the datapath")?;
+    let (mut ebpf, migration) = loader::load_enabled(&cfg.bpffs, cfg.map_sizes, cfg.enabled())
+        .context("loading the datapath")?;
     // Programs are attached (or swapped into the pinned links) only after the first sync, so the
     // new programs never run on maps the source has not filled yet; until then whatever an
     // earlier agent attached keeps serving.

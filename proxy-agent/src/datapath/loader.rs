@@ -53,6 +53,21 @@ impl Default for MapSizes {
     }
 }
 
+/// Which optional programs go into the kernel: a feature that is off loads nothing, so it
+/// needs nothing of the kernel (the XDP program uses helpers of newer kernels than tc does).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Enabled {
+    pub xdp: bool,
+    pub socket_lb: bool,
+}
+
+impl Enabled {
+    pub const ALL: Self = Self {
+        xdp: true,
+        socket_lb: true,
+    };
+}
+
 /// Loads the object and finishes any map replacement at once (for tools and tests that do not
 /// attach).
 pub fn load(bpffs: &Path, sizes: MapSizes) -> Result<Ebpf, DatapathError> {
@@ -67,6 +82,15 @@ pub fn load(bpffs: &Path, sizes: MapSizes) -> Result<Ebpf, DatapathError> {
 pub fn load_replacing(
     bpffs: &Path,
     sizes: MapSizes,
+) -> Result<(Ebpf, super::migrate::Migration), DatapathError> {
+    load_enabled(bpffs, sizes, Enabled::ALL)
+}
+
+/// [`load_replacing`], loading only the optional programs `enabled` names.
+pub fn load_enabled(
+    bpffs: &Path,
+    sizes: MapSizes,
+    enabled: Enabled,
 ) -> Result<(Ebpf, super::migrate::Migration), DatapathError> {
     fs::create_dir_all(bpffs.join(LINKS_DIR)).map_err(io_err(bpffs))?;
     let migration = super::migrate::prepare(bpffs, sizes).map_err(io_err(bpffs))?;
@@ -92,17 +116,21 @@ pub fn load_replacing(
             name: programs::TC_INGRESS,
             source,
         })?;
-    for name in programs::SOCK_ALL {
-        sock_program(&mut ebpf, name)?
-            .load()
-            .map_err(|source| DatapathError::Program { name, source })?;
+    if enabled.socket_lb {
+        for name in programs::SOCK_ALL {
+            sock_program(&mut ebpf, name)?
+                .load()
+                .map_err(|source| DatapathError::Program { name, source })?;
+        }
     }
-    xdp_program(&mut ebpf)?
-        .load()
-        .map_err(|source| DatapathError::Program {
-            name: programs::XDP_INGRESS,
-            source,
-        })?;
+    if enabled.xdp {
+        xdp_program(&mut ebpf)?
+            .load()
+            .map_err(|source| DatapathError::Program {
+                name: programs::XDP_INGRESS,
+                source,
+            })?;
+    }
     migration.copy().map_err(io_err(bpffs))?;
     Ok((ebpf, migration))
 }
