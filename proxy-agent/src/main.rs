@@ -2,7 +2,7 @@
 use std::{io::IsTerminal as _, path::PathBuf, time::Duration};
 
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
-use proxy_agent::{cleanup, run, status};
+use proxy_agent::{check, cleanup, run, status};
 
 #[derive(Parser)]
 #[command(name = "proxy-agent", version, about = "eBPF Kubernetes Service proxy")]
@@ -151,6 +151,14 @@ enum Cmd {
     Status {
         #[arg(long, default_value = DEFAULT_BPFFS)]
         bpffs: PathBuf,
+        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Pre-flight: what this kernel and node support for these `run` flags (changes nothing);
+    /// exits 1 when `run` would not work.
+    Check {
+        #[command(flatten)]
+        run: Box<RunArgs>,
         #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
         output: Output,
     },
@@ -412,6 +420,29 @@ fn main() -> anyhow::Result<()> {
                     "error: required hooks not attached: {}",
                     r.missing_hooks.join("; ")
                 );
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+        Cmd::Check { run, output } => {
+            let c = check::check(&check::CheckConfig {
+                interfaces: run.interfaces.clone(),
+                xdp: run.xdp,
+                socket_lb_cgroup: if run.socket_lb {
+                    Some(match &run.cgroup {
+                        Some(c) => c.clone(),
+                        None => cgroup2_root()?,
+                    })
+                } else {
+                    None
+                },
+                bpffs: run.bpffs.clone(),
+            });
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&c)?),
+                Output::Table => check::print_table(&c),
+            }
+            if !c.errors.is_empty() {
                 std::process::exit(1);
             }
             Ok(())

@@ -34,6 +34,9 @@ pub struct SyncReport {
     /// Hooks the configuration requires that are not attached (status exits non-zero).
     #[serde(default)]
     pub missing_hooks: Vec<String>,
+    /// The kernel's features as probed at start and the choice made for each hook.
+    #[serde(default)]
+    pub kernel: Option<crate::datapath::probe::Report>,
 }
 
 /// One file per bpffs directory, so agents of several emulated nodes do not collide.

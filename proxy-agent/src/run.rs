@@ -12,7 +12,7 @@ use crate::{
         attach::{Interfaces, attach_all},
         external, gc, loader,
         maps::Maps,
-        sockets,
+        probe, sockets,
         writer::Writer,
     },
     model::{DesiredState, Inputs, LbAlgorithm, Options, translate},
@@ -256,6 +256,27 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
             });
         }
     }
+    let kernel = probe::decide(probe::Wanted {
+        xdp: cfg.xdp,
+        socket_lb: cfg.socket_lb_cgroup.is_some(),
+    });
+    let fatal = kernel.fatal();
+    if !fatal.is_empty() {
+        bail!(
+            "this kernel ({}) cannot run the datapath as configured: {}",
+            kernel.probes.kernel,
+            fatal.join("; ")
+        );
+    }
+    // A program the kernel cannot run is not loaded, and its hook stays off.
+    let cfg = RunConfig {
+        xdp: if kernel.xdp_off() {
+            loader::XdpSetting::Off
+        } else {
+            cfg.xdp
+        },
+        ..cfg
+    };
     let (mut ebpf, migration) = loader::load_enabled(&cfg.bpffs, cfg.map_sizes, cfg.enabled())
         .context("loading the datapath")?;
     // Programs are attached (or swapped into the pinned links) only after the first sync, so the
@@ -394,6 +415,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
                     })
                     .collect(),
                 missing_hooks: ifaces.missing(),
+                kernel: Some(kernel.clone()),
             });
             report::write(&cfg.bpffs, written);
             tracing::info!(

@@ -1035,3 +1035,135 @@ fn missing_hook_fails_health() {
         panic!("{e:#}");
     }
 }
+
+/// Runs `proxy-agent check ARGS -o json` in `ns`: (exit success, the document).
+fn check_json(ns: &str, args: &[String]) -> Result<(bool, Value)> {
+    let out = tests::cmd::run_output(
+        std::process::Command::new("nsenter")
+            .arg(format!("--net={}", tests::netns_path(ns).display()))
+            .arg("--")
+            .arg(tests::agent_bin()?)
+            .arg("check")
+            .args(args)
+            .args(["-o", "json"])
+            .env("NO_COLOR", "1"),
+        Duration::from_secs(30),
+    )?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let v: Value =
+        serde_json::from_str(&text).with_context(|| format!("check printed {text:?}"))?;
+    Ok((out.status.success(), v))
+}
+
+fn hook_modes(check: &Value) -> Vec<(String, String)> {
+    check["kernel"]["hooks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|h| {
+            (
+                h["hook"].as_str().unwrap_or("?").to_string(),
+                h["mode"].as_str().unwrap_or("?").to_string(),
+            )
+        })
+        .collect()
+}
+
+/// (10) `check` with the bed agent's flags reports this kernel as it is (the release the
+/// kernel gives, tcx and XDP links present, every probed helper and map type there, each hook
+/// on its preferred mode), changes nothing (no bpffs directory, nothing attached), follows the
+/// flags (--xdp=off, --socket-lb=false), and exits non-zero where `run` could not work (a
+/// cgroup that is not cgroup v2, a bpffs path outside a BPF filesystem).
+#[test]
+fn check_reports_this_kernel() {
+    let bed = TestBed::new(1).expect("building the test bed (needs root)");
+    let res = (|| -> Result<()> {
+        let node = bed.node(1).clone();
+        let bpffs = bed.agent_bpffs(1);
+        let cg = node
+            .cgroup
+            .clone()
+            .context("the bed's node has no cgroup")?;
+        let mut args: Vec<String> = [
+            "--interfaces",
+            "lan0",
+            "--pod-interfaces",
+            "pv*",
+            "--bpffs",
+            &bpffs.to_string_lossy(),
+            "--cgroup",
+            &cg.to_string_lossy(),
+        ]
+        .map(String::from)
+        .to_vec();
+        let (ok, v) = check_json(&node.ns, &args)?;
+        ensure!(ok, "check failed on this kernel: {v:#}");
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")?;
+        ensure!(
+            v["kernel"]["probes"]["kernel"] == release.trim(),
+            "kernel {} (uname: {release})",
+            v["kernel"]["probes"]["kernel"]
+        );
+        ensure!(
+            v["kernel"]["probes"]["tcx"] == true && v["kernel"]["probes"]["xdp_link"] == true,
+            "{v:#}"
+        );
+        let missing: Vec<&Value> = v["kernel"]["probes"]["features"]
+            .as_array()
+            .context("no features")?
+            .iter()
+            .filter(|f| f["supported"] != true)
+            .collect();
+        ensure!(missing.is_empty(), "reported missing: {missing:?}");
+        let want = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect()
+        };
+        ensure!(
+            hook_modes(&v)
+                == want(&[
+                    ("tc", "tcx"),
+                    ("xdp", "bpf_link"),
+                    ("socket_lb", "cgroup_link")
+                ]),
+            "{:?}",
+            hook_modes(&v)
+        );
+        ensure!(!bpffs.exists(), "check created {}", bpffs.display());
+        ensure!(
+            netns_attachments(&node.ns)?.is_empty(),
+            "check attached something: {:?}",
+            netns_attachments(&node.ns)?
+        );
+
+        let mut off = args.clone();
+        off.extend(["--xdp=off", "--socket-lb=false"].map(String::from));
+        let (ok, v) = check_json(&node.ns, &off)?;
+        ensure!(ok, "{v:#}");
+        ensure!(
+            hook_modes(&v) == want(&[("tc", "tcx"), ("xdp", "off"), ("socket_lb", "off")]),
+            "{:?}",
+            hook_modes(&v)
+        );
+
+        // A cgroup that is not cgroup v2 and a bpffs outside bpffs: both named, exit 1.
+        let tmp = std::env::temp_dir();
+        args[5] = tmp.join("not-bpffs").to_string_lossy().into_owned();
+        args[7] = tmp.to_string_lossy().into_owned();
+        let (ok, v) = check_json(&node.ns, &args)?;
+        ensure!(!ok, "check passed with a bad cgroup and bpffs: {v:#}");
+        let errors = v["errors"].to_string();
+        ensure!(
+            errors.contains("not a cgroup v2 directory")
+                && errors.contains("not on a BPF filesystem"),
+            "errors do not name both problems: {errors}"
+        );
+        Ok(())
+    })();
+    if let Err(e) = res {
+        eprintln!("{e:#}");
+        panic!("{e:#}");
+    }
+}

@@ -7,6 +7,7 @@ pub mod loader;
 pub mod maglev;
 pub mod maps;
 pub mod migrate;
+pub mod probe;
 pub mod sockets;
 pub mod writer;
 
