@@ -84,19 +84,25 @@ struct RunArgs {
     #[arg(long, value_enum, default_value = "auto")]
     xdp: proxy_agent::datapath::loader::XdpSetting,
     /// Seconds between passes of the conntrack collector, which removes idle entries (TCP
-    /// after FIN/RST: 120 s, other TCP: 6 h, UDP: 120 s) and frees their SNAT ports; 0: never.
+    /// after FIN/RST: 120 s, other TCP: 24 h, UDP: 30 s, UDP streams: 120 s) and frees their
+    /// SNAT ports; 0: never.
     #[arg(long, default_value_t = 30)]
     conntrack_gc_interval_s: u64,
-    /// Idle seconds before an established TCP flow's conntrack entries go.
-    #[arg(long, default_value_t = 6 * 3600)]
+    /// Idle seconds before an established TCP flow's conntrack entries go (kube-proxy's
+    /// conntrack.tcpEstablishedTimeout).
+    #[arg(long, default_value_t = 24 * 3600)]
     conntrack_tcp_timeout_established_s: u64,
     /// Idle seconds before the entries of a TCP flow that sent FIN or RST go (at least the
     /// backends' TIME_WAIT, or a reused SNAT port meets the old connection).
     #[arg(long, default_value_t = 120)]
     conntrack_tcp_timeout_closing_s: u64,
-    /// Idle seconds before a UDP (or other) flow's entries go.
-    #[arg(long, default_value_t = 120)]
+    /// Idle seconds before a UDP (or other) flow's entries go (kube-proxy's udpTimeout).
+    #[arg(long, default_value_t = 30)]
     conntrack_udp_timeout_s: u64,
+    /// Idle seconds before the entries of a UDP stream (traffic after its first second) go
+    /// (kube-proxy's udpStreamTimeout).
+    #[arg(long, default_value_t = 120)]
+    conntrack_udp_stream_timeout_s: u64,
     #[arg(long, default_value = DEFAULT_BPFFS)]
     bpffs: PathBuf,
     #[arg(long, default_value = "127.0.0.1:10249")]
@@ -270,12 +276,15 @@ fn apply_config(
     {
         args.conntrack_tcp_timeout_closing_s = secs(v);
     }
-    // One UDP timeout here: the longer of netfilter's unreplied and assured ones, so that no
-    // flow goes sooner than under kube-proxy.
-    if let Some(v) = s.udp_timeout.max(s.udp_stream_timeout)
+    if let Some(v) = s.udp_timeout
         && unset("conntrack_udp_timeout_s")
     {
         args.conntrack_udp_timeout_s = secs(v);
+    }
+    if let Some(v) = s.udp_stream_timeout
+        && unset("conntrack_udp_stream_timeout_s")
+    {
+        args.conntrack_udp_stream_timeout_s = secs(v);
     }
     if let Some(flows) = s.conntrack_max_flows
         && unset("map_size_conntrack")
@@ -327,6 +336,7 @@ fn main() -> anyhow::Result<()> {
                 conntrack_tcp_timeout_established_s,
                 conntrack_tcp_timeout_closing_s,
                 conntrack_udp_timeout_s,
+                conntrack_udp_stream_timeout_s,
                 bpffs,
                 metrics_bind_address,
                 healthz_bind_address,
@@ -377,6 +387,7 @@ fn main() -> anyhow::Result<()> {
                     tcp_established: Duration::from_secs(conntrack_tcp_timeout_established_s),
                     tcp_closing: Duration::from_secs(conntrack_tcp_timeout_closing_s),
                     other: Duration::from_secs(conntrack_udp_timeout_s),
+                    udp_stream: Duration::from_secs(conntrack_udp_stream_timeout_s),
                 },
                 socket_lb_cgroup: if socket_lb {
                     Some(match cgroup {

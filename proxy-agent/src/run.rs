@@ -117,9 +117,10 @@ fn spawn_conntrack_gc(
     std::thread::Builder::new()
         .name("conntrack-gc".into())
         .spawn(move || {
+            let mut streams = gc::Streams::default();
             loop {
                 std::thread::sleep(interval);
-                match gc::collect(&mut ct, gc::monotonic_ns(), &timeouts) {
+                match gc::collect(&mut ct, gc::monotonic_ns(), &timeouts, &mut streams) {
                     Ok(p) if p.removed > 0 => tracing::debug!(
                         scanned = p.scanned,
                         removed = p.removed,
