@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::datapath::{
-    loader::XdpSetting,
+    loader::{TcAttach, XdpSetting},
     probe::{self, Report},
 };
 
@@ -13,6 +13,7 @@ use crate::datapath::{
 pub struct CheckConfig {
     pub interfaces: Vec<String>,
     pub xdp: XdpSetting,
+    pub tc_attach: TcAttach,
     pub socket_lb_cgroup: Option<PathBuf>,
     pub bpffs: PathBuf,
 }
@@ -53,6 +54,7 @@ pub fn check(cfg: &CheckConfig) -> Check {
     let kernel = probe::decide(probe::Wanted {
         xdp: cfg.xdp,
         socket_lb: cfg.socket_lb_cgroup.is_some(),
+        tc_attach: cfg.tc_attach,
     });
     let mut node = Vec::new();
     let dir = existing_ancestor(&cfg.bpffs);

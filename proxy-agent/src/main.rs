@@ -83,6 +83,10 @@ struct RunArgs {
     /// (native mode where the driver has it, generic otherwise), native, generic or off.
     #[arg(long, value_enum, default_value = "auto")]
     xdp: proxy_agent::datapath::loader::XdpSetting,
+    /// How the tc program attaches: tcx (Linux 6.6), netlink (a direct-action filter on the
+    /// clsact qdisc, for older kernels; coexists with other filters) or auto (tcx if present).
+    #[arg(long, value_enum, default_value = "auto")]
+    tc_attach: proxy_agent::datapath::loader::TcAttach,
     /// Seconds between passes of the conntrack collector, which removes idle entries (TCP
     /// after FIN/RST: 120 s, other TCP: 24 h, UDP: 30 s, UDP streams: 120 s) and frees their
     /// SNAT ports; 0: never.
@@ -332,6 +336,7 @@ fn main() -> anyhow::Result<()> {
                 cgroup,
                 socket_lb,
                 xdp,
+                tc_attach,
                 conntrack_gc_interval_s,
                 conntrack_tcp_timeout_established_s,
                 conntrack_tcp_timeout_closing_s,
@@ -382,6 +387,7 @@ fn main() -> anyhow::Result<()> {
                 healthz_timeout: Duration::from_secs(healthz_timeout_s.max(1)),
                 bind_address_hard_fail,
                 xdp,
+                tc_attach,
                 conntrack_gc_interval: Duration::from_secs(conntrack_gc_interval_s),
                 conntrack_timeouts: proxy_agent::datapath::gc::Timeouts {
                     tcp_established: Duration::from_secs(conntrack_tcp_timeout_established_s),
@@ -439,6 +445,7 @@ fn main() -> anyhow::Result<()> {
             let c = check::check(&check::CheckConfig {
                 interfaces: run.interfaces.clone(),
                 xdp: run.xdp,
+                tc_attach: run.tc_attach,
                 socket_lb_cgroup: if run.socket_lb {
                     Some(match &run.cgroup {
                         Some(c) => c.clone(),

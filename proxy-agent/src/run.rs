@@ -54,6 +54,8 @@ pub struct RunConfig {
     pub conntrack_timeouts: gc::Timeouts,
     /// `--xdp`: the XDP fast path on the external interfaces.
     pub xdp: loader::XdpSetting,
+    /// `--tc-attach`: tcx or the legacy netlink filter (auto: resolved by the probes at start).
+    pub tc_attach: loader::TcAttach,
     /// cgroup v2 directory for socket LB; `None` leaves socket LB off.
     pub socket_lb_cgroup: Option<PathBuf>,
     pub metrics_bind_address: Option<std::net::SocketAddr>,
@@ -260,6 +262,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let kernel = probe::decide(probe::Wanted {
         xdp: cfg.xdp,
         socket_lb: cfg.socket_lb_cgroup.is_some(),
+        tc_attach: cfg.tc_attach,
     });
     let fatal = kernel.fatal();
     if !fatal.is_empty() {
@@ -275,6 +278,11 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
             loader::XdpSetting::Off
         } else {
             cfg.xdp
+        },
+        tc_attach: if kernel.tc_netlink() {
+            loader::TcAttach::Netlink
+        } else {
+            loader::TcAttach::Tcx
         },
         ..cfg
     };

@@ -1167,3 +1167,149 @@ fn check_reports_this_kernel() {
         panic!("{e:#}");
     }
 }
+
+/// The tc filters on `dev` ingress in `ns`, one line each, as `tc filter show` prints them.
+fn tc_filters(ns: &str, dev: &str) -> Result<Vec<String>> {
+    let out = tests::cmd::run_ok(
+        std::process::Command::new("tc").args(["-n", ns, "filter", "show", "dev", dev, "ingress"]),
+        Duration::from_secs(20),
+    )?;
+    Ok(out
+        .lines()
+        .filter(|l| l.contains("handle"))
+        .map(str::to_string)
+        .collect())
+}
+
+/// Our legacy filter's priority (loader::NL_PRIORITY, 0xc5e1).
+const OUR_PREF: &str = "pref 50657 ";
+
+/// (11) `--tc-attach netlink`: the tc program goes in as a direct-action cls_bpf filter on
+/// clsact (no tcx link), beside a foreign filter already there (a classic-BPF cls_bpf filter
+/// at priority 100 that matches nothing); ClusterIP traffic from a pod is translated through
+/// it; the filter stays while no agent runs; a restarted agent swaps its program in place
+/// (still one filter of ours, a new program id); `cleanup` removes ours and leaves the foreign
+/// one.
+#[test]
+fn netlink_tc_attach_coexists_restarts_and_cleans_up() {
+    let mut bed = TestBed::new(1).expect("building the test bed (needs root)");
+    let res = (|| -> Result<()> {
+        const VIP: &str = "198.18.100.38";
+        let server = bed.add_pod(1, "nl-server")?;
+        bed.start_echo(&server, &[8080], &[])?;
+        let client = bed.add_pod(1, "nl-client")?;
+        let svc =
+            Service::cluster_ip("default", "netlinked", VIP).port("http", 80, 8080, Proto::Tcp);
+        let slice =
+            slice_for("netlinked", std::slice::from_ref(&server)).port("http", 8080, Proto::Tcp);
+        bed.write_manifest("nl-svc.yaml", &svc.to_yaml())?;
+        bed.write_manifest("nl-slice.yaml", &slice.to_yaml())?;
+        let ns = bed.node(1).ns.clone();
+        // The pod's node-side interface carries its traffic into the node.
+        let dev = netns_interfaces(&ns)?
+            .into_iter()
+            .map(|(name, _)| name)
+            .find(|i| i.starts_with("pv"))
+            .context("no pod interface on node1")?;
+        for args in [
+            vec!["qdisc", "add", "dev", &dev, "clsact"],
+            vec![
+                "filter",
+                "add",
+                "dev",
+                &dev,
+                "ingress",
+                "prio",
+                "100",
+                "bpf",
+                "bytecode",
+                "1,6 0 0 0,",
+            ],
+        ] {
+            tests::cmd::run_ok(
+                std::process::Command::new("tc")
+                    .args(["-n", &ns])
+                    .args(&args),
+                Duration::from_secs(20),
+            )?;
+        }
+        let dir = bed.manifests_dir().to_path_buf();
+        let flags = ["--tc-attach", "netlink", "--socket-lb=false", "--xdp=off"];
+        let agent = bed.start_agent_with(1, &dir, &flags)?;
+        agent.wait_for_sync(1, SYNC)?;
+        let ours = |f: &[String]| -> Vec<String> {
+            f.iter().filter(|l| l.contains(OUR_PREF)).cloned().collect()
+        };
+        let wait_ours = || -> Result<Vec<String>> {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let f = tc_filters(&ns, &dev)?;
+                if !ours(&f).is_empty() || Instant::now() > deadline {
+                    return Ok(f);
+                }
+                thread::sleep(Duration::from_millis(100));
+            }
+        };
+        let f = wait_ours()?;
+        let mine = ours(&f);
+        ensure!(
+            mine.len() == 1 && mine[0].contains("direct-action") && mine[0].contains("tc_ingress"),
+            "not one direct-action filter of ours on {dev}: {f:?}"
+        );
+        ensure!(
+            f.iter()
+                .any(|l| l.contains("pref 100 ") && l.contains("bytecode")),
+            "the foreign filter went: {f:?}"
+        );
+        let tcx: Vec<TcxAttachment> = tcx_attachments(&ns)?;
+        ensure!(tcx.is_empty(), "tcx programs in netlink mode: {tcx:?}");
+        let status = agent.status_json()?;
+        ensure!(
+            hook_modes(&status["sync"]).first() == Some(&("tc".into(), "netlink".into())),
+            "status: {}",
+            status["sync"]["kernel"]
+        );
+        let n = 20;
+        Tally::new(&tcp_requests(&client.ns, addr(VIP, 80), n, T)?).expect_no_failures()?;
+
+        bed.stop_agent(&agent);
+        Tally::new(&tcp_requests(&client.ns, addr(VIP, 80), n, T)?)
+            .expect_no_failures()
+            .context("while no agent runs")?;
+        let agent = bed.start_agent_with(1, &dir, &flags)?;
+        agent.wait_for_sync(1, SYNC)?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let after = loop {
+            let f = tc_filters(&ns, &dev)?;
+            if ours(&f) != mine || Instant::now() > deadline {
+                break f;
+            }
+            thread::sleep(Duration::from_millis(100));
+        };
+        let mine2 = ours(&after);
+        ensure!(
+            mine2.len() == 1 && mine2 != mine,
+            "restart did not swap the program in place (before {mine:?}, after {after:?})"
+        );
+        ensure!(
+            after.iter().any(|l| l.contains("pref 100 ")),
+            "the foreign filter went at restart: {after:?}"
+        );
+        Tally::new(&tcp_requests(&client.ns, addr(VIP, 80), n, T)?).expect_no_failures()?;
+
+        bed.stop_agent(&agent);
+        agent.cleanup()?;
+        let f = tc_filters(&ns, &dev)?;
+        ensure!(ours(&f).is_empty(), "cleanup left our filter: {f:?}");
+        ensure!(
+            f.iter().any(|l| l.contains("pref 100 ")),
+            "cleanup removed the foreign filter: {f:?}"
+        );
+        Ok(())
+    })();
+    if let Err(e) = res {
+        bed.keep_dir();
+        eprintln!("{}", bed.log_tails(40));
+        panic!("{e:#}");
+    }
+}

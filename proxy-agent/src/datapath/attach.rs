@@ -46,7 +46,12 @@ impl Interfaces {
             // Reverse-translated replies and SNATed packets carry this node's own address as
             // their source when the kernel forwards them on: allow that on every hooked interface.
             external::forwarding_sysctls(name);
-            match loader::attach_tc(loader::tc_program(ebpf)?, &cfg.bpffs, name) {
+            match loader::attach_tc_mode(
+                loader::tc_program(ebpf)?,
+                &cfg.bpffs,
+                name,
+                cfg.tc_attach == loader::TcAttach::Netlink,
+            ) {
                 Ok(()) => {
                     tracing::info!(iface = %name, ifindex = index, "attached tc ingress");
                     self.failed.remove(name);

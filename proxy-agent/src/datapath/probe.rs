@@ -8,7 +8,7 @@ use aya::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::loader::XdpSetting;
+use super::loader::{TcAttach, XdpSetting};
 
 /// One probed feature.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -150,6 +150,7 @@ pub struct Hook {
 pub struct Wanted {
     pub xdp: XdpSetting,
     pub socket_lb: bool,
+    pub tc_attach: TcAttach,
 }
 
 /// The choice per hook for `want` on a kernel with `p`. The tc program carries all traffic,
@@ -173,15 +174,28 @@ pub fn plan(p: &Probes, want: Wanted) -> Vec<Hook> {
             format!("missing {}", tc_missing.join(", ")),
             true,
         ));
-    } else if !p.tcx {
-        out.push(hook(
-            "tc",
-            "off",
-            "no tcx (Linux 6.6); legacy tc attach is not implemented".into(),
-            true,
-        ));
     } else {
-        out.push(hook("tc", "tcx", "tcx link, pinned".into(), false));
+        out.push(match (want.tc_attach, p.tcx) {
+            (TcAttach::Netlink, _) => hook(
+                "tc",
+                "netlink",
+                "clsact filter, direct-action (--tc-attach netlink)".into(),
+                false,
+            ),
+            (TcAttach::Auto, false) => hook(
+                "tc",
+                "netlink",
+                "no tcx (Linux 6.6): clsact filter, direct-action".into(),
+                false,
+            ),
+            (TcAttach::Tcx, false) => hook(
+                "tc",
+                "off",
+                "no tcx (Linux 6.6) and --tc-attach tcx".into(),
+                true,
+            ),
+            (_, true) => hook("tc", "tcx", "tcx link, pinned".into(), false),
+        });
     }
     let mut xdp_missing = p.missing("xdp: ");
     if !p.has("xdp: program type") && !xdp_missing.iter().any(|m| m == "xdp: program type") {
@@ -260,6 +274,13 @@ impl Report {
             .collect()
     }
 
+    /// Whether tc attaches through the legacy netlink filter.
+    pub fn tc_netlink(&self) -> bool {
+        self.hooks
+            .iter()
+            .any(|h| h.hook == "tc" && h.mode == "netlink")
+    }
+
     /// Whether the plan turned XDP off (on a kernel without what it needs, or by flag).
     pub fn xdp_off(&self) -> bool {
         self.hooks
@@ -330,6 +351,7 @@ mod tests {
         let auto = Wanted {
             xdp: XdpSetting::Auto,
             socket_lb: true,
+            tc_attach: TcAttach::Auto,
         };
         let native = Wanted {
             xdp: XdpSetting::Native,
@@ -338,6 +360,15 @@ mod tests {
         let bare = Wanted {
             xdp: XdpSetting::Off,
             socket_lb: false,
+            tc_attach: TcAttach::Auto,
+        };
+        let tcx_only = Wanted {
+            tc_attach: TcAttach::Tcx,
+            ..bare
+        };
+        let netlink = Wanted {
+            tc_attach: TcAttach::Netlink,
+            ..auto
         };
         // 5.15 / 6.1: no xdp_load_bytes (5.18) and no tcx (6.6).
         let old = Probes {
@@ -399,13 +430,33 @@ mod tests {
                 ],
             ),
             (
-                "no tcx: tc cannot attach",
+                "5.15/6.1-like: netlink filter, XDP off",
+                old.clone(),
+                auto,
+                vec![
+                    s("tc", "netlink", false),
+                    s("xdp", "off", false),
+                    s("socket_lb", "cgroup_link", false),
+                ],
+            ),
+            (
+                "no tcx but --tc-attach tcx: fatal",
                 old,
-                bare,
+                tcx_only,
                 vec![
                     s("tc", "off", true),
                     s("xdp", "off", false),
                     s("socket_lb", "off", false),
+                ],
+            ),
+            (
+                "--tc-attach netlink where tcx exists",
+                all_supported(),
+                netlink,
+                vec![
+                    s("tc", "netlink", false),
+                    s("xdp", "bpf_link", false),
+                    s("socket_lb", "cgroup_link", false),
                 ],
             ),
             (
