@@ -1188,8 +1188,8 @@ const OUR_PREF: &str = "pref 50657 ";
 /// clsact (no tcx link), beside a foreign filter already there (a classic-BPF cls_bpf filter
 /// at priority 100 that matches nothing); ClusterIP traffic from a pod is translated through
 /// it; the filter stays while no agent runs; a restarted agent swaps its program in place
-/// (still one filter of ours, a new program id); `cleanup` removes ours and leaves the foreign
-/// one.
+/// (still one filter of ours, a new program id) while new connections go on without a
+/// failure; `cleanup` removes ours and leaves the foreign one.
 #[test]
 fn netlink_tc_attach_coexists_restarts_and_cleans_up() {
     let mut bed = TestBed::new(1).expect("building the test bed (needs root)");
@@ -1276,16 +1276,45 @@ fn netlink_tc_attach_coexists_restarts_and_cleans_up() {
         Tally::new(&tcp_requests(&client.ns, addr(VIP, 80), n, T)?)
             .expect_no_failures()
             .context("while no agent runs")?;
-        let agent = bed.start_agent_with(1, &dir, &flags)?;
-        agent.wait_for_sync(1, SYNC)?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let after = loop {
-            let f = tc_filters(&ns, &dev)?;
-            if ours(&f) != mine || Instant::now() > deadline {
-                break f;
-            }
-            thread::sleep(Duration::from_millis(100));
-        };
+        // New connections keep being made while the new agent starts and swaps its program
+        // into the filter: none may fail.
+        let stop = AtomicBool::new(false);
+        let client_ns = client.ns.clone();
+        let (agent, after, during) = thread::scope(|scope| -> Result<_> {
+            let traffic = scope.spawn(|| {
+                let mut all = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    match tcp_requests(&client_ns, addr(VIP, 80), 5, T) {
+                        Ok(o) => all.extend(o),
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(all)
+            });
+            let run = (|| -> Result<_> {
+                let agent = bed.start_agent_with(1, &dir, &flags)?;
+                agent.wait_for_sync(1, SYNC)?;
+                let deadline = Instant::now() + Duration::from_secs(10);
+                let after = loop {
+                    let f = tc_filters(&ns, &dev)?;
+                    if ours(&f) != mine || Instant::now() > deadline {
+                        break f;
+                    }
+                    thread::sleep(Duration::from_millis(100));
+                };
+                // A little traffic after the swap too.
+                thread::sleep(Duration::from_millis(300));
+                Ok((agent, after))
+            })();
+            stop.store(true, Ordering::Relaxed);
+            let during = traffic.join().expect("traffic thread")?;
+            let (agent, after) = run?;
+            Ok((agent, after, during))
+        })?;
+        ensure!(!during.is_empty(), "no connections made during the restart");
+        Tally::new(&during)
+            .expect_no_failures()
+            .context("connections during the restart and program swap")?;
         let mine2 = ours(&after);
         ensure!(
             mine2.len() == 1 && mine2 != mine,
