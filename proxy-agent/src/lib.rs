@@ -1,4 +1,5 @@
 //! proxy-agent: turns Kubernetes Services into eBPF map entries and keeps them in step.
+pub mod check;
 pub mod cleanup;
 pub mod datapath;
 pub mod kpconfig;

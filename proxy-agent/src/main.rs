@@ -2,7 +2,7 @@
 use std::{io::IsTerminal as _, path::PathBuf, time::Duration};
 
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
-use proxy_agent::{cleanup, run, status};
+use proxy_agent::{check, cleanup, run, status};
 
 #[derive(Parser)]
 #[command(name = "proxy-agent", version, about = "eBPF Kubernetes Service proxy")]
@@ -83,20 +83,30 @@ struct RunArgs {
     /// (native mode where the driver has it, generic otherwise), native, generic or off.
     #[arg(long, value_enum, default_value = "auto")]
     xdp: proxy_agent::datapath::loader::XdpSetting,
+    /// How the tc program attaches: tcx (Linux 6.6), netlink (a direct-action filter on the
+    /// clsact qdisc, for older kernels; coexists with other filters) or auto (tcx if present).
+    #[arg(long, value_enum, default_value = "auto")]
+    tc_attach: proxy_agent::datapath::loader::TcAttach,
     /// Seconds between passes of the conntrack collector, which removes idle entries (TCP
-    /// after FIN/RST: 120 s, other TCP: 6 h, UDP: 120 s) and frees their SNAT ports; 0: never.
+    /// after FIN/RST: 120 s, other TCP: 24 h, UDP: 30 s, UDP streams: 120 s) and frees their
+    /// SNAT ports; 0: never.
     #[arg(long, default_value_t = 30)]
     conntrack_gc_interval_s: u64,
-    /// Idle seconds before an established TCP flow's conntrack entries go.
-    #[arg(long, default_value_t = 6 * 3600)]
+    /// Idle seconds before an established TCP flow's conntrack entries go (kube-proxy's
+    /// conntrack.tcpEstablishedTimeout).
+    #[arg(long, default_value_t = 24 * 3600)]
     conntrack_tcp_timeout_established_s: u64,
     /// Idle seconds before the entries of a TCP flow that sent FIN or RST go (at least the
     /// backends' TIME_WAIT, or a reused SNAT port meets the old connection).
     #[arg(long, default_value_t = 120)]
     conntrack_tcp_timeout_closing_s: u64,
-    /// Idle seconds before a UDP (or other) flow's entries go.
-    #[arg(long, default_value_t = 120)]
+    /// Idle seconds before a UDP (or other) flow's entries go (kube-proxy's udpTimeout).
+    #[arg(long, default_value_t = 30)]
     conntrack_udp_timeout_s: u64,
+    /// Idle seconds before the entries of a UDP stream (traffic after its first second) go
+    /// (kube-proxy's udpStreamTimeout).
+    #[arg(long, default_value_t = 120)]
+    conntrack_udp_stream_timeout_s: u64,
     #[arg(long, default_value = DEFAULT_BPFFS)]
     bpffs: PathBuf,
     #[arg(long, default_value = "127.0.0.1:10249")]
@@ -151,6 +161,14 @@ enum Cmd {
     Status {
         #[arg(long, default_value = DEFAULT_BPFFS)]
         bpffs: PathBuf,
+        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Pre-flight: what this kernel and node support for these `run` flags (changes nothing);
+    /// exits 1 when `run` would not work.
+    Check {
+        #[command(flatten)]
+        run: Box<RunArgs>,
         #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
         output: Output,
     },
@@ -262,12 +280,15 @@ fn apply_config(
     {
         args.conntrack_tcp_timeout_closing_s = secs(v);
     }
-    // One UDP timeout here: the longer of netfilter's unreplied and assured ones, so that no
-    // flow goes sooner than under kube-proxy.
-    if let Some(v) = s.udp_timeout.max(s.udp_stream_timeout)
+    if let Some(v) = s.udp_timeout
         && unset("conntrack_udp_timeout_s")
     {
         args.conntrack_udp_timeout_s = secs(v);
+    }
+    if let Some(v) = s.udp_stream_timeout
+        && unset("conntrack_udp_stream_timeout_s")
+    {
+        args.conntrack_udp_stream_timeout_s = secs(v);
     }
     if let Some(flows) = s.conntrack_max_flows
         && unset("map_size_conntrack")
@@ -315,10 +336,12 @@ fn main() -> anyhow::Result<()> {
                 cgroup,
                 socket_lb,
                 xdp,
+                tc_attach,
                 conntrack_gc_interval_s,
                 conntrack_tcp_timeout_established_s,
                 conntrack_tcp_timeout_closing_s,
                 conntrack_udp_timeout_s,
+                conntrack_udp_stream_timeout_s,
                 bpffs,
                 metrics_bind_address,
                 healthz_bind_address,
@@ -364,11 +387,13 @@ fn main() -> anyhow::Result<()> {
                 healthz_timeout: Duration::from_secs(healthz_timeout_s.max(1)),
                 bind_address_hard_fail,
                 xdp,
+                tc_attach,
                 conntrack_gc_interval: Duration::from_secs(conntrack_gc_interval_s),
                 conntrack_timeouts: proxy_agent::datapath::gc::Timeouts {
                     tcp_established: Duration::from_secs(conntrack_tcp_timeout_established_s),
                     tcp_closing: Duration::from_secs(conntrack_tcp_timeout_closing_s),
                     other: Duration::from_secs(conntrack_udp_timeout_s),
+                    udp_stream: Duration::from_secs(conntrack_udp_stream_timeout_s),
                 },
                 socket_lb_cgroup: if socket_lb {
                     Some(match cgroup {
@@ -405,6 +430,38 @@ fn main() -> anyhow::Result<()> {
             match output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&s)?),
                 Output::Table => status::print_table(&s),
+            }
+            // A node that looks synced but does not carry every required hook is not working.
+            if let Some(r) = s.sync.as_ref().filter(|r| !r.missing_hooks.is_empty()) {
+                eprintln!(
+                    "error: required hooks not attached: {}",
+                    r.missing_hooks.join("; ")
+                );
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+        Cmd::Check { run, output } => {
+            let c = check::check(&check::CheckConfig {
+                interfaces: run.interfaces.clone(),
+                xdp: run.xdp,
+                tc_attach: run.tc_attach,
+                socket_lb_cgroup: if run.socket_lb {
+                    Some(match &run.cgroup {
+                        Some(c) => c.clone(),
+                        None => cgroup2_root()?,
+                    })
+                } else {
+                    None
+                },
+                bpffs: run.bpffs.clone(),
+            });
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&c)?),
+                Output::Table => check::print_table(&c),
+            }
+            if !c.errors.is_empty() {
+                std::process::exit(1);
             }
             Ok(())
         }

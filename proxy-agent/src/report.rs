@@ -31,6 +31,12 @@ pub struct SyncReport {
     pub source: String,
     pub rejected: Vec<Rejected>,
     pub not_programmed: Vec<NotProgrammed>,
+    /// Hooks the configuration requires that are not attached (status exits non-zero).
+    #[serde(default)]
+    pub missing_hooks: Vec<String>,
+    /// The kernel's features as probed at start and the choice made for each hook.
+    #[serde(default)]
+    pub kernel: Option<crate::datapath::probe::Report>,
 }
 
 /// One file per bpffs directory, so agents of several emulated nodes do not collide.

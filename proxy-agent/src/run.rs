@@ -1,6 +1,5 @@
 //! `proxy-agent run`: load and attach the datapath, then keep the maps in step with the sources.
 use std::{
-    collections::HashSet,
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -9,7 +8,13 @@ use anyhow::{Context as _, bail};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
-    datapath::{external, gc, loader, maps::Maps, sockets, writer::Writer},
+    datapath::{
+        attach::{Interfaces, attach_all},
+        external, gc, loader,
+        maps::Maps,
+        probe, sockets,
+        writer::Writer,
+    },
     model::{DesiredState, Inputs, LbAlgorithm, Options, translate},
     report,
     serve::{Health, HealthCheckState, serve, serve_health_check},
@@ -49,6 +54,8 @@ pub struct RunConfig {
     pub conntrack_timeouts: gc::Timeouts,
     /// `--xdp`: the XDP fast path on the external interfaces.
     pub xdp: loader::XdpSetting,
+    /// `--tc-attach`: tcx or the legacy netlink filter (auto: resolved by the probes at start).
+    pub tc_attach: loader::TcAttach,
     /// cgroup v2 directory for socket LB; `None` leaves socket LB off.
     pub socket_lb_cgroup: Option<PathBuf>,
     pub metrics_bind_address: Option<std::net::SocketAddr>,
@@ -57,6 +64,16 @@ pub struct RunConfig {
     pub healthz_timeout: Duration,
     /// A healthz or metrics address that cannot be bound stops the agent.
     pub bind_address_hard_fail: bool,
+}
+
+impl RunConfig {
+    /// The optional programs this configuration uses; the others are not loaded.
+    pub fn enabled(&self) -> loader::Enabled {
+        loader::Enabled {
+            xdp: self.xdp != loader::XdpSetting::Off,
+            socket_lb: self.socket_lb_cgroup.is_some(),
+        }
+    }
 }
 
 enum Source {
@@ -87,107 +104,6 @@ impl Source {
     }
 }
 
-/// Interfaces attached by this process, by (name, ifindex): a recreated interface gets a new
-/// index and is attached again.
-struct Interfaces {
-    attached: HashSet<(String, u32)>,
-    warned_missing: HashSet<String>,
-}
-
-impl Interfaces {
-    fn reconcile(&mut self, cfg: &RunConfig, ebpf: &mut aya::Ebpf) -> anyhow::Result<()> {
-        let present: Vec<(String, u32)> = match nix::net::if_::if_nameindex() {
-            Ok(list) => list
-                .iter()
-                .map(|i| (i.name().to_string_lossy().into_owned(), i.index()))
-                .collect(),
-            Err(e) => {
-                tracing::error!(error = %e, "listing interfaces");
-                return Ok(());
-            }
-        };
-        for name in &cfg.interfaces {
-            if !present.iter().any(|(n, _)| n == name) && self.warned_missing.insert(name.clone()) {
-                tracing::warn!(iface = %name, "interface from --interfaces does not exist (yet)");
-            }
-        }
-        let wanted = |n: &str| {
-            cfg.interfaces.iter().any(|i| i == n) || cfg.pod_interfaces.iter().any(|g| g.matches(n))
-        };
-        for (name, index) in &present {
-            let key = (name.clone(), *index);
-            if !wanted(name) || self.attached.contains(&key) {
-                continue;
-            }
-            // Reverse-translated replies and SNATed packets carry this node's own address as
-            // their source when the kernel forwards them on: allow that on every hooked interface.
-            external::forwarding_sysctls(name);
-            match loader::attach_tc(loader::tc_program(ebpf)?, &cfg.bpffs, name) {
-                Ok(()) => {
-                    tracing::info!(iface = %name, ifindex = index, "attached tc ingress");
-                }
-                // It may have vanished between listing and attaching; retried next poll.
-                Err(e) => {
-                    tracing::warn!(iface = %name, error = %e, "attach failed");
-                    continue;
-                }
-            }
-            // The XDP fast path runs on external interfaces only (pods' traffic is not
-            // NodePort traffic); a failure leaves the interface to tc, which handles it all.
-            if cfg.interfaces.iter().any(|i| i == name) {
-                if cfg.xdp == loader::XdpSetting::Off {
-                    loader::detach_xdp(&cfg.bpffs, name);
-                } else {
-                    match loader::attach_xdp(loader::xdp_program(ebpf)?, &cfg.bpffs, name, cfg.xdp)
-                    {
-                        Ok(native) => tracing::info!(
-                            iface = %name,
-                            mode = if native { "native" } else { "generic" },
-                            "attached XDP"
-                        ),
-                        Err(e) => {
-                            tracing::warn!(iface = %name, error = %e, "XDP not attached; tc handles this interface alone")
-                        }
-                    }
-                }
-            }
-            self.attached.insert(key);
-        }
-        let gone: Vec<(String, u32)> = self
-            .attached
-            .iter()
-            .filter(|k| !present.contains(k))
-            .cloned()
-            .collect();
-        for k in gone {
-            if !present.iter().any(|(n, _)| *n == k.0) {
-                loader::forget_interface(&cfg.bpffs, &k.0);
-            }
-            tracing::info!(iface = %k.0, "interface gone");
-            self.attached.remove(&k);
-        }
-        Ok(())
-    }
-}
-
-/// The first attach (or in-place program swap) of every hook.
-fn attach_all(
-    cfg: &RunConfig,
-    ebpf: &mut aya::Ebpf,
-    ifaces: &mut Interfaces,
-) -> anyhow::Result<()> {
-    match &cfg.socket_lb_cgroup {
-        Some(cg) => {
-            loader::attach_sock(ebpf, &cfg.bpffs, cg)
-                .with_context(|| format!("attaching socket LB to {}", cg.display()))?;
-            tracing::info!(cgroup = %cg.display(), "socket LB attached");
-        }
-        None => loader::detach_sock(&cfg.bpffs),
-    }
-    ifaces.reconcile(cfg, ebpf)?;
-    Ok(())
-}
-
 /// Removes idle conntrack entries every `interval`, on a thread of its own (a pass over a full
 /// map takes a second or so, and must not hold up syncs); it ends with the process.
 fn spawn_conntrack_gc(
@@ -203,9 +119,10 @@ fn spawn_conntrack_gc(
     std::thread::Builder::new()
         .name("conntrack-gc".into())
         .spawn(move || {
+            let mut streams = gc::Streams::default();
             loop {
                 std::thread::sleep(interval);
-                match gc::collect(&mut ct, gc::monotonic_ns(), &timeouts) {
+                match gc::collect(&mut ct, gc::monotonic_ns(), &timeouts, &mut streams) {
                     Ok(p) if p.removed > 0 => tracing::debug!(
                         scanned = p.scanned,
                         removed = p.removed,
@@ -342,8 +259,35 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
             });
         }
     }
-    let (mut ebpf, migration) =
-        loader::load_replacing(&cfg.bpffs, cfg.map_sizes).context("loading the datapath")?;
+    let kernel = probe::decide(probe::Wanted {
+        xdp: cfg.xdp,
+        socket_lb: cfg.socket_lb_cgroup.is_some(),
+        tc_attach: cfg.tc_attach,
+    });
+    let fatal = kernel.fatal();
+    if !fatal.is_empty() {
+        bail!(
+            "this kernel ({}) cannot run the datapath as configured: {}",
+            kernel.probes.kernel,
+            fatal.join("; ")
+        );
+    }
+    // A program the kernel cannot run is not loaded, and its hook stays off.
+    let cfg = RunConfig {
+        xdp: if kernel.xdp_off() {
+            loader::XdpSetting::Off
+        } else {
+            cfg.xdp
+        },
+        tc_attach: if kernel.tc_netlink() {
+            loader::TcAttach::Netlink
+        } else {
+            loader::TcAttach::Tcx
+        },
+        ..cfg
+    };
+    let (mut ebpf, migration) = loader::load_enabled(&cfg.bpffs, cfg.map_sizes, cfg.enabled())
+        .context("loading the datapath")?;
     // Programs are attached (or swapped into the pinned links) only after the first sync, so the
     // new programs never run on maps the source has not filled yet; until then whatever an
     // earlier agent attached keeps serving.
@@ -383,10 +327,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         }
         Source::Manifests(ManifestSource::new(cfg.manifests.clone()))
     };
-    let mut ifaces = Interfaces {
-        attached: HashSet::new(),
-        warned_missing: HashSet::new(),
-    };
+    let mut ifaces = Interfaces::default();
     // None until the source has delivered a complete picture once: never sync from nothing.
     let mut desired: Option<DesiredState> = None;
     let mut rejected: Vec<report::Rejected> = Vec::new();
@@ -395,6 +336,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         Source::Kube(_) => "kube",
     };
     let mut generation = 0u64;
+    let mut last_report: Option<report::SyncReport> = None;
     let mut last_resync = Instant::now();
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -402,6 +344,13 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     loop {
         if generation > 0 {
             ifaces.reconcile(&cfg, &mut ebpf)?;
+            // A hook that failed (or came back) between syncs shows in health and status now.
+            let missing = ifaces.missing();
+            if let Some(r) = last_report.as_mut().filter(|r| r.missing_hooks != missing) {
+                health.set_missing_hooks(missing.clone());
+                r.missing_hooks = missing;
+                report::write(&cfg.bpffs, r);
+            }
         }
 
         // Node addresses decide NodePort frontends; a change re-translates the last inputs.
@@ -458,25 +407,26 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
                 }
             }
             generation += 1;
+            health.set_missing_hooks(ifaces.missing());
             health.updated(started.elapsed(), report.failed.len(), rejected.len());
-            report::write(
-                &cfg.bpffs,
-                &report::SyncReport {
-                    pid: std::process::id(),
-                    generation,
-                    unix_time: report::now(),
-                    source: source_name.into(),
-                    rejected: rejected.clone(),
-                    not_programmed: report
-                        .failed
-                        .iter()
-                        .map(|(service, reason)| report::NotProgrammed {
-                            service: service.clone(),
-                            reason: reason.clone(),
-                        })
-                        .collect(),
-                },
-            );
+            let written = last_report.insert(report::SyncReport {
+                pid: std::process::id(),
+                generation,
+                unix_time: report::now(),
+                source: source_name.into(),
+                rejected: rejected.clone(),
+                not_programmed: report
+                    .failed
+                    .iter()
+                    .map(|(service, reason)| report::NotProgrammed {
+                        service: service.clone(),
+                        reason: reason.clone(),
+                    })
+                    .collect(),
+                missing_hooks: ifaces.missing(),
+                kernel: Some(kernel.clone()),
+            });
+            report::write(&cfg.bpffs, written);
             tracing::info!(
                 generation,
                 services = report.services,

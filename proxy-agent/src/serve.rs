@@ -60,6 +60,8 @@ struct State {
     programming_duration: Histogram,
     not_programmed: usize,
     rejected: usize,
+    /// Required hooks that are not attached: the node does not proxy what they carry.
+    missing_hooks: Vec<String>,
 }
 
 /// Shared between the sync loop and the HTTP endpoints.
@@ -130,14 +132,29 @@ impl Health {
         s.rejected = rejected;
     }
 
+    /// The hooks the configuration requires that are not attached right now (empty: all are).
+    pub fn set_missing_hooks(&self, missing: Vec<String>) {
+        self.state.lock().unwrap().missing_hooks = missing;
+    }
+
     /// kube-proxy's rule: healthy once synced, unless a queued change has waited longer than the
     /// timeout without being programmed.
     fn healthy(&self) -> (bool, String) {
         let s = self.state.lock().unwrap();
         let stalled = s.oldest_queued.is_some_and(|q| q.elapsed() > self.timeout);
-        let ok = s.last_updated.is_some() && !stalled;
+        // Beyond kube-proxy: a node whose hooks are not all attached looks synced but does not
+        // proxy, which an operator must see.
+        let ok = s.last_updated.is_some() && !stalled && s.missing_hooks.is_empty();
+        let missing = if s.missing_hooks.is_empty() {
+            String::new()
+        } else {
+            format!(
+                ", \"missingHooks\": {}",
+                serde_json::to_string(&s.missing_hooks).unwrap_or_default()
+            )
+        };
         let body = format!(
-            "{{\"lastUpdated\": \"{}\",\"currentTime\": \"{}\", \"nodeEligible\": true}}",
+            "{{\"lastUpdated\": \"{}\",\"currentTime\": \"{}\", \"nodeEligible\": true{missing}}}",
             if s.last_updated.is_some() {
                 rfc3339(s.last_updated_unix)
             } else {
@@ -333,6 +350,13 @@ mod tests {
             "a change waiting past the timeout is a stall"
         );
         h.updated(Duration::from_millis(1), 0, 0);
+        assert!(h.healthy().0);
+        h.set_missing_hooks(vec!["tc ingress not attached on lan0: refused".into()]);
+        let (ok, body) = h.healthy();
+        assert!(!ok, "a required hook missing fails health");
+        assert!(body.contains("not attached on lan0: refused"), "{body}");
+        serde_json::from_str::<serde_json::Value>(&body).expect("the body stays JSON");
+        h.set_missing_hooks(Vec::new());
         assert!(h.healthy().0);
         let m = h.metrics();
         assert!(

@@ -154,6 +154,15 @@ pub fn print_table(s: &Status) {
             "\nLAST SYNC  generation {} from {} (pid {})",
             r.generation, r.source, r.pid
         );
+        if let Some(k) = &r.kernel {
+            println!("  KERNEL {}", k.probes.kernel);
+            for h in &k.hooks {
+                println!("  HOOK {:<10} {:<12} {}", h.hook, h.mode, h.reason);
+            }
+        }
+        for m in &r.missing_hooks {
+            println!("  HOOK MISSING {m}");
+        }
         for n in &r.not_programmed {
             println!("  NOT PROGRAMMED {}: {}", n.service, n.reason);
         }

@@ -223,6 +223,13 @@ impl TestBed {
         if let Ok(more) = std::env::var("TB_AGENT_ARGS") {
             args.extend(more.split_whitespace().map(str::to_string));
         }
+        // TB_TC_ATTACH: `--tc-attach` for every agent whose test does not choose one (xtask's
+        // second pass runs the tc attach, restart and cleanup tests with `netlink`).
+        if let Ok(mode) = std::env::var("TB_TC_ATTACH")
+            && !extra_args.contains(&"--tc-attach")
+        {
+            args.extend(["--tc-attach".into(), mode]);
+        }
         args.extend(extra_args.iter().map(|s| s.to_string()));
         self.spawn_agent(node, &args)
     }

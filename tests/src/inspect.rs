@@ -255,3 +255,39 @@ pub fn bpftool_net_show_json(ns: &str) -> Result<Value> {
     )?;
     serde_json::from_str(&out).with_context(|| format!("parsing bpftool output {out:?}"))
 }
+
+/// Loaded programs (type, name) that use the map pinned at `pin`, from `bpftool`: the
+/// programs an agent loaded are the ones that use its maps, whatever else the machine runs.
+pub fn programs_using_map(pin: &Path) -> Result<Vec<(String, String)>> {
+    let map = cmd::run_ok(
+        Command::new("bpftool")
+            .args(["-j", "map", "show", "pinned"])
+            .arg(pin),
+        cmd::SHORT,
+    )?;
+    let map: Value = serde_json::from_str(&map).context("parsing bpftool map show")?;
+    let id = map["id"]
+        .as_u64()
+        .context("bpftool map show without an id")?;
+    let progs = cmd::run_ok(
+        Command::new("bpftool").args(["-j", "prog", "show"]),
+        cmd::SHORT,
+    )?;
+    let progs: Value = serde_json::from_str(&progs).context("parsing bpftool prog show")?;
+    Ok(progs
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| {
+            p["map_ids"]
+                .as_array()
+                .is_some_and(|ids| ids.iter().any(|m| m.as_u64() == Some(id)))
+        })
+        .map(|p| {
+            (
+                p["type"].as_str().unwrap_or("?").to_string(),
+                p["name"].as_str().unwrap_or("?").to_string(),
+            )
+        })
+        .collect())
+}

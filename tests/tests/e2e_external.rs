@@ -133,7 +133,8 @@ fn nodeport_with_cluster_policy_reaches_every_backend_through_either_node() {
 /// XDP (generic mode on the test bed's veths, as `--xdp auto` chooses there) in both
 /// directions: node 1's `xdp_forwarded` counter covers at least every request and reply, and
 /// `status` reports the XDP attachment and its mode. With `--xdp=off` on node 2 the same
-/// traffic works through tc alone and that counter stays at zero.
+/// traffic works through tc alone and that counter stays at zero, and node 2's agent has no XDP
+/// program loaded in the kernel at all.
 #[test]
 fn nodeport_to_another_node_is_forwarded_at_xdp() {
     with_bed(|bed| {
@@ -170,6 +171,21 @@ fn nodeport_to_another_node_is_forwarded_at_xdp() {
         let node2 = bed.start_agent_with(2, &dir, &["--xdp=off"])?;
         node1.wait_for_sync(1, SYNC)?;
         node2.wait_for_sync(1, SYNC)?;
+        // Load only what is enabled: the kernel holds node 2's tc program but no XDP program
+        // of it (the programs an agent loaded are the ones using its conntrack map).
+        let kinds = |a: &tests::Agent| -> Result<Vec<String>> {
+            let progs = tests::inspect::programs_using_map(&a.bpffs.join("ct_v1"))?;
+            Ok(progs.into_iter().map(|(kind, _)| kind).collect())
+        };
+        let (k1, k2) = (kinds(&node1)?, kinds(&node2)?);
+        ensure!(
+            k1.iter().any(|k| k == "xdp") && k1.iter().any(|k| k == "sched_cls"),
+            "node1 (--xdp auto) should have XDP and tc programs loaded: {k1:?}"
+        );
+        ensure!(
+            k2.iter().any(|k| k == "sched_cls") && !k2.iter().any(|k| k == "xdp"),
+            "node2 (--xdp=off) has an XDP program loaded or no tc program: {k2:?}"
+        );
         let all: Vec<&Pod> = pods.iter().collect();
         let ext = bed.ext_ns().to_string();
         let forwarded = |a: &tests::Agent| -> Result<u64> {

@@ -952,3 +952,393 @@ fn healthz_fails_before_the_first_sync() {
         panic!("{e:#}");
     }
 }
+
+/// Polls `path` on node 1's healthz port until it answers `want`.
+fn wait_health(ns: &str, path: &str, want: u16, timeout: Duration) -> Result<HttpResponse> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let r = get(ns, addr("127.0.0.1", 10256), path)?;
+        if r.status == want {
+            return Ok(r);
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{path} still answers {} (want {want}): {}",
+            r.status,
+            r.body
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// (9) A hook the configuration requires that the kernel refuses to attach makes /healthz and
+/// /livez fail with the reason and `status` exit non-zero; once the attach succeeds (retried
+/// every poll) both are healthy again. The failure is real: a directory where the tc link's
+/// pin belongs makes BPF_OBJ_GET fail with EACCES, so the agent cannot adopt or pin a link on
+/// lan0.
+#[test]
+fn missing_hook_fails_health() {
+    let mut bed = TestBed::new(1).expect("building the test bed (needs root)");
+    let res = (|| -> Result<()> {
+        let bpffs = bed.agent_bpffs(1);
+        let blocker = bpffs.join("links").join("tc_ingress@lan0");
+        std::fs::create_dir_all(&blocker)
+            .with_context(|| format!("creating {}", blocker.display()))?;
+        let agent = bed.start_agent(1)?;
+        agent.wait_for_sync(1, SYNC)?;
+        let ns = bed.node(1).ns.clone();
+        for path in ["/healthz", "/livez"] {
+            let r = wait_health(&ns, path, 503, Duration::from_secs(10))?;
+            ensure!(
+                r.body.contains("tc ingress not attached on lan0"),
+                "{path} 503 without the reason: {}",
+                r.body
+            );
+            let v: Value = serde_json::from_str(&r.body)
+                .with_context(|| format!("{path}: body {:?}", r.body))?;
+            ensure!(v["missingHooks"].is_array(), "{path}: {}", r.body);
+        }
+        let err = agent
+            .status_json()
+            .err()
+            .context("status exited 0 with a hook missing")?;
+        ensure!(
+            format!("{err:#}").contains("required hooks not attached"),
+            "status failed without naming the missing hook: {err:#}"
+        );
+        let on_lan0: Vec<String> = netns_attachments(&ns)?
+            .into_iter()
+            .filter(|a| a.starts_with("lan0 "))
+            .collect();
+        ensure!(
+            on_lan0.is_empty(),
+            "attached on lan0 although the agent reports it missing: {on_lan0:?}"
+        );
+
+        std::fs::remove_dir(&blocker).with_context(|| format!("removing {}", blocker.display()))?;
+        let r = wait_health(&ns, "/healthz", 200, Duration::from_secs(10))?;
+        check_healthy(&r, "/healthz after the attach")?;
+        check_healthy(&get(&ns, addr("127.0.0.1", 10256), "/livez")?, "/livez")?;
+        let status = agent.status_json()?;
+        ensure!(
+            status["sync"]["missing_hooks"]
+                .as_array()
+                .is_some_and(|a| a.is_empty()),
+            "status still reports missing hooks: {}",
+            status["sync"]
+        );
+        Ok(())
+    })();
+    if let Err(e) = res {
+        bed.keep_dir();
+        eprintln!("{}", bed.log_tails(40));
+        panic!("{e:#}");
+    }
+}
+
+/// Runs `proxy-agent check ARGS -o json` in `ns`: (exit success, the document).
+fn check_json(ns: &str, args: &[String]) -> Result<(bool, Value)> {
+    let out = tests::cmd::run_output(
+        std::process::Command::new("nsenter")
+            .arg(format!("--net={}", tests::netns_path(ns).display()))
+            .arg("--")
+            .arg(tests::agent_bin()?)
+            .arg("check")
+            .args(args)
+            .args(["-o", "json"])
+            .env("NO_COLOR", "1"),
+        Duration::from_secs(30),
+    )?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let v: Value =
+        serde_json::from_str(&text).with_context(|| format!("check printed {text:?}"))?;
+    Ok((out.status.success(), v))
+}
+
+fn hook_modes(check: &Value) -> Vec<(String, String)> {
+    check["kernel"]["hooks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|h| {
+            (
+                h["hook"].as_str().unwrap_or("?").to_string(),
+                h["mode"].as_str().unwrap_or("?").to_string(),
+            )
+        })
+        .collect()
+}
+
+/// (10) `check` with the bed agent's flags reports this kernel as it is (the release the
+/// kernel gives, tcx and XDP links present, every probed helper and map type there, each hook
+/// on its preferred mode), changes nothing (no bpffs directory, nothing attached), follows the
+/// flags (--xdp=off, --socket-lb=false), and exits non-zero where `run` could not work (a
+/// cgroup that is not cgroup v2, a bpffs path outside a BPF filesystem).
+#[test]
+fn check_reports_this_kernel() {
+    let bed = TestBed::new(1).expect("building the test bed (needs root)");
+    let res = (|| -> Result<()> {
+        let node = bed.node(1).clone();
+        let bpffs = bed.agent_bpffs(1);
+        let cg = node
+            .cgroup
+            .clone()
+            .context("the bed's node has no cgroup")?;
+        let mut args: Vec<String> = [
+            "--interfaces",
+            "lan0",
+            "--pod-interfaces",
+            "pv*",
+            "--bpffs",
+            &bpffs.to_string_lossy(),
+            "--cgroup",
+            &cg.to_string_lossy(),
+        ]
+        .map(String::from)
+        .to_vec();
+        let (ok, v) = check_json(&node.ns, &args)?;
+        ensure!(ok, "check failed on this kernel: {v:#}");
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")?;
+        ensure!(
+            v["kernel"]["probes"]["kernel"] == release.trim(),
+            "kernel {} (uname: {release})",
+            v["kernel"]["probes"]["kernel"]
+        );
+        ensure!(
+            v["kernel"]["probes"]["tcx"] == true && v["kernel"]["probes"]["xdp_link"] == true,
+            "{v:#}"
+        );
+        let missing: Vec<&Value> = v["kernel"]["probes"]["features"]
+            .as_array()
+            .context("no features")?
+            .iter()
+            .filter(|f| f["supported"] != true)
+            .collect();
+        ensure!(missing.is_empty(), "reported missing: {missing:?}");
+        let want = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect()
+        };
+        ensure!(
+            hook_modes(&v)
+                == want(&[
+                    ("tc", "tcx"),
+                    ("xdp", "bpf_link"),
+                    ("socket_lb", "cgroup_link")
+                ]),
+            "{:?}",
+            hook_modes(&v)
+        );
+        ensure!(!bpffs.exists(), "check created {}", bpffs.display());
+        ensure!(
+            netns_attachments(&node.ns)?.is_empty(),
+            "check attached something: {:?}",
+            netns_attachments(&node.ns)?
+        );
+
+        let mut off = args.clone();
+        off.extend(["--xdp=off", "--socket-lb=false"].map(String::from));
+        let (ok, v) = check_json(&node.ns, &off)?;
+        ensure!(ok, "{v:#}");
+        ensure!(
+            hook_modes(&v) == want(&[("tc", "tcx"), ("xdp", "off"), ("socket_lb", "off")]),
+            "{:?}",
+            hook_modes(&v)
+        );
+
+        // A cgroup that is not cgroup v2 and a bpffs outside bpffs: both named, exit 1.
+        let tmp = std::env::temp_dir();
+        args[5] = tmp.join("not-bpffs").to_string_lossy().into_owned();
+        args[7] = tmp.to_string_lossy().into_owned();
+        let (ok, v) = check_json(&node.ns, &args)?;
+        ensure!(!ok, "check passed with a bad cgroup and bpffs: {v:#}");
+        let errors = v["errors"].to_string();
+        ensure!(
+            errors.contains("not a cgroup v2 directory")
+                && errors.contains("not on a BPF filesystem"),
+            "errors do not name both problems: {errors}"
+        );
+        Ok(())
+    })();
+    if let Err(e) = res {
+        eprintln!("{e:#}");
+        panic!("{e:#}");
+    }
+}
+
+/// The tc filters on `dev` ingress in `ns`, one line each, as `tc filter show` prints them.
+fn tc_filters(ns: &str, dev: &str) -> Result<Vec<String>> {
+    let out = tests::cmd::run_ok(
+        std::process::Command::new("tc").args(["-n", ns, "filter", "show", "dev", dev, "ingress"]),
+        Duration::from_secs(20),
+    )?;
+    Ok(out
+        .lines()
+        .filter(|l| l.contains("handle"))
+        .map(str::to_string)
+        .collect())
+}
+
+/// Our legacy filter's priority (loader::NL_PRIORITY, 0xc5e1).
+const OUR_PREF: &str = "pref 50657 ";
+
+/// (11) `--tc-attach netlink`: the tc program goes in as a direct-action cls_bpf filter on
+/// clsact (no tcx link), beside a foreign filter already there (a classic-BPF cls_bpf filter
+/// at priority 100 that matches nothing); ClusterIP traffic from a pod is translated through
+/// it; the filter stays while no agent runs; a restarted agent swaps its program in place
+/// (still one filter of ours, a new program id) while new connections go on without a
+/// failure; `cleanup` removes ours and leaves the foreign one.
+#[test]
+fn netlink_tc_attach_coexists_restarts_and_cleans_up() {
+    let mut bed = TestBed::new(1).expect("building the test bed (needs root)");
+    let res = (|| -> Result<()> {
+        const VIP: &str = "198.18.100.38";
+        let server = bed.add_pod(1, "nl-server")?;
+        bed.start_echo(&server, &[8080], &[])?;
+        let client = bed.add_pod(1, "nl-client")?;
+        let svc =
+            Service::cluster_ip("default", "netlinked", VIP).port("http", 80, 8080, Proto::Tcp);
+        let slice =
+            slice_for("netlinked", std::slice::from_ref(&server)).port("http", 8080, Proto::Tcp);
+        bed.write_manifest("nl-svc.yaml", &svc.to_yaml())?;
+        bed.write_manifest("nl-slice.yaml", &slice.to_yaml())?;
+        let ns = bed.node(1).ns.clone();
+        // The pod's node-side interface carries its traffic into the node.
+        let dev = netns_interfaces(&ns)?
+            .into_iter()
+            .map(|(name, _)| name)
+            .find(|i| i.starts_with("pv"))
+            .context("no pod interface on node1")?;
+        for args in [
+            vec!["qdisc", "add", "dev", &dev, "clsact"],
+            vec![
+                "filter",
+                "add",
+                "dev",
+                &dev,
+                "ingress",
+                "prio",
+                "100",
+                "bpf",
+                "bytecode",
+                "1,6 0 0 0,",
+            ],
+        ] {
+            tests::cmd::run_ok(
+                std::process::Command::new("tc")
+                    .args(["-n", &ns])
+                    .args(&args),
+                Duration::from_secs(20),
+            )?;
+        }
+        let dir = bed.manifests_dir().to_path_buf();
+        let flags = ["--tc-attach", "netlink", "--socket-lb=false", "--xdp=off"];
+        let agent = bed.start_agent_with(1, &dir, &flags)?;
+        agent.wait_for_sync(1, SYNC)?;
+        let ours = |f: &[String]| -> Vec<String> {
+            f.iter().filter(|l| l.contains(OUR_PREF)).cloned().collect()
+        };
+        let wait_ours = || -> Result<Vec<String>> {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let f = tc_filters(&ns, &dev)?;
+                if !ours(&f).is_empty() || Instant::now() > deadline {
+                    return Ok(f);
+                }
+                thread::sleep(Duration::from_millis(100));
+            }
+        };
+        let f = wait_ours()?;
+        let mine = ours(&f);
+        ensure!(
+            mine.len() == 1 && mine[0].contains("direct-action") && mine[0].contains("tc_ingress"),
+            "not one direct-action filter of ours on {dev}: {f:?}"
+        );
+        ensure!(
+            f.iter()
+                .any(|l| l.contains("pref 100 ") && l.contains("bytecode")),
+            "the foreign filter went: {f:?}"
+        );
+        let tcx: Vec<TcxAttachment> = tcx_attachments(&ns)?;
+        ensure!(tcx.is_empty(), "tcx programs in netlink mode: {tcx:?}");
+        let status = agent.status_json()?;
+        ensure!(
+            hook_modes(&status["sync"]).first() == Some(&("tc".into(), "netlink".into())),
+            "status: {}",
+            status["sync"]["kernel"]
+        );
+        let n = 20;
+        Tally::new(&tcp_requests(&client.ns, addr(VIP, 80), n, T)?).expect_no_failures()?;
+
+        bed.stop_agent(&agent);
+        Tally::new(&tcp_requests(&client.ns, addr(VIP, 80), n, T)?)
+            .expect_no_failures()
+            .context("while no agent runs")?;
+        // New connections keep being made while the new agent starts and swaps its program
+        // into the filter: none may fail.
+        let stop = AtomicBool::new(false);
+        let client_ns = client.ns.clone();
+        let (agent, after, during) = thread::scope(|scope| -> Result<_> {
+            let traffic = scope.spawn(|| {
+                let mut all = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    match tcp_requests(&client_ns, addr(VIP, 80), 5, T) {
+                        Ok(o) => all.extend(o),
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(all)
+            });
+            let run = (|| -> Result<_> {
+                let agent = bed.start_agent_with(1, &dir, &flags)?;
+                agent.wait_for_sync(1, SYNC)?;
+                let deadline = Instant::now() + Duration::from_secs(10);
+                let after = loop {
+                    let f = tc_filters(&ns, &dev)?;
+                    if ours(&f) != mine || Instant::now() > deadline {
+                        break f;
+                    }
+                    thread::sleep(Duration::from_millis(100));
+                };
+                // A little traffic after the swap too.
+                thread::sleep(Duration::from_millis(300));
+                Ok((agent, after))
+            })();
+            stop.store(true, Ordering::Relaxed);
+            let during = traffic.join().expect("traffic thread")?;
+            let (agent, after) = run?;
+            Ok((agent, after, during))
+        })?;
+        ensure!(!during.is_empty(), "no connections made during the restart");
+        Tally::new(&during)
+            .expect_no_failures()
+            .context("connections during the restart and program swap")?;
+        let mine2 = ours(&after);
+        ensure!(
+            mine2.len() == 1 && mine2 != mine,
+            "restart did not swap the program in place (before {mine:?}, after {after:?})"
+        );
+        ensure!(
+            after.iter().any(|l| l.contains("pref 100 ")),
+            "the foreign filter went at restart: {after:?}"
+        );
+        Tally::new(&tcp_requests(&client.ns, addr(VIP, 80), n, T)?).expect_no_failures()?;
+
+        bed.stop_agent(&agent);
+        agent.cleanup()?;
+        let f = tc_filters(&ns, &dev)?;
+        ensure!(ours(&f).is_empty(), "cleanup left our filter: {f:?}");
+        ensure!(
+            f.iter().any(|l| l.contains("pref 100 ")),
+            "cleanup removed the foreign filter: {f:?}"
+        );
+        Ok(())
+    })();
+    if let Err(e) = res {
+        bed.keep_dir();
+        eprintln!("{}", bed.log_tails(40));
+        panic!("{e:#}");
+    }
+}

@@ -368,7 +368,34 @@ fn test(root: &Path, agent: &Path, args: &[String]) -> Result<()> {
             (passed, failed, ignored) = (passed + p, failed + f, ignored + i);
         }
     }
-    let status = child.wait()?;
+    let mut status = child.wait()?;
+    // The legacy tc attach (clsact + netlink filter, for kernels without tcx) on the tests that
+    // exercise tc attach on node and pod interfaces, XDP in front of it, and cleanup; restart
+    // and coexistence in netlink mode have their own test. Only in the full run.
+    if args.is_empty() {
+        for (test, name) in NETLINK_PASS {
+            println!("\n== {test}::{name} with TB_TC_ATTACH=netlink");
+            let mut child = cargo(root)
+                .args(["test", "-p", "tests", "--test", test, "--", "--exact", name])
+                .env("PROXY_AGENT_BIN", agent)
+                .env("TB_TC_ATTACH", "netlink")
+                .stdout(Stdio::piped())
+                .spawn()
+                .context("running cargo test (netlink pass)")?;
+            let stdout = BufReader::new(child.stdout.take().context("cargo test stdout")?);
+            for line in stdout.split(b'\n') {
+                let line = String::from_utf8_lossy(&line?).into_owned();
+                println!("{line}");
+                if let Some([p, f, i]) = result_counts(&line) {
+                    (passed, failed, ignored) = (passed + p, failed + f, ignored + i);
+                }
+            }
+            let s = child.wait()?;
+            if !s.success() {
+                status = s;
+            }
+        }
+    }
     let skipped = if ignored > 0 {
         format!(", {ignored} skipped")
     } else {
@@ -378,6 +405,20 @@ fn test(root: &Path, agent: &Path, args: &[String]) -> Result<()> {
     ensure!(status.success(), "cargo test failed ({status})");
     Ok(())
 }
+
+/// End-to-end tests run a second time with `--tc-attach netlink` (test binary, test name).
+const NETLINK_PASS: &[(&str, &str)] = &[
+    ("e2e_clusterip", "cleanup_removes_pins_and_programs"),
+    (
+        "e2e_external",
+        "nodeport_with_cluster_policy_reaches_every_backend_through_either_node",
+    ),
+    (
+        "e2e_external",
+        "nodeport_to_another_node_is_forwarded_at_xdp",
+    ),
+    ("e2e_socklb", "socket_lb_off_falls_back_to_the_tc_path"),
+];
 
 /// `[passed, failed, ignored]` of a libtest line like
 /// `test result: ok. 12 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; ...`.

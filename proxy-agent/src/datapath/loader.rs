@@ -53,6 +53,21 @@ impl Default for MapSizes {
     }
 }
 
+/// Which optional programs go into the kernel: a feature that is off loads nothing, so it
+/// needs nothing of the kernel (the XDP program uses helpers of newer kernels than tc does).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Enabled {
+    pub xdp: bool,
+    pub socket_lb: bool,
+}
+
+impl Enabled {
+    pub const ALL: Self = Self {
+        xdp: true,
+        socket_lb: true,
+    };
+}
+
 /// Loads the object and finishes any map replacement at once (for tools and tests that do not
 /// attach).
 pub fn load(bpffs: &Path, sizes: MapSizes) -> Result<Ebpf, DatapathError> {
@@ -67,6 +82,15 @@ pub fn load(bpffs: &Path, sizes: MapSizes) -> Result<Ebpf, DatapathError> {
 pub fn load_replacing(
     bpffs: &Path,
     sizes: MapSizes,
+) -> Result<(Ebpf, super::migrate::Migration), DatapathError> {
+    load_enabled(bpffs, sizes, Enabled::ALL)
+}
+
+/// [`load_replacing`], loading only the optional programs `enabled` names.
+pub fn load_enabled(
+    bpffs: &Path,
+    sizes: MapSizes,
+    enabled: Enabled,
 ) -> Result<(Ebpf, super::migrate::Migration), DatapathError> {
     fs::create_dir_all(bpffs.join(LINKS_DIR)).map_err(io_err(bpffs))?;
     let migration = super::migrate::prepare(bpffs, sizes).map_err(io_err(bpffs))?;
@@ -92,17 +116,21 @@ pub fn load_replacing(
             name: programs::TC_INGRESS,
             source,
         })?;
-    for name in programs::SOCK_ALL {
-        sock_program(&mut ebpf, name)?
-            .load()
-            .map_err(|source| DatapathError::Program { name, source })?;
+    if enabled.socket_lb {
+        for name in programs::SOCK_ALL {
+            sock_program(&mut ebpf, name)?
+                .load()
+                .map_err(|source| DatapathError::Program { name, source })?;
+        }
     }
-    xdp_program(&mut ebpf)?
-        .load()
-        .map_err(|source| DatapathError::Program {
-            name: programs::XDP_INGRESS,
-            source,
-        })?;
+    if enabled.xdp {
+        xdp_program(&mut ebpf)?
+            .load()
+            .map_err(|source| DatapathError::Program {
+                name: programs::XDP_INGRESS,
+                source,
+            })?;
+    }
     migration.copy().map_err(io_err(bpffs))?;
     Ok((ebpf, migration))
 }
@@ -222,6 +250,98 @@ fn link_pin(bpffs: &Path, iface: &str) -> PathBuf {
     bpffs
         .join(LINKS_DIR)
         .join(format!("{}@{iface}", programs::TC_INGRESS))
+}
+
+/// `--tc-attach`: how the tc program is attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TcAttach {
+    /// tcx where the kernel has it (Linux 6.6), the netlink filter otherwise.
+    Auto,
+    /// tcx links (pinned; one of many programs on the hook).
+    Tcx,
+    /// A direct-action cls_bpf filter on the clsact qdisc, for kernels without tcx.
+    Netlink,
+}
+
+/// Our legacy filter's place on clsact ingress: a fixed priority and handle, so a restarted
+/// agent replaces it in place and cleanup removes only it; other filters (other priorities)
+/// are left alone. tcx programs run before every clsact filter.
+const NL_PRIORITY: u16 = 0xc5e1;
+const NL_HANDLE: aya::programs::tc::TcHandle = aya::programs::tc::TcHandle::new(0, 0x5e1);
+
+/// An empty directory (bpffs takes no regular files) recording that we own the netlink filter
+/// on `iface`: the kernel keeps a filter with no process or pin holding it.
+fn netlink_marker(bpffs: &Path, iface: &str) -> PathBuf {
+    bpffs.join(LINKS_DIR).join(format!("tc_netlink@{iface}"))
+}
+
+fn nl_link(iface: &str) -> io::Result<SchedClassifierLink> {
+    SchedClassifierLink::attached(iface, TcAttachType::Ingress, NL_PRIORITY, NL_HANDLE, None)
+}
+
+/// Removes our netlink filter from `iface` (if the marker says we made one).
+pub fn detach_tc_netlink(bpffs: &Path, iface: &str) {
+    let marker = netlink_marker(bpffs, iface);
+    if !marker.exists() {
+        return;
+    }
+    use aya::programs::links::Link as _;
+    if let Ok(link) = nl_link(iface)
+        && let Err(e) = link.detach()
+    {
+        tracing::debug!(iface, error = %e, "removing our netlink tc filter");
+    }
+    let _ = fs::remove_dir(&marker);
+}
+
+/// Attaches tc ingress on `iface` in `mode` (Auto resolved by the caller's probe), and removes
+/// an attachment of the other mode an earlier agent left there (both would translate twice).
+pub fn attach_tc_mode(
+    prog: &mut SchedClassifier,
+    bpffs: &Path,
+    iface: &str,
+    netlink: bool,
+) -> Result<(), DatapathError> {
+    if !netlink {
+        attach_tc(prog, bpffs, iface)?;
+        detach_tc_netlink(bpffs, iface);
+        return Ok(());
+    }
+    let fail = |message: String| DatapathError::Attach {
+        iface: iface.to_string(),
+        message,
+    };
+    let _ = aya::programs::tc::qdisc_add_clsact(iface);
+    // Replace in place (cls_bpf swaps the program of an existing filter: no gap); where there
+    // is none yet, create it (exclusive: a foreign filter at our priority and handle is an
+    // error, not overwritten).
+    let replaced = nl_link(iface)
+        .map_err(|e| e.to_string())
+        .and_then(|link| prog.attach_to_link(link).map_err(|e| e.to_string()));
+    let id = match replaced {
+        Ok(id) => id,
+        Err(_) => prog
+            .attach_with_options(
+                iface,
+                TcAttachType::Ingress,
+                TcAttachOptions::Netlink(aya::programs::tc::NlOptions {
+                    priority: NL_PRIORITY,
+                    handle: NL_HANDLE,
+                    classid: None,
+                }),
+            )
+            .map_err(|e| fail(format!("netlink filter: {e}")))?,
+    };
+    // The filter must outlive this process like a pinned link: keep aya from detaching it.
+    let link = prog.take_link(id).map_err(|e| fail(e.to_string()))?;
+    std::mem::forget(link);
+    let marker = netlink_marker(bpffs, iface);
+    if !marker.exists() {
+        fs::create_dir(&marker).map_err(io_err(&marker))?;
+    }
+    // A tcx link of an earlier agent in tcx mode would run before the filter: drop it.
+    let _ = fs::remove_file(link_pin(bpffs, iface));
+    Ok(())
 }
 
 /// Attaches tc ingress on `iface`. If a pinned link exists (an earlier agent attached it), the
@@ -438,6 +558,7 @@ pub fn attachments(bpffs: &Path) -> Vec<Attachment> {
                     _ if iface == "cgroup" => "cgroup-link",
                     "xdp_native" => "xdp-native",
                     "xdp_generic" => "xdp-generic",
+                    "tc_netlink" => "tc-netlink",
                     _ => "tcx",
                 },
             })
@@ -450,6 +571,7 @@ pub fn attachments(bpffs: &Path) -> Vec<Attachment> {
 /// Drops the pins of links whose interface is gone (the kernel already detached them).
 pub fn forget_interface(bpffs: &Path, iface: &str) {
     let _ = fs::remove_file(link_pin(bpffs, iface));
+    let _ = fs::remove_dir(netlink_marker(bpffs, iface));
     detach_xdp(bpffs, iface);
 }
 
@@ -462,6 +584,14 @@ pub fn cleanup(bpffs: &Path) -> Result<Vec<String>, DatapathError> {
     // Links first: removing the last reference to a link detaches its program.
     let links = bpffs.join(LINKS_DIR);
     for e in fs::read_dir(&links).into_iter().flatten().flatten() {
+        let file = e.file_name().to_string_lossy().into_owned();
+        if let Some(iface) = file.strip_prefix("tc_netlink@") {
+            // Our filter only (priority and handle): other clsact users keep theirs.
+            detach_tc_netlink(bpffs, iface);
+            let _ = fs::remove_dir(e.path());
+            removed.push(e.path().display().to_string());
+            continue;
+        }
         fs::remove_file(e.path()).map_err(io_err(&e.path()))?;
         removed.push(e.path().display().to_string());
     }

@@ -1,11 +1,13 @@
 //! The kernel side as the agent sees it: loading and attaching programs, and the maps' contents.
 pub mod addr;
+pub mod attach;
 pub mod external;
 pub mod gc;
 pub mod loader;
 pub mod maglev;
 pub mod maps;
 pub mod migrate;
+pub mod probe;
 pub mod sockets;
 pub mod writer;
 
