@@ -503,16 +503,23 @@ mod topo {
 /// - Otherwise the L4 header must be within the frame (and, for IPv4, the total length): TCP
 ///   20 bytes, UDP 8, or `passed_malformed`. An IPv4 first fragment (MF, offset 0) that gets
 ///   this far records its ports, whatever happens to it next.
-/// - Destination (address, port, protocol) is a frontend: no endpoints is `dropped_no_backend`;
+/// - Destination (address, port, protocol) is a frontend:
 ///   a recorded flow whose backend still exists unchanged in the same Service keeps it (and its
 ///   SNAT) (`translated_established`); a recorded TCP flow whose backend is gone keeps it for
 ///   any packet but a SYN (draining, `translated_draining`); otherwise such a flow is
 ///   `reselected`, a new one `translated_new`, both to any backend of the frontend, recording the flow and its
-///   reply. A client picked as its own backend (hairpin) is SNATed to the node address of
-///   interface entry 0 and a free port of the SNAT range; `snat` counts that too.
+///   reply. A new or reselected flow to a frontend without endpoints is rejected
+///   (`rejected_no_backend`, TC_ACT_REDIRECT): the frame becomes an ICMP port unreachable
+///   (ICMPv6 type 1 code 4) from the frontend to the client, Ethernet addresses swapped, valid
+///   checksums, quoting the IP header and 8 bytes; with IPv4 options or IPv6 extension headers
+///   it is `dropped_no_backend`. A FIN or RST marks both entries of a recorded TCP flow closing
+///   (on either direction), a SYN reopening it clears the mark. A client picked as its own
+///   backend (hairpin) is SNATed to the node address of interface entry 0 and a free port of the
+///   SNAT range; `snat` counts that too.
 /// - Not a frontend: a TCP segment with SYN and without ACK opens a new connection straight to
-///   its destination, which may reuse the tuple of a translated flow: the reverse entry of the
-///   tuple it would answer (its destination to its source) is forgotten first. Then a reply of a
+///   its destination, which may reuse the tuple of a translated flow that ended (closing, or its
+///   forward entry gone): the reverse entry of the tuple it would answer (its destination to its
+///   source) is forgotten first; a live flow's is kept (a spoofed SYN). Then a reply of a
 ///   recorded flow gets the frontend as its source, and for a SNATed flow the client as its
 ///   destination (`reverse_translated`); anything else is `passed_no_match`.
 /// - A rewrite changes only the addresses and ports it names and the checksums, each checksum by
