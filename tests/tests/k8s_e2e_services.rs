@@ -1711,3 +1711,58 @@ fn should_be_rejected_for_evicted_pods_no_endpoints_exist() {
         expect_rejected_everywhere(c, &client, VIP, 30661)
     });
 }
+
+/// Not an upstream case by name; KEP-1669 (terminating endpoints) and kube-proxy's conntrack
+/// behaviour, which upstream's conntrack.go relies on: a connection established through the
+/// per-packet path (tc) keeps working after the Service lost its last endpoint (the pod is
+/// terminating and no longer listed, but still serves its open connections), while new
+/// connections are refused.
+#[test]
+fn established_connections_outlive_the_last_endpoint() {
+    for_each_source(2, |c| {
+        const VIP: &str = "198.18.102.62";
+        let server = c.bed.add_pod(2, "drain-server")?;
+        c.bed.start_echo_streams(&server, &[8080], &[], &[9000])?;
+        let client = c.bed.add_pod(1, "drain-client")?;
+        c.put(
+            svc("drain", VIP)
+                .port("http", 80, 8080, Proto::Tcp)
+                .port("stream", 90, 9000, Proto::Tcp)
+                .to_value(),
+        )?;
+        c.put(slice(
+            "drain",
+            "a",
+            &[&server],
+            &[("http", 8080, Proto::Tcp), ("stream", 9000, Proto::Tcp)],
+        ))?;
+        c.start_agents(&[])?;
+        c.expect_backends(
+            "before",
+            &client,
+            Path::Tc,
+            Proto::Tcp,
+            addr(VIP, 80),
+            &[&server],
+        )?;
+        let mut st = tests::in_netns(&client.ns, || {
+            tests::client::EchoStream::connect(addr(VIP, 90), T)
+        })??;
+        st.exchange("before", T)?;
+        c.put(slice(
+            "drain",
+            "a",
+            &[],
+            &[("http", 8080, Proto::Tcp), ("stream", 9000, Proto::Tcp)],
+        ))?;
+        // The agent has synced once new connections fail.
+        c.expect_down("emptied", &client, Path::Tc, Proto::Tcp, addr(VIP, 80))?;
+        for i in 0..5 {
+            st.exchange(&format!("after {i}"), T)
+                .context("the established connection broke when its Service emptied")?;
+        }
+        let start = Instant::now();
+        let out = c.requests(&client, Path::Tc, Proto::Tcp, addr(VIP, 90), 1, T)?;
+        expect_refused("a new connection", &out, start.elapsed())
+    });
+}
