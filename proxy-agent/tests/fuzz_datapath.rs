@@ -494,8 +494,10 @@ mod topo {
 ///   itself) becomes the frontend. All three checksums (outer IP, quoted IP, ICMP) follow.
 ///   Any other ICMP, and any other protocol, is `passed_other_protocol`.
 /// - IPv6: up to four extension headers are skipped (hop-by-hop, routing, destination options,
-///   and a fragment header with offset 0 and no more-fragments; any other fragment is
-///   `passed_fragment_unknown`); a header running past the frame is `passed_malformed`; then a
+///   and a fragment header with offset 0; with more-fragments, that first fragment records its
+///   ports as an IPv4 one does, under the 32-bit identification; a later fragment (offset != 0)
+///   whose next header is TCP or UDP takes the recorded ports or is `passed_fragment_unknown`,
+///   with no L4 header, so only its addresses may be rewritten); a header running past the frame is `passed_malformed`; then a
 ///   protocol other than TCP and UDP (ICMPv6 included) is `passed_other_protocol`.
 /// - An IPv4 later fragment (offset != 0) takes its ports from what the first fragment of the
 ///   same (source, destination, id, protocol) recorded, or is `passed_fragment_unknown`; it has
@@ -560,7 +562,9 @@ mod model {
     }
 
     /// (source, destination, IP id, protocol) of a fragmented IPv4 datagram.
-    pub type FragId = (Ipv4Addr, Ipv4Addr, u16, u8);
+    /// (source, destination, identification, protocol) of a fragmented datagram (IPv4 ids are
+    /// 16 bits, IPv6 ones 32).
+    pub type FragId = (IpAddr, IpAddr, u32, u8);
 
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub struct Backend {
@@ -761,7 +765,7 @@ mod model {
             }
             match be16(f, 12) {
                 ETH_P_IP => {}
-                ETH_P_IPV6 => return Self::parse6(f),
+                ETH_P_IPV6 => return self.parse6(f, record),
                 _ => return Err("passed_not_ip"),
             }
             if f.len() < L3 + 20 {
@@ -781,7 +785,7 @@ mod model {
             }
             let frag = be16(f, L3 + 6);
             let (src, dst, id) = (ip4_at(f, L3 + 12), ip4_at(f, L3 + 16), be16(f, L3 + 4));
-            let key = (src, dst, id, proto);
+            let key = (IpAddr::V4(src), IpAddr::V4(dst), id as u32, proto);
             let l4_off = L3 + ihl;
             let tuple = |sport, dport| Tuple {
                 src: IpAddr::V4(src),
@@ -818,12 +822,21 @@ mod model {
             })
         }
 
-        fn parse6(f: &[u8]) -> Result<Flow, &'static str> {
+        fn parse6(
+            &self,
+            f: &[u8],
+            record: &mut Option<(FragId, (u16, u16))>,
+        ) -> Result<Flow, &'static str> {
             if f.len() < L3 + 40 || f[L3] >> 4 != 6 {
                 return Err(MALFORMED);
             }
+            let (src, dst) = (
+                IpAddr::V6(ip6_at(f, L3 + 8)),
+                IpAddr::V6(ip6_at(f, L3 + 24)),
+            );
             let mut next = f[L3 + 6];
             let mut off = L3 + 40;
+            let mut first_fragment = None;
             for _ in 0..4 {
                 match next {
                     0 | 43 | 60 => {
@@ -834,14 +847,40 @@ mod model {
                         off += (f[off + 1] as usize + 1) * 8;
                     }
                     44 => {
-                        if f.len() < off + 4 {
+                        if f.len() < off + 8 {
                             return Err(MALFORMED);
                         }
-                        if be16(f, off + 2) & 0xfff9 != 0 {
-                            return Err("passed_fragment_unknown");
-                        }
+                        let frag = be16(f, off + 2);
+                        let id =
+                            u32::from_be_bytes([f[off + 4], f[off + 5], f[off + 6], f[off + 7]]);
                         next = f[off];
                         off += 8;
+                        if frag & 0xfff8 != 0 {
+                            // A later fragment: the ports its first fragment recorded.
+                            if next != TCP && next != UDP {
+                                return Err("passed_other_protocol");
+                            }
+                            let &(sport, dport) = self
+                                .frags
+                                .get(&(src, dst, id, next))
+                                .ok_or("passed_fragment_unknown")?;
+                            return Ok(Flow {
+                                tuple: Tuple {
+                                    src,
+                                    dst,
+                                    sport,
+                                    dport,
+                                    proto: next,
+                                },
+                                total_len: 0,
+                                l4_off: off,
+                                has_l4: false,
+                                tcp_flags: 0,
+                            });
+                        }
+                        if frag & 1 != 0 {
+                            first_fragment = Some(id);
+                        }
                     }
                     _ => break,
                 }
@@ -853,10 +892,13 @@ mod model {
             if f.len() < off + l4_min {
                 return Err(MALFORMED);
             }
+            if let Some(id) = first_fragment {
+                *record = Some(((src, dst, id, next), (be16(f, off), be16(f, off + 2))));
+            }
             Ok(Flow {
                 tuple: Tuple {
-                    src: IpAddr::V6(ip6_at(f, L3 + 8)),
-                    dst: IpAddr::V6(ip6_at(f, L3 + 24)),
+                    src,
+                    dst,
                     sport: be16(f, off),
                     dport: be16(f, off + 2),
                     proto: next,
@@ -2180,7 +2222,13 @@ mod generate {
                         h.extend_from_slice(
                             &((off << 3) | self.rng.random_range(0..2)).to_be_bytes(),
                         );
-                        h.extend_from_slice(&self.rng.random::<u32>().to_be_bytes());
+                        // Small ids half the time, so that later fragments find first ones.
+                        let id: u32 = if self.rng.random_bool(0.5) {
+                            self.rng.random_range(0..4)
+                        } else {
+                            self.rng.random()
+                        };
+                        h.extend_from_slice(&id.to_be_bytes());
                         h
                     }
                     51 => {
@@ -2647,9 +2695,13 @@ impl Bed {
             let (k, v) = item.map_err(|e| format!("reading {}: {e}", names::FRAGMENTS))?;
             seen += 1;
             let id = (
-                Ipv4Addr::from(k.saddr.to_ne_bytes()),
-                Ipv4Addr::from(k.daddr.to_ne_bytes()),
-                u16::from_be(k.id_be),
+                from_words(k.saddr, k.family),
+                from_words(k.daddr, k.family),
+                if k.family == proxy_common::AF_INET {
+                    u16::from_be(k.id_be as u16) as u32
+                } else {
+                    u32::from_be(k.id_be)
+                },
                 k.proto,
             );
             let got = (u16::from_be(v.sport_be), u16::from_be(v.dport_be));

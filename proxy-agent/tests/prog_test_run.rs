@@ -1043,6 +1043,59 @@ mod pkt6 {
         f
     }
 
+    /// The UDP datagram (header with a valid checksum, then `payload`) from `src` to `dst`.
+    pub fn udp_datagram(
+        src: Ipv6Addr,
+        dst: Ipv6Addr,
+        sport: u16,
+        dport: u16,
+        payload: &[u8],
+    ) -> Vec<u8> {
+        let mut u = Vec::new();
+        u.extend_from_slice(&sport.to_be_bytes());
+        u.extend_from_slice(&dport.to_be_bytes());
+        u.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+        u.extend_from_slice(&[0, 0]);
+        u.extend_from_slice(payload);
+        let c = super::pkt::csum(&u, pseudo(src, dst, 17, u.len()));
+        u[6..8].copy_from_slice(&c.to_be_bytes());
+        u
+    }
+
+    /// Whether a reassembled UDP datagram's checksum holds for `src` to `dst`.
+    pub fn udp_csum_ok(src: Ipv6Addr, dst: Ipv6Addr, u: &[u8]) -> bool {
+        super::pkt::csum(u, pseudo(src, dst, 17, u.len())) == 0
+    }
+
+    /// Ethernet + IPv6 + a fragment header (`offset` in bytes, more fragments `more`,
+    /// identification `id`, next header UDP) + `part` of a datagram.
+    pub fn fragment(
+        src: Ipv6Addr,
+        dst: Ipv6Addr,
+        id: u32,
+        offset: usize,
+        more: bool,
+        part: &[u8],
+    ) -> Vec<u8> {
+        let mut f = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2, 0x86, 0xdd];
+        f.extend_from_slice(&[0x60, 0, 0, 0]);
+        f.extend_from_slice(&((8 + part.len()) as u16).to_be_bytes());
+        f.extend_from_slice(&[44, 64]);
+        f.extend_from_slice(&src.octets());
+        f.extend_from_slice(&dst.octets());
+        f.extend_from_slice(&[17, 0]);
+        f.extend_from_slice(&((offset as u16) | more as u16).to_be_bytes());
+        f.extend_from_slice(&id.to_be_bytes());
+        f.extend_from_slice(part);
+        f
+    }
+
+    /// (source, destination, the fragment's data) of a frame built by `fragment`.
+    pub fn parse_fragment(f: &[u8]) -> (Ipv6Addr, Ipv6Addr, Vec<u8>) {
+        let a = |b: &[u8]| Ipv6Addr::from(<[u8; 16]>::try_from(&b[..16]).unwrap());
+        (a(&f[22..]), a(&f[38..]), f[14 + 48..].to_vec())
+    }
+
     /// Ethernet + IPv6 + an ICMPv6 message of `kind`/`code` (4 bytes of data: the MTU for
     /// Packet Too Big) quoting `quoted`, with a valid checksum.
     pub fn icmp6(src: Ipv6Addr, dst: Ipv6Addr, kind: u8, code: u8, quoted: &[u8]) -> Vec<u8> {
@@ -1139,6 +1192,56 @@ fn ipv6_translates_with_extension_headers_and_replies() {
             (vip6, client, 53, 40010 + ext as u16, true)
         );
     }
+}
+
+#[test]
+fn ipv6_udp_fragments_follow_their_first_fragment() {
+    use std::net::Ipv6Addr;
+    let mut b = bed();
+    let vip6: Ipv6Addr = "fd00:18:100::13".parse().unwrap();
+    let backend: Ipv6Addr = "fd00:19:2::3".parse().unwrap();
+    let client: Ipv6Addr = "fd00:19:1::51".parse().unwrap();
+    let f = Frontend {
+        addr: IpAddr::V6(vip6),
+        port: 53,
+        protocol: Protocol::Udp,
+        scope: Default::default(),
+    };
+    let e = Endpoint {
+        addr: IpAddr::V6(backend),
+        port: 5353,
+        state: EndpointState::Active,
+        local: false,
+    };
+    let report = b.writer.sync(&desired(&[(f, vec![e])]));
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    let payload: Vec<u8> = (0..40u8).collect();
+    let dgram = pkt6::udp_datagram(client, vip6, 40020, 53, &payload);
+    // A later fragment before its first: nothing to take the ports from.
+    let later = pkt6::fragment(client, vip6, 0x1234_5678, 24, false, &dgram[24..]);
+    let (rc, out, moved) = b.run_counted(&later);
+    assert_eq!((rc, moved), (TC_ACT_OK, vec!["passed_fragment_unknown"]));
+    assert_eq!(out, later);
+    // First fragment: translated (ports and checksum), ports recorded.
+    let first = pkt6::fragment(client, vip6, 0x1234_5678, 0, true, &dgram[..24]);
+    let (rc, out1, moved) = b.run_counted(&first);
+    assert_eq!((rc, moved), (TC_ACT_OK, vec!["translated_new"]));
+    let (s1, d1, part1) = pkt6::parse_fragment(&out1);
+    assert_eq!((s1, d1), (client, backend));
+    assert_eq!(u16::from_be_bytes([part1[2], part1[3]]), 5353);
+    // The later fragment follows: same address rewrite, its bytes untouched.
+    let (rc, out2, moved) = b.run_counted(&later);
+    assert_eq!((rc, moved), (TC_ACT_OK, vec!["translated_established"]));
+    let (s2, d2, part2) = pkt6::parse_fragment(&out2);
+    assert_eq!((s2, d2), (client, backend));
+    assert_eq!(part2, &dgram[24..]);
+    // Reassembled, the datagram's checksum holds for the new addresses.
+    let whole = [part1, part2].concat();
+    assert!(pkt6::udp_csum_ok(client, backend, &whole), "{whole:02x?}");
+    // Another datagram's id (or another source) is not confused with this one.
+    let other = pkt6::fragment(client, vip6, 0x1234_5679, 24, false, &dgram[24..]);
+    let (_, _, moved) = b.run_counted(&other);
+    assert_eq!(moved, ["passed_fragment_unknown"]);
 }
 
 #[test]

@@ -315,15 +315,19 @@ pub struct AffinityValue {
     pub last_used_ns: u64,
 }
 
-/// IPv4 fragments after the first carry no ports; the first fragment records them here.
+/// IPv4 and IPv6 fragments after the first carry no ports; the first fragment records them
+/// here, keyed as the receiver reassembles: (source, destination, identification, protocol).
+/// IPv4 identifications are 16 bits (in the low-addressed half of `id_be`'s bytes as loaded),
+/// IPv6 ones 32 (the fragment header's).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FragKey {
-    pub saddr: u32,
-    pub daddr: u32,
-    pub id_be: u16,
+    pub saddr: [u32; 4],
+    pub daddr: [u32; 4],
+    pub id_be: u32,
     pub proto: u8,
-    pub _pad: u8,
+    pub family: u8,
+    pub _pad: u16,
 }
 
 #[repr(C)]
@@ -395,7 +399,7 @@ pub enum Counter {
     PassedMalformed = 6,
     /// A later fragment whose first fragment was not seen.
     PassedFragmentUnknown = 7,
-    /// IPv6 (not yet translated by this datapath).
+    /// IPv6 (unused: IPv6 is translated).
     PassedIpv6 = 8,
     /// Frontend without any endpoint, and the reject (`rejected_no_backend`) could not be built
     /// (an IPv4 packet with options, a frame too short to quote...).
@@ -500,7 +504,7 @@ const _: () = assert!(core::mem::size_of::<ServiceValue>() == 16);
 const _: () = assert!(core::mem::size_of::<Backend>() == 24);
 const _: () = assert!(core::mem::size_of::<CtKey>() == 40);
 const _: () = assert!(core::mem::size_of::<CtValue>() == 56);
-const _: () = assert!(core::mem::size_of::<FragKey>() == 12);
+const _: () = assert!(core::mem::size_of::<FragKey>() == 40);
 const _: () = assert!(core::mem::size_of::<SvcName>() == 128);
 const _: () = assert!(core::mem::size_of::<SockKey>() == 32);
 const _: () = assert!(core::mem::size_of::<SockValue>() == 28);
