@@ -566,3 +566,60 @@ fn ipv6_nodeport_and_clusterip_on_the_per_packet_path() {
         Ok(())
     });
 }
+
+/// IPv6 UDP datagrams larger than the path MTU leave the client pod as fragments (IPv6 only
+/// fragments at the source): tc translates the first fragment and sends the later ones to the
+/// same backend (the fragment map), which reassembles and answers.
+#[test]
+fn ipv6_fragmented_udp_datagrams_reach_a_backend_on_the_per_packet_path() {
+    with_bed(|bed| {
+        let pods = backends(bed, &[(1, "f6-1a"), (2, "f6-2a")])?;
+        let svc = Service::cluster_ip("default", "f6", "198.18.100.97")
+            .spec(
+                "ports",
+                json!([{"name": "dns", "port": 53, "targetPort": 5353, "protocol": "UDP"}]),
+            )
+            .spec("clusterIPs", json!(["198.18.100.97", "fd00:18:100::97"]))
+            .spec("ipFamilies", json!(["IPv4", "IPv6"]));
+        let mut s6 = EndpointSlice::new("default", "f6", "x6").port("dns", 5353, Proto::Udp);
+        s6.address_type = "IPv6".into();
+        for p in &pods {
+            s6 = s6.endpoint(Endpoint::ready(
+                &p.ip6.to_string(),
+                &format!("node{}", p.node),
+            ));
+        }
+        bed.write_manifest("f6-svc.yaml", &svc.to_yaml())?;
+        bed.write_manifest("f6-slice6.yaml", &s6.to_yaml())?;
+        let client = bed.add_pod(1, "client")?;
+        let agents = bed.start_agents(SYNC)?;
+        let vip6: SocketAddr = "[fd00:18:100::97]:53".parse()?;
+        // From a thread in the pod's namespace, outside its cgroup: the tc path.
+        let answered = tests::in_netns(&client.ns, || -> Result<usize> {
+            let mut n = 0;
+            for i in 0..10u8 {
+                let s = std::net::UdpSocket::bind("[::]:0")?;
+                s.set_read_timeout(Some(T))?;
+                s.send_to(&vec![b'a' + i; 4000], vip6)?;
+                let mut buf = [0u8; 512];
+                if let Ok((len, peer)) = s.recv_from(&mut buf) {
+                    ensure!(peer == vip6, "reply from {peer}, not the VIP");
+                    let text = String::from_utf8_lossy(&buf[..len]);
+                    ensure!(text.starts_with("f6-"), "reply {text:?}");
+                    n += 1;
+                }
+            }
+            Ok(n)
+        })??;
+        ensure!(
+            answered == 10,
+            "{answered} of 10 fragmented datagrams answered"
+        );
+        let c = &agents[0].status_json()?["counters"];
+        ensure!(
+            c["passed_fragment_unknown"].as_u64().unwrap_or(0) == 0,
+            "later fragments went untranslated: {c}"
+        );
+        Ok(())
+    });
+}
