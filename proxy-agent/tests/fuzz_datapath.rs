@@ -67,13 +67,14 @@ use proxy_agent::{
     model::{DesiredService, DesiredState, Endpoint, EndpointState, Frontend, LbAlgorithm},
 };
 use proxy_common::{
-    COUNTER_NAMES, CT_FORWARD, CT_REVERSE, CT_SNAT, CtKey, CtValue, FragKey, FragValue,
+    COUNTER_NAMES, CT_CLOSING, CT_FORWARD, CT_REVERSE, CT_SNAT, CtKey, CtValue, FragKey, FragValue,
     IfaceConfig, ServiceKind, names,
 };
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
 
 /// Conntrack and fragment tables are compared with the maps and emptied past these sizes, far
 /// below the maps' capacities, so LRU eviction never makes the kernel forget what the model knows.
@@ -493,8 +494,10 @@ mod topo {
 ///   itself) becomes the frontend. All three checksums (outer IP, quoted IP, ICMP) follow.
 ///   Any other ICMP, and any other protocol, is `passed_other_protocol`.
 /// - IPv6: up to four extension headers are skipped (hop-by-hop, routing, destination options,
-///   and a fragment header with offset 0 and no more-fragments; any other fragment is
-///   `passed_fragment_unknown`); a header running past the frame is `passed_malformed`; then a
+///   and a fragment header with offset 0; with more-fragments, that first fragment records its
+///   ports as an IPv4 one does, under the 32-bit identification; a later fragment (offset != 0)
+///   whose next header is TCP or UDP takes the recorded ports or is `passed_fragment_unknown`,
+///   with no L4 header, so only its addresses may be rewritten); a header running past the frame is `passed_malformed`; then a
 ///   protocol other than TCP and UDP (ICMPv6 included) is `passed_other_protocol`.
 /// - An IPv4 later fragment (offset != 0) takes its ports from what the first fragment of the
 ///   same (source, destination, id, protocol) recorded, or is `passed_fragment_unknown`; it has
@@ -502,16 +505,23 @@ mod topo {
 /// - Otherwise the L4 header must be within the frame (and, for IPv4, the total length): TCP
 ///   20 bytes, UDP 8, or `passed_malformed`. An IPv4 first fragment (MF, offset 0) that gets
 ///   this far records its ports, whatever happens to it next.
-/// - Destination (address, port, protocol) is a frontend: no endpoints is `dropped_no_backend`;
+/// - Destination (address, port, protocol) is a frontend:
 ///   a recorded flow whose backend still exists unchanged in the same Service keeps it (and its
 ///   SNAT) (`translated_established`); a recorded TCP flow whose backend is gone keeps it for
 ///   any packet but a SYN (draining, `translated_draining`); otherwise such a flow is
 ///   `reselected`, a new one `translated_new`, both to any backend of the frontend, recording the flow and its
-///   reply. A client picked as its own backend (hairpin) is SNATed to the node address of
-///   interface entry 0 and a free port of the SNAT range; `snat` counts that too.
+///   reply. A new or reselected flow to a frontend without endpoints is rejected
+///   (`rejected_no_backend`, TC_ACT_REDIRECT): the frame becomes an ICMP port unreachable
+///   (ICMPv6 type 1 code 4) from the frontend to the client, Ethernet addresses swapped, valid
+///   checksums, quoting the IP header and 8 bytes; with IPv4 options or IPv6 extension headers
+///   it is `dropped_no_backend`. A FIN or RST marks both entries of a recorded TCP flow closing
+///   (on either direction), a SYN reopening it clears the mark. A client picked as its own
+///   backend (hairpin) is SNATed to the node address of interface entry 0 and a free port of the
+///   SNAT range; `snat` counts that too.
 /// - Not a frontend: a TCP segment with SYN and without ACK opens a new connection straight to
-///   its destination, which may reuse the tuple of a translated flow: the reverse entry of the
-///   tuple it would answer (its destination to its source) is forgotten first. Then a reply of a
+///   its destination, which may reuse the tuple of a translated flow that ended (closing, or its
+///   forward entry gone): the reverse entry of the tuple it would answer (its destination to its
+///   source) is forgotten first; a live flow's is kept (a spoofed SYN). Then a reply of a
 ///   recorded flow gets the frontend as its source, and for a SNATed flow the client as its
 ///   destination (`reverse_translated`); anything else is `passed_no_match`.
 /// - A rewrite changes only the addresses and ports it names and the checksums, each checksum by
@@ -552,7 +562,9 @@ mod model {
     }
 
     /// (source, destination, IP id, protocol) of a fragmented IPv4 datagram.
-    pub type FragId = (Ipv4Addr, Ipv4Addr, u16, u8);
+    /// (source, destination, identification, protocol) of a fragmented datagram (IPv4 ids are
+    /// 16 bits, IPv6 ones 32).
+    pub type FragId = (IpAddr, IpAddr, u32, u8);
 
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub struct Backend {
@@ -573,6 +585,8 @@ mod model {
         pub snat: bool,
         pub orig_addr: IpAddr,
         pub orig_port: u16,
+        /// `CT_CLOSING`: the TCP connection sent a FIN or RST (cleared by a new SYN).
+        pub closing: bool,
     }
 
     #[derive(Clone, Copy, Debug)]
@@ -625,6 +639,11 @@ mod model {
             flow: Flow,
             ct: Ct,
         },
+        /// A new flow to a frontend without endpoints, answered with an ICMP / ICMPv6 port
+        /// unreachable from the frontend, quoting the packet's IP header and 8 bytes more.
+        Reject {
+            flow: Flow,
+        },
         /// An ICMP error about a recorded flow, translated back.
         Icmp {
             e: IcmpError,
@@ -639,6 +658,9 @@ mod model {
         pub frag_record: Option<(FragId, (u16, u16))>,
         /// The reverse entry a pure SYN to a non-frontend forgets.
         pub rev_forget: Option<Tuple>,
+        /// The closing marks a packet of a recorded TCP flow sets or clears:
+        /// (forward tuple, reverse tuple, FIN or RST seen, reopened by a SYN).
+        pub mark: Option<(Tuple, Tuple, bool, bool)>,
     }
 
     struct Svc {
@@ -670,7 +692,9 @@ mod model {
     }
 
     const RECENT: usize = 4096;
+    const TCP_FIN: u8 = 0x01;
     const TCP_SYN: u8 = 0x02;
+    const TCP_RST: u8 = 0x04;
     const TCP_ACK: u8 = 0x10;
     const MALFORMED: &str = "passed_malformed";
     /// SNAT source ports: [SNAT_PORT_MIN, SNAT_PORT_MIN + SNAT_PORT_COUNT).
@@ -718,6 +742,7 @@ mod model {
                 verdict: Verdict::Pass(""),
                 frag_record: None,
                 rev_forget: None,
+                mark: None,
             };
             e.verdict = match self.parse(f, &mut e.frag_record) {
                 Err("passed_other_protocol") => match self.icmp_error(f) {
@@ -725,7 +750,7 @@ mod model {
                     None => Verdict::Pass("passed_other_protocol"),
                 },
                 Err(c) => Verdict::Pass(c),
-                Ok(flow) => self.decide(flow, &mut e.rev_forget),
+                Ok(flow) => self.decide(flow, &mut e),
             };
             e
         }
@@ -740,7 +765,7 @@ mod model {
             }
             match be16(f, 12) {
                 ETH_P_IP => {}
-                ETH_P_IPV6 => return Self::parse6(f),
+                ETH_P_IPV6 => return self.parse6(f, record),
                 _ => return Err("passed_not_ip"),
             }
             if f.len() < L3 + 20 {
@@ -760,7 +785,7 @@ mod model {
             }
             let frag = be16(f, L3 + 6);
             let (src, dst, id) = (ip4_at(f, L3 + 12), ip4_at(f, L3 + 16), be16(f, L3 + 4));
-            let key = (src, dst, id, proto);
+            let key = (IpAddr::V4(src), IpAddr::V4(dst), id as u32, proto);
             let l4_off = L3 + ihl;
             let tuple = |sport, dport| Tuple {
                 src: IpAddr::V4(src),
@@ -797,12 +822,21 @@ mod model {
             })
         }
 
-        fn parse6(f: &[u8]) -> Result<Flow, &'static str> {
+        fn parse6(
+            &self,
+            f: &[u8],
+            record: &mut Option<(FragId, (u16, u16))>,
+        ) -> Result<Flow, &'static str> {
             if f.len() < L3 + 40 || f[L3] >> 4 != 6 {
                 return Err(MALFORMED);
             }
+            let (src, dst) = (
+                IpAddr::V6(ip6_at(f, L3 + 8)),
+                IpAddr::V6(ip6_at(f, L3 + 24)),
+            );
             let mut next = f[L3 + 6];
             let mut off = L3 + 40;
+            let mut first_fragment = None;
             for _ in 0..4 {
                 match next {
                     0 | 43 | 60 => {
@@ -813,14 +847,40 @@ mod model {
                         off += (f[off + 1] as usize + 1) * 8;
                     }
                     44 => {
-                        if f.len() < off + 4 {
+                        if f.len() < off + 8 {
                             return Err(MALFORMED);
                         }
-                        if be16(f, off + 2) & 0xfff9 != 0 {
-                            return Err("passed_fragment_unknown");
-                        }
+                        let frag = be16(f, off + 2);
+                        let id =
+                            u32::from_be_bytes([f[off + 4], f[off + 5], f[off + 6], f[off + 7]]);
                         next = f[off];
                         off += 8;
+                        if frag & 0xfff8 != 0 {
+                            // A later fragment: the ports its first fragment recorded.
+                            if next != TCP && next != UDP {
+                                return Err("passed_other_protocol");
+                            }
+                            let &(sport, dport) = self
+                                .frags
+                                .get(&(src, dst, id, next))
+                                .ok_or("passed_fragment_unknown")?;
+                            return Ok(Flow {
+                                tuple: Tuple {
+                                    src,
+                                    dst,
+                                    sport,
+                                    dport,
+                                    proto: next,
+                                },
+                                total_len: 0,
+                                l4_off: off,
+                                has_l4: false,
+                                tcp_flags: 0,
+                            });
+                        }
+                        if frag & 1 != 0 {
+                            first_fragment = Some(id);
+                        }
                     }
                     _ => break,
                 }
@@ -832,10 +892,13 @@ mod model {
             if f.len() < off + l4_min {
                 return Err(MALFORMED);
             }
+            if let Some(id) = first_fragment {
+                *record = Some(((src, dst, id, next), (be16(f, off), be16(f, off + 2))));
+            }
             Ok(Flow {
                 tuple: Tuple {
-                    src: IpAddr::V6(ip6_at(f, L3 + 8)),
-                    dst: IpAddr::V6(ip6_at(f, L3 + 24)),
+                    src,
+                    dst,
                     sport: be16(f, off),
                     dport: be16(f, off + 2),
                     proto: next,
@@ -897,29 +960,69 @@ mod model {
             }
         }
 
-        fn decide(&self, flow: Flow, rev_forget: &mut Option<Tuple>) -> Verdict {
+        /// The forward tuple of the flow a reverse entry belongs to.
+        fn forward_of(ct: &Ct, proto: u8) -> Tuple {
+            Tuple {
+                src: ct.orig_addr,
+                dst: ct.nat_addr,
+                sport: ct.orig_port,
+                dport: ct.nat_port,
+                proto,
+            }
+        }
+
+        fn decide(&self, flow: Flow, e: &mut Expectation) -> Verdict {
             let t = flow.tuple;
+            let tcp = t.proto == TCP;
+            let closing = tcp && flow.tcp_flags & (TCP_FIN | TCP_RST) != 0;
             let Some(svc) = self.services.get(&(t.dst, t.dport, t.proto)) else {
                 if flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
-                    *rev_forget = Some(t.reply());
-                    if t.reply() == t {
+                    // Only a flow that ended (closing, or its forward entry gone) gives its
+                    // tuple up: a SYN spoofed onto a live flow leaves its reply path alone.
+                    if let Some(r) = self.rev.get(&t.reply()) {
+                        let live = self
+                            .fwd
+                            .get(&Self::forward_of(r, t.proto))
+                            .is_some_and(|f| !f.closing);
+                        if r.closing || !live {
+                            e.rev_forget = Some(t.reply());
+                        }
+                    }
+                    if t.reply() == t && e.rev_forget.is_some() {
                         return Verdict::Pass("passed_no_match");
                     }
                 }
                 return match self.rev.get(&t) {
-                    Some(ct) => Verdict::Rnat { flow, ct: *ct },
+                    Some(ct) => {
+                        let reopened = tcp && flow.tcp_flags & TCP_SYN != 0;
+                        if closing || (reopened && ct.closing) {
+                            e.mark = Some((Self::forward_of(ct, t.proto), t, closing, reopened));
+                        }
+                        Verdict::Rnat { flow, ct: *ct }
+                    }
                     None => Verdict::Pass("passed_no_match"),
                 };
             };
-            if svc.slots.is_empty() {
-                return Verdict::Drop("dropped_no_backend");
-            }
             let mut counter = "translated_new";
             if let Some(ct) = self.fwd.get(&t) {
                 let same = self.backends.get(&ct.backend_id) == Some(&(ct.nat_addr, ct.nat_port));
                 // A TCP packet other than a SYN keeps a removed backend (draining).
                 let draining = !same && t.proto == TCP && flow.tcp_flags & TCP_SYN == 0;
                 if (same || draining) && ct.svc_id == svc.svc_id {
+                    let reopened = tcp && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+                    let (src, sport) = if ct.snat {
+                        (ct.orig_addr, ct.orig_port)
+                    } else {
+                        (t.src, t.sport)
+                    };
+                    let reply = Tuple {
+                        src: ct.nat_addr,
+                        dst: src,
+                        sport: ct.nat_port,
+                        dport: sport,
+                        proto: t.proto,
+                    };
+                    e.mark = Some((t, reply, closing, reopened));
                     return Verdict::Dnat {
                         flow,
                         choices: vec![Backend {
@@ -938,6 +1041,17 @@ mod model {
                     };
                 }
                 counter = "reselected";
+            }
+            // Admission of a new flow: a frontend without endpoints rejects it (an ICMP port
+            // unreachable sent back), or drops it when it cannot quote it (IPv4 options, IPv6
+            // extension headers).
+            if svc.slots.is_empty() {
+                let plain = flow.l4_off == L3 + if flow.v6() { 40 } else { 20 };
+                return if flow.has_l4 && plain {
+                    Verdict::Reject { flow }
+                } else {
+                    Verdict::Drop("dropped_no_backend")
+                };
             }
             Verdict::Dnat {
                 flow,
@@ -965,6 +1079,25 @@ mod model {
             if let Some(t) = e.rev_forget {
                 self.rev.remove(&t);
             }
+            // The datapath's mark: set on a FIN or RST, else cleared on a reopening SYN (so a
+            // SYN+FIN on a closing entry clears it).
+            let mark = |c: &mut Ct, closing: bool, reopened: bool| {
+                if closing && !c.closing {
+                    c.closing = true;
+                } else if reopened && c.closing {
+                    c.closing = false;
+                }
+            };
+            let mut fwd_was_closing = false;
+            if let Some((f, r, closing, reopened)) = e.mark {
+                if let Some(c) = self.fwd.get_mut(&f) {
+                    fwd_was_closing = c.closing;
+                    mark(c, closing, reopened);
+                }
+                if let Some(c) = self.rev.get_mut(&r) {
+                    mark(c, closing, reopened);
+                }
+            }
             let Verdict::Dnat {
                 flow,
                 counter,
@@ -990,11 +1123,15 @@ mod model {
                     dport: sport,
                     proto: t.proto,
                 };
+                // Put back with the forward entry's flags as they were, plus this packet's FIN
+                // or RST.
+                let closing = e.mark.is_some_and(|m| m.2);
                 self.rev.entry(reply).or_insert(Ct {
                     nat_addr: t.dst,
                     nat_port: t.dport,
                     orig_addr: t.src,
                     orig_port: t.sport,
+                    closing: fwd_was_closing || closing,
                     ..ct
                 });
                 return;
@@ -1016,6 +1153,7 @@ mod model {
                 snat: snat.is_some(),
                 orig_addr,
                 orig_port,
+                closing: false,
             };
             self.rev.insert(reply, ct(t.dst, t.dport, t.src, t.sport));
             self.fwd.insert(t, ct(b.addr, b.port, src, sport));
@@ -1039,9 +1177,9 @@ mod check {
     use std::net::IpAddr;
 
     use crate::{
-        TC_ACT_OK, TC_ACT_SHOT,
+        TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
         model::{Backend, Expectation, Flow, IcmpError, SNAT_PORTS, Tuple, Verdict},
-        wire::{L3, TCP, UDP, be16, ip_at, pseudo, residual},
+        wire::{L3, TCP, UDP, be16, csum, ip_at, pseudo, residual, sum},
     };
 
     pub struct Outcome {
@@ -1129,6 +1267,49 @@ mod check {
                 }
                 counters_are(moved, &[c])?;
                 outcome(format!("dropped: {c}"), None, None)
+            }
+            Verdict::Reject { flow } => {
+                if rc != TC_ACT_REDIRECT {
+                    return Err(format!("verdict {rc}, expected TC_ACT_REDIRECT (reject)"));
+                }
+                counters_are(moved, &["rejected_no_backend"])?;
+                let v6 = flow.v6();
+                let (ip_len, quote) = if v6 { (40, 48) } else { (20, 28) };
+                let icmp = L3 + ip_len;
+                if out.len() != icmp + 8 + quote {
+                    return Err(format!("reject of {} bytes", out.len()));
+                }
+                let mut problems = Vec::new();
+                if out[..6] != f[6..12] || out[6..12] != f[..6] {
+                    problems.push("Ethernet addresses not swapped".to_string());
+                }
+                let (s_off, d_off, _) = addr_offsets(v6);
+                if ip_at(out, s_off, v6) != flow.tuple.dst
+                    || ip_at(out, d_off, v6) != flow.tuple.src
+                {
+                    problems.push("not from the frontend to the client".into());
+                }
+                let (kind, sum) = if v6 {
+                    let p = sum(&out[L3 + 8..L3 + 40], 0) + (8 + quote) as u64 + 58;
+                    ((1, 4), csum(&out[icmp..], p))
+                } else {
+                    if csum(&out[L3..icmp], 0) != 0 {
+                        problems.push("IPv4 header checksum".into());
+                    }
+                    ((3, 3), csum(&out[icmp..], 0))
+                };
+                if (out[icmp], out[icmp + 1]) != kind || sum != 0 {
+                    problems.push(format!(
+                        "ICMP type/code/checksum {:02x?}",
+                        &out[icmp..icmp + 4]
+                    ));
+                }
+                if out[icmp + 8..] != f[L3..L3 + quote] {
+                    problems.push("quoted header differs from the packet".into());
+                }
+                let v = if v6 { " IPv6" } else { "" };
+                let problem = (!problems.is_empty()).then(|| problems.join("; "));
+                outcome(format!("rejected{v}"), None, problem)
             }
             Verdict::Dnat {
                 flow,
@@ -2041,7 +2222,13 @@ mod generate {
                         h.extend_from_slice(
                             &((off << 3) | self.rng.random_range(0..2)).to_be_bytes(),
                         );
-                        h.extend_from_slice(&self.rng.random::<u32>().to_be_bytes());
+                        // Small ids half the time, so that later fragments find first ones.
+                        let id: u32 = if self.rng.random_bool(0.5) {
+                            self.rng.random_range(0..4)
+                        } else {
+                            self.rng.random()
+                        };
+                        h.extend_from_slice(&id.to_be_bytes());
                         h
                     }
                     51 => {
@@ -2395,6 +2582,7 @@ impl Bed {
                         scope: Default::default(),
                     };
                     let ds = DesiredService {
+                        drop_without_endpoints: false,
                         service: s.service.to_string(),
                         name: format!("{}:{}", s.service, s.port),
                         kind: ServiceKind::ClusterIp,
@@ -2484,6 +2672,7 @@ impl Bed {
                 snat: v.flags & CT_SNAT != 0,
                 orig_addr: from_words(v.orig_addr, k.family),
                 orig_port: u16::from_be(v.orig_port_be),
+                closing: v.flags & CT_CLOSING != 0,
             };
             match want.get(&k) {
                 Some(w) if *w == got => {}
@@ -2506,9 +2695,13 @@ impl Bed {
             let (k, v) = item.map_err(|e| format!("reading {}: {e}", names::FRAGMENTS))?;
             seen += 1;
             let id = (
-                Ipv4Addr::from(k.saddr.to_ne_bytes()),
-                Ipv4Addr::from(k.daddr.to_ne_bytes()),
-                u16::from_be(k.id_be),
+                from_words(k.saddr, k.family),
+                from_words(k.daddr, k.family),
+                if k.family == proxy_common::AF_INET {
+                    u16::from_be(k.id_be as u16) as u32
+                } else {
+                    u32::from_be(k.id_be)
+                },
                 k.proto,
             );
             let got = (u16::from_be(v.sport_be), u16::from_be(v.dport_be));

@@ -329,6 +329,7 @@ fn setup() -> Bed {
                         scope: Default::default(),
                     },
                     DesiredService {
+                        drop_without_endpoints: false,
                         service: format!("fuzz/np-{port}"),
                         name: format!("fuzz/np-{port}:{port}"),
                         kind: ServiceKind::NodePort,
@@ -470,6 +471,7 @@ fn check(bed: &Bed, f: &[u8], rc: u32, out: &[u8], moved: &[&str]) -> Result<Opt
         "dropped_conntrack_full",
         "dropped_snat_ports",
         "dropped_source_range",
+        "dropped_no_local_backend",
     ];
     match rc {
         XDP_PASS => {

@@ -224,6 +224,7 @@ fn desired(services: &[(Frontend, Vec<Endpoint>)]) -> DesiredState {
                 (
                     *f,
                     DesiredService {
+                        drop_without_endpoints: false,
                         service: format!("test/svc-{}-{}", f.addr, f.port),
                         name: format!("test/{}", f.port),
                         kind: ServiceKind::ClusterIp,
@@ -530,18 +531,125 @@ fn udp_without_checksum_stays_without_one() {
     assert!(s.ip_csum_ok);
 }
 
+const TC_ACT_REDIRECT: u32 = 7;
+
+/// Checks an ICMP port unreachable built from `orig` (IPv4): Ethernet addresses swapped, from
+/// the dialled frontend to the client, valid checksums, the offending header quoted.
+fn assert_port_unreachable4(orig: &[u8], out: &[u8]) {
+    assert_eq!(out.len(), 14 + 20 + 8 + 28, "{out:02x?}");
+    assert_eq!((&out[..6], &out[6..12]), (&orig[6..12], &orig[..6]));
+    assert_eq!(&out[12..14], &[0x08, 0x00]);
+    let (src, dst, ip_ok) = pkt::parse_ip_only(out);
+    let (osrc, odst, _) = pkt::parse_ip_only(orig);
+    assert_eq!((src, dst, ip_ok), (odst, osrc, true));
+    assert_eq!(out[14 + 9], pkt::ICMP);
+    let icmp = &out[34..];
+    assert_eq!((icmp[0], icmp[1]), (3, 3), "destination / port unreachable");
+    assert_eq!(pkt::csum(icmp, 0), 0, "ICMP checksum");
+    assert_eq!(&icmp[8..], &orig[14..42], "quoted header");
+}
+
 #[test]
-fn service_without_endpoints_drops() {
+fn service_without_endpoints_rejects_with_icmp_port_unreachable() {
     let mut b = bed();
-    let frame = pkt::Ip::new(CLIENT, EMPTY_VIP, pkt::TCP).frame(&pkt::l4(
+    let mut d = desired(&[
+        (fe(VIP, 80, Protocol::Tcp), vec![ep(B1, 8080), ep(B2, 8080)]),
+        (fe(EMPTY_VIP, 80, Protocol::Tcp), vec![]),
+        (fe(EMPTY_VIP, 53, Protocol::Udp), vec![]),
+        (fe(EMPTY_VIP, 81, Protocol::Tcp), vec![]),
+    ]);
+    // Port 81: a Local policy whose endpoints are all on other nodes.
+    d.services
+        .get_mut(&fe(EMPTY_VIP, 81, Protocol::Tcp))
+        .unwrap()
+        .drop_without_endpoints = true;
+    let report = b.writer.sync(&d);
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    for (proto, port) in [(pkt::TCP, 80), (pkt::UDP, 53)] {
+        let frame = pkt::Ip::new(CLIENT, EMPTY_VIP, proto).frame(&pkt::l4(
+            proto,
+            CLIENT,
+            EMPTY_VIP,
+            40006,
+            port,
+            b"some payload beyond the quoted part",
+        ));
+        let (rc, out, moved) = b.run_counted(&frame);
+        assert_eq!(
+            (rc, moved),
+            (TC_ACT_REDIRECT, vec!["rejected_no_backend"]),
+            "proto {proto}"
+        );
+        assert_port_unreachable4(&frame, &out);
+    }
+    // A short SYN (the reply is longer than the packet).
+    let syn = pkt::Ip::new(CLIENT, EMPTY_VIP, pkt::TCP).frame(&pkt::l4(
         pkt::TCP,
         CLIENT,
         EMPTY_VIP,
-        40006,
+        40007,
         80,
         b"",
     ));
-    let (rc, _, moved) = b.run_counted(&frame);
+    let (rc, out, _) = b.run_counted(&syn);
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    assert_port_unreachable4(&syn, &out);
+    // IPv4 options: no reject is built (the quote would miss the ports): dropped, counted.
+    let mut ip = pkt::Ip::new(CLIENT, EMPTY_VIP, pkt::TCP);
+    ip.options = vec![1, 1, 1, 0];
+    let opt = ip.frame(&pkt::l4(pkt::TCP, CLIENT, EMPTY_VIP, 40008, 80, b""));
+    let (rc, _, moved) = b.run_counted(&opt);
+    assert_eq!((rc, moved), (TC_ACT_SHOT, vec!["dropped_no_backend"]));
+    // kube-proxy drops (no reject) when a Local policy finds no local endpoint.
+    let local = pkt::Ip::new(CLIENT, EMPTY_VIP, pkt::TCP).frame(&pkt::l4(
+        pkt::TCP,
+        CLIENT,
+        EMPTY_VIP,
+        40009,
+        81,
+        b"",
+    ));
+    let (rc, _, moved) = b.run_counted(&local);
+    assert_eq!((rc, moved), (TC_ACT_SHOT, vec!["dropped_no_local_backend"]));
+}
+
+#[test]
+fn ipv6_service_without_endpoints_rejects_with_icmpv6_port_unreachable() {
+    use std::net::Ipv6Addr;
+    let mut b = bed();
+    let vip6: Ipv6Addr = "fd00:18:100::12".parse().unwrap();
+    let client: Ipv6Addr = "fd00:19:1::50".parse().unwrap();
+    let f = Frontend {
+        addr: IpAddr::V6(vip6),
+        port: 53,
+        protocol: Protocol::Udp,
+        scope: Default::default(),
+    };
+    let report = b.writer.sync(&desired(&[(f, vec![])]));
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    let q = pkt6::udp(client, vip6, 40010, 53, false);
+    let (rc, out, moved) = b.run_counted(&q);
+    assert_eq!((rc, moved), (TC_ACT_REDIRECT, vec!["rejected_no_backend"]));
+    assert_eq!(out.len(), 14 + 40 + 8 + 48, "{out:02x?}");
+    assert_eq!((&out[..6], &out[6..12]), (&q[6..12], &q[..6]));
+    assert_eq!(&out[12..14], &[0x86, 0xdd]);
+    let ip = &out[14..54];
+    assert_eq!((ip[0] >> 4, ip[6]), (6, 58), "IPv6, next header ICMPv6");
+    assert_eq!(u16::from_be_bytes([ip[4], ip[5]]), 56);
+    assert_eq!(&ip[8..24], &vip6.octets(), "from the frontend");
+    assert_eq!(&ip[24..40], &client.octets(), "to the client");
+    let icmp = &out[54..];
+    assert_eq!((icmp[0], icmp[1]), (1, 4), "destination / port unreachable");
+    let mut pseudo: u32 = ip[8..40]
+        .chunks(2)
+        .map(|c| u16::from_be_bytes([c[0], c[1]]) as u32)
+        .sum();
+    pseudo += 56 + 58;
+    assert_eq!(pkt::csum(icmp, pseudo), 0, "ICMPv6 checksum");
+    assert_eq!(&icmp[8..], &q[14..62], "quoted header");
+    // Extension headers: not quoted (the ports would be missing): dropped, counted.
+    let q = pkt6::udp(client, vip6, 40011, 53, true);
+    let (rc, _, moved) = b.run_counted(&q);
     assert_eq!((rc, moved), (TC_ACT_SHOT, vec!["dropped_no_backend"]));
 }
 
@@ -632,6 +740,55 @@ fn established_tcp_connections_to_a_removed_backend_drain() {
     assert_eq!(pkt::parse(&out).dst, B1);
 }
 
+#[test]
+fn established_connections_outlive_the_last_endpoint_and_new_ones_are_rejected() {
+    let mut b = bed();
+    let port = 44200;
+    let first = pkt::parse(&b.run(&tcp_syn(port)).1).dst;
+    // The Service loses every endpoint (the last ones terminated).
+    let report = b.writer.sync(&desired(&[
+        (fe(VIP, 80, Protocol::Tcp), vec![]),
+        (fe(EMPTY_VIP, 80, Protocol::Tcp), vec![]),
+    ]));
+    assert!(report.failed.is_empty());
+    let (rc, out, moved) = b.run_counted(&tcp_ack(port));
+    assert_eq!((rc, moved), (TC_ACT_OK, vec!["translated_draining"]));
+    assert_eq!(pkt::parse(&out).dst, first);
+    // A new connection is rejected.
+    let (rc, _, moved) = b.run_counted(&tcp_syn(port + 1));
+    assert_eq!((rc, moved), (TC_ACT_REDIRECT, vec!["rejected_no_backend"]));
+}
+
+#[test]
+fn source_ranges_are_checked_when_a_flow_is_admitted() {
+    let mut b = bed();
+    let lb = Ipv4Addr::new(198, 18, 200, 7);
+    let with_ranges = |prefix: Ipv4Addr| {
+        let mut d = desired(&[(fe(lb, 80, Protocol::Tcp), vec![ep(B1, 8080)])]);
+        for s in d.services.values_mut() {
+            s.kind = ServiceKind::LoadBalancer;
+            s.source_ranges = vec![(IpAddr::V4(prefix), 24)];
+        }
+        d
+    };
+    let syn = |sport| {
+        pkt::Ip::new(CLIENT, lb, pkt::TCP).frame(&pkt::l4(pkt::TCP, CLIENT, lb, sport, 80, b""))
+    };
+    let report = b.writer.sync(&with_ranges(Ipv4Addr::new(198, 19, 1, 0)));
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    let (_, _, moved) = b.run_counted(&syn(44300));
+    assert_eq!(moved, ["translated_new"]);
+    // The client's range is taken out: its admitted connection carries on, a new one is not
+    // admitted.
+    let report = b.writer.sync(&with_ranges(Ipv4Addr::new(198, 19, 9, 0)));
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    let (rc, out, moved) = b.run_counted(&as_ack(syn(44300)));
+    assert_eq!((rc, moved), (TC_ACT_OK, vec!["translated_established"]));
+    assert_eq!(pkt::parse(&out).dst, B1);
+    let (rc, _, moved) = b.run_counted(&syn(44301));
+    assert_eq!((rc, moved), (TC_ACT_SHOT, vec!["dropped_source_range"]));
+}
+
 /// The conntrack map, opened from its pin, to evict entries as LRU pressure would.
 fn conntrack(
     b: &Bed,
@@ -707,7 +864,10 @@ fn a_direct_connection_reusing_a_translated_tuple_is_not_reverse_translated() {
         VIP,
         "translated flow first"
     );
-    // The same client port now dials the backend directly (socket LB, or a pod IP).
+    // The translated connection ends (its FIN marks both entries closing)...
+    let (_, _, moved) = b.run_counted(&with_tcp_flags(tcp_syn(40007), 0x11));
+    assert_eq!(moved, ["translated_established"]);
+    // ...and the same client port now dials the backend directly (socket LB, or a pod IP).
     let direct = pkt::Ip::new(CLIENT, backend, pkt::TCP).frame(&pkt::l4(
         pkt::TCP,
         CLIENT,
@@ -724,6 +884,40 @@ fn a_direct_connection_reusing_a_translated_tuple_is_not_reverse_translated() {
     assert_eq!(
         out, reply,
         "the direct connection's reply must keep the backend's address"
+    );
+}
+
+#[test]
+fn a_spoofed_syn_on_a_live_translated_tuple_keeps_its_reply_path() {
+    let mut b = bed();
+    let backend = pkt::parse(&b.run(&tcp_syn(40017)).1).dst;
+    let reply = pkt::Ip::new(backend, CLIENT, pkt::TCP).frame(&pkt::l4(
+        pkt::TCP,
+        backend,
+        CLIENT,
+        8080,
+        40017,
+        b"",
+    ));
+    // A SYN with the client's address and port straight to the backend while the translated
+    // connection lives (not closing): spoofed, or a reuse the backend could not tell apart.
+    let spoofed = pkt::Ip::new(CLIENT, backend, pkt::TCP).frame(&pkt::l4(
+        pkt::TCP,
+        CLIENT,
+        backend,
+        40017,
+        8080,
+        b"",
+    ));
+    let (rc, out, moved) = b.run_counted(&spoofed);
+    assert_eq!((rc, moved), (TC_ACT_OK, vec!["passed_no_match"]));
+    assert_eq!(out, spoofed);
+    let (rc, out, moved) = b.run_counted(&reply);
+    assert_eq!((rc, moved), (TC_ACT_OK, vec!["reverse_translated"]));
+    assert_eq!(
+        pkt::parse(&out).src,
+        VIP,
+        "the live flow's reply is still translated"
     );
 }
 
@@ -849,6 +1043,59 @@ mod pkt6 {
         f
     }
 
+    /// The UDP datagram (header with a valid checksum, then `payload`) from `src` to `dst`.
+    pub fn udp_datagram(
+        src: Ipv6Addr,
+        dst: Ipv6Addr,
+        sport: u16,
+        dport: u16,
+        payload: &[u8],
+    ) -> Vec<u8> {
+        let mut u = Vec::new();
+        u.extend_from_slice(&sport.to_be_bytes());
+        u.extend_from_slice(&dport.to_be_bytes());
+        u.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+        u.extend_from_slice(&[0, 0]);
+        u.extend_from_slice(payload);
+        let c = super::pkt::csum(&u, pseudo(src, dst, 17, u.len()));
+        u[6..8].copy_from_slice(&c.to_be_bytes());
+        u
+    }
+
+    /// Whether a reassembled UDP datagram's checksum holds for `src` to `dst`.
+    pub fn udp_csum_ok(src: Ipv6Addr, dst: Ipv6Addr, u: &[u8]) -> bool {
+        super::pkt::csum(u, pseudo(src, dst, 17, u.len())) == 0
+    }
+
+    /// Ethernet + IPv6 + a fragment header (`offset` in bytes, more fragments `more`,
+    /// identification `id`, next header UDP) + `part` of a datagram.
+    pub fn fragment(
+        src: Ipv6Addr,
+        dst: Ipv6Addr,
+        id: u32,
+        offset: usize,
+        more: bool,
+        part: &[u8],
+    ) -> Vec<u8> {
+        let mut f = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2, 0x86, 0xdd];
+        f.extend_from_slice(&[0x60, 0, 0, 0]);
+        f.extend_from_slice(&((8 + part.len()) as u16).to_be_bytes());
+        f.extend_from_slice(&[44, 64]);
+        f.extend_from_slice(&src.octets());
+        f.extend_from_slice(&dst.octets());
+        f.extend_from_slice(&[17, 0]);
+        f.extend_from_slice(&((offset as u16) | more as u16).to_be_bytes());
+        f.extend_from_slice(&id.to_be_bytes());
+        f.extend_from_slice(part);
+        f
+    }
+
+    /// (source, destination, the fragment's data) of a frame built by `fragment`.
+    pub fn parse_fragment(f: &[u8]) -> (Ipv6Addr, Ipv6Addr, Vec<u8>) {
+        let a = |b: &[u8]| Ipv6Addr::from(<[u8; 16]>::try_from(&b[..16]).unwrap());
+        (a(&f[22..]), a(&f[38..]), f[14 + 48..].to_vec())
+    }
+
     /// Ethernet + IPv6 + an ICMPv6 message of `kind`/`code` (4 bytes of data: the MTU for
     /// Packet Too Big) quoting `quoted`, with a valid checksum.
     pub fn icmp6(src: Ipv6Addr, dst: Ipv6Addr, kind: u8, code: u8, quoted: &[u8]) -> Vec<u8> {
@@ -948,6 +1195,56 @@ fn ipv6_translates_with_extension_headers_and_replies() {
 }
 
 #[test]
+fn ipv6_udp_fragments_follow_their_first_fragment() {
+    use std::net::Ipv6Addr;
+    let mut b = bed();
+    let vip6: Ipv6Addr = "fd00:18:100::13".parse().unwrap();
+    let backend: Ipv6Addr = "fd00:19:2::3".parse().unwrap();
+    let client: Ipv6Addr = "fd00:19:1::51".parse().unwrap();
+    let f = Frontend {
+        addr: IpAddr::V6(vip6),
+        port: 53,
+        protocol: Protocol::Udp,
+        scope: Default::default(),
+    };
+    let e = Endpoint {
+        addr: IpAddr::V6(backend),
+        port: 5353,
+        state: EndpointState::Active,
+        local: false,
+    };
+    let report = b.writer.sync(&desired(&[(f, vec![e])]));
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    let payload: Vec<u8> = (0..40u8).collect();
+    let dgram = pkt6::udp_datagram(client, vip6, 40020, 53, &payload);
+    // A later fragment before its first: nothing to take the ports from.
+    let later = pkt6::fragment(client, vip6, 0x1234_5678, 24, false, &dgram[24..]);
+    let (rc, out, moved) = b.run_counted(&later);
+    assert_eq!((rc, moved), (TC_ACT_OK, vec!["passed_fragment_unknown"]));
+    assert_eq!(out, later);
+    // First fragment: translated (ports and checksum), ports recorded.
+    let first = pkt6::fragment(client, vip6, 0x1234_5678, 0, true, &dgram[..24]);
+    let (rc, out1, moved) = b.run_counted(&first);
+    assert_eq!((rc, moved), (TC_ACT_OK, vec!["translated_new"]));
+    let (s1, d1, part1) = pkt6::parse_fragment(&out1);
+    assert_eq!((s1, d1), (client, backend));
+    assert_eq!(u16::from_be_bytes([part1[2], part1[3]]), 5353);
+    // The later fragment follows: same address rewrite, its bytes untouched.
+    let (rc, out2, moved) = b.run_counted(&later);
+    assert_eq!((rc, moved), (TC_ACT_OK, vec!["translated_established"]));
+    let (s2, d2, part2) = pkt6::parse_fragment(&out2);
+    assert_eq!((s2, d2), (client, backend));
+    assert_eq!(part2, &dgram[24..]);
+    // Reassembled, the datagram's checksum holds for the new addresses.
+    let whole = [part1, part2].concat();
+    assert!(pkt6::udp_csum_ok(client, backend, &whole), "{whole:02x?}");
+    // Another datagram's id (or another source) is not confused with this one.
+    let other = pkt6::fragment(client, vip6, 0x1234_5679, 24, false, &dgram[24..]);
+    let (_, _, moved) = b.run_counted(&other);
+    assert_eq!(moved, ["passed_fragment_unknown"]);
+}
+
+#[test]
 fn icmpv6_errors_about_translated_flows_are_translated_back() {
     use std::net::Ipv6Addr;
     let mut b = bed();
@@ -1019,7 +1316,6 @@ mod xdp {
     pub const NODE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
     pub const NODE2_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
     pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x64];
-    pub const XDP_DROP: u32 = 1;
     pub const XDP_PASS: u32 = 2;
     pub const XDP_TX: u32 = 3;
 
@@ -1219,7 +1515,7 @@ fn xdp_forwards_nodeport_traffic_to_another_node_and_its_replies() {
         let (_, _, moved) = b.run_counted(&syn_local);
         assert_eq!(moved, ["translated_established"]);
 
-        // No endpoints: dropped at XDP, counted.
+        // No endpoints: passed to tc uncounted, which answers it with the reject.
         let syn_empty = pkt::Ip::new(xdp::EXT_CLIENT, xdp::NODE, pkt::TCP).frame(&pkt::l4(
             pkt::TCP,
             xdp::EXT_CLIENT,
@@ -1228,12 +1524,12 @@ fn xdp_forwards_nodeport_traffic_to_another_node_and_its_replies() {
             30082,
             b"",
         ));
-        let (rc, _, mut moved) = xdp::run(&mut b, &syn_empty, ifindex);
-        moved.sort();
-        assert_eq!(
-            (rc, moved),
-            (xdp::XDP_DROP, vec!["dropped_no_backend", "xdp_dropped"])
-        );
+        let (rc, out, moved) = xdp::run(&mut b, &syn_empty, ifindex);
+        assert_eq!((rc, moved), (xdp::XDP_PASS, vec![]));
+        assert_eq!(out, syn_empty, "passed unchanged");
+        let (rc, out, moved) = b.run_counted(&syn_empty);
+        assert_eq!((rc, moved), (TC_ACT_REDIRECT, vec!["rejected_no_backend"]));
+        assert_port_unreachable4(&syn_empty, &out);
 
         // Other traffic to the node passes untouched and uncounted (tc counts it).
         let other = pkt::Ip::new(xdp::EXT_CLIENT, xdp::NODE, pkt::TCP).frame(&pkt::l4(

@@ -60,6 +60,7 @@ fn state(n: u8, ports: u16, eps: u8) -> DesiredState {
                     scope: Default::default(),
                 },
                 DesiredService {
+                    drop_without_endpoints: false,
                     service: format!("test/svc-{i}"),
                     name: format!("test/svc-{i}:p{p}"),
                     kind: ServiceKind::ClusterIp,

@@ -127,6 +127,10 @@ pub const SVC_SOURCE_RANGES: u16 = 1;
 /// `maglev_v1` (by the same pick that otherwise chooses a slot); without a table, from the
 /// slots.
 pub const SVC_MAGLEV: u16 = 2;
+/// `ServiceValue::flags`: with count 0, the frontend has endpoints but none on this node and an
+/// externalTrafficPolicy / internalTrafficPolicy Local: new flows are dropped (kube-proxy's
+/// "has no local endpoints" DROP rule), not rejected as for a Service without any endpoint.
+pub const SVC_NO_LOCAL: u16 = 4;
 
 /// A Maglev table, one per frontend in `maglev_v1` (keyed by service id): an array of
 /// `MaglevPair`s read as one sequence of u32 entries: entry `MAGLEV_SIZE` holds the table size
@@ -311,15 +315,19 @@ pub struct AffinityValue {
     pub last_used_ns: u64,
 }
 
-/// IPv4 fragments after the first carry no ports; the first fragment records them here.
+/// IPv4 and IPv6 fragments after the first carry no ports; the first fragment records them
+/// here, keyed as the receiver reassembles: (source, destination, identification, protocol).
+/// IPv4 identifications are 16 bits (in the low-addressed half of `id_be`'s bytes as loaded),
+/// IPv6 ones 32 (the fragment header's).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FragKey {
-    pub saddr: u32,
-    pub daddr: u32,
-    pub id_be: u16,
+    pub saddr: [u32; 4],
+    pub daddr: [u32; 4],
+    pub id_be: u32,
     pub proto: u8,
-    pub _pad: u8,
+    pub family: u8,
+    pub _pad: u16,
 }
 
 #[repr(C)]
@@ -391,9 +399,10 @@ pub enum Counter {
     PassedMalformed = 6,
     /// A later fragment whose first fragment was not seen.
     PassedFragmentUnknown = 7,
-    /// IPv6 (not yet translated by this datapath).
+    /// IPv6 (unused: IPv6 is translated).
     PassedIpv6 = 8,
-    /// Frontend without any endpoint (kube-proxy rejects these too).
+    /// Frontend without any endpoint, and the reject (`rejected_no_backend`) could not be built
+    /// (an IPv4 packet with options, a frame too short to quote...).
     DroppedNoBackend = 9,
     /// The slot or backend entry was missing (mid-update); fail closed.
     DroppedBackendMissing = 10,
@@ -424,9 +433,18 @@ pub enum Counter {
     XdpForwarded = 22,
     /// Packet dropped at XDP (the counter of the reason moves too).
     XdpDropped = 23,
+    /// New flow to a frontend without any endpoint answered with an ICMP / ICMPv6 port
+    /// unreachable sent back out the interface it came in (kube-proxy's REJECT).
+    RejectedNoBackend = 24,
+    /// New flow to a Local-policy frontend without a local endpoint dropped (kube-proxy's
+    /// "has no local endpoints" DROP).
+    DroppedNoLocalBackend = 25,
+    /// Socket LB: connect/sendmsg to a frontend without any endpoint failed with ECONNREFUSED
+    /// (`sock_dropped_no_backend` counts the EPERM fallback on kernels before 5.18).
+    SockRejectedNoBackend = 26,
 }
 
-pub const COUNTER_COUNT: u32 = 24;
+pub const COUNTER_COUNT: u32 = 27;
 
 pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
     "translated_new",
@@ -453,6 +471,9 @@ pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
     "translated_draining",
     "xdp_forwarded",
     "xdp_dropped",
+    "rejected_no_backend",
+    "dropped_no_local_backend",
+    "sock_rejected_no_backend",
 ];
 
 #[cfg(feature = "user")]
@@ -483,7 +504,7 @@ const _: () = assert!(core::mem::size_of::<ServiceValue>() == 16);
 const _: () = assert!(core::mem::size_of::<Backend>() == 24);
 const _: () = assert!(core::mem::size_of::<CtKey>() == 40);
 const _: () = assert!(core::mem::size_of::<CtValue>() == 56);
-const _: () = assert!(core::mem::size_of::<FragKey>() == 12);
+const _: () = assert!(core::mem::size_of::<FragKey>() == 40);
 const _: () = assert!(core::mem::size_of::<SvcName>() == 128);
 const _: () = assert!(core::mem::size_of::<SockKey>() == 32);
 const _: () = assert!(core::mem::size_of::<SockValue>() == 28);

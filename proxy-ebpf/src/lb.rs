@@ -3,8 +3,8 @@ use aya_ebpf::helpers::bpf_ktime_get_ns;
 use proxy_common::{
     AF_INET, AffinityKey, AffinityValue, BACKEND_LOCAL, BackendKey, CT_CLOSING, CT_FORWARD,
     CT_REVERSE, CT_SNAT, CT_UNCOUNTED, Counter, CtKey, CtValue, IPPROTO_TCP, IfaceConfig,
-    MAGLEV_HEADER, MAGLEV_SIZE, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_MAGLEV, SVC_SOURCE_RANGES,
-    ServiceKey, ServiceValue, SlotKey,
+    MAGLEV_HEADER, MAGLEV_SIZE, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_MAGLEV, SVC_NO_LOCAL,
+    SVC_SOURCE_RANGES, ServiceKey, ServiceValue, SlotKey,
     limits::{SNAT_PORT_COUNT, SNAT_PORT_MIN},
 };
 
@@ -35,6 +35,9 @@ pub enum Verdict {
     },
     Pass(Counter),
     Drop(Counter),
+    /// A new flow to a frontend without any endpoint: answer it with an ICMP port unreachable
+    /// (kube-proxy's REJECT, `--reject-with icmp-port-unreachable` for TCP and UDP alike).
+    Reject,
 }
 
 /// A second address rewrite, or none. Not an `Option`: copying a `None` copies its
@@ -363,12 +366,6 @@ fn snat_port(
 #[inline(never)]
 fn forward(flow: &Flow, svc: &ServiceValue, iface: Option<IfaceConfig>) -> Verdict {
     let svc_id = svc.svc_id;
-    if svc.flags & SVC_SOURCE_RANGES != 0 && !source_allowed(svc_id, flow.saddr) {
-        return Verdict::Drop(Counter::DroppedSourceRange);
-    }
-    if svc.count == 0 {
-        return Verdict::Drop(Counter::DroppedNoBackend);
-    }
     let now = unsafe { bpf_ktime_get_ns() };
     let Some(scratch) = CT_SCRATCH.get_ptr_mut(0) else {
         return Verdict::Drop(Counter::DroppedConntrackFull);
@@ -461,6 +458,20 @@ fn forward(flow: &Flow, svc: &ServiceValue, iface: Option<IfaceConfig>) -> Verdi
         reselected = true;
     }
 
+    // Admission of a new flow: established flows were let through above, so a flow keeps
+    // working when its Service loses its last ready endpoint (draining) or its client leaves
+    // the source ranges, as kube-proxy's nat-table rules only ever see a connection's first
+    // packet.
+    if svc.flags & SVC_SOURCE_RANGES != 0 && !source_allowed(svc_id, flow.saddr) {
+        return Verdict::Drop(Counter::DroppedSourceRange);
+    }
+    if svc.count == 0 {
+        return if svc.flags & SVC_NO_LOCAL != 0 {
+            Verdict::Drop(Counter::DroppedNoLocalBackend)
+        } else {
+            Verdict::Reject
+        };
+    }
     let pick = flow_hash(flow);
     let Some(Chosen {
         backend_id,
@@ -551,7 +562,10 @@ fn reverse(flow: &Flow) -> Verdict {
     if flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
         // A new connection straight to this address (socket LB, or a client dialling a pod)
         // may reuse the tuple of an earlier translated flow: its replies are not ours to
-        // rewrite any more, so forget that flow's reverse entry.
+        // rewrite any more, so forget that flow's reverse entry. Only once that flow has ended
+        // (closing, or its forward entry gone): while it lives, the backend could not tell the
+        // two connections apart anyway, and a SYN spoofed with the client's address must not
+        // cut a live flow's replies off.
         let stale = ct_key(
             flow.daddr,
             flow.saddr,
@@ -561,7 +575,35 @@ fn reverse(flow: &Flow) -> Verdict {
             flow.family,
             CT_REVERSE,
         );
-        let _ = CONNTRACK.remove(stale);
+        // SAFETY: plain-data fields copied out at once.
+        if let Some(r) = unsafe { CONNTRACK.get(&stale) }.map(|r| {
+            (
+                r.flags,
+                r.orig_addr,
+                r.orig_port_be,
+                r.nat_addr,
+                r.nat_port_be,
+            )
+        }) && let Some(s) = CT_SCRATCH.get_ptr_mut(0)
+        {
+            let (flags, orig_addr, orig_port, nat_addr, nat_port) = r;
+            // SAFETY: this CPU's scratch entry, used by this program run only.
+            let s = unsafe { &mut *s };
+            s.fkey = ct_key(
+                orig_addr,
+                nat_addr,
+                orig_port,
+                nat_port,
+                flow.proto,
+                flow.family,
+                CT_FORWARD,
+            );
+            // SAFETY: plain-data field read at once.
+            let live = unsafe { CONNTRACK.get(&s.fkey) }.is_some_and(|f| f.flags & CT_CLOSING == 0);
+            if flags & CT_CLOSING != 0 || !live {
+                let _ = CONNTRACK.remove(&stale);
+            }
+        }
     }
     let rkey = ct_key(
         flow.saddr,

@@ -7,6 +7,7 @@ mod lb;
 mod maps;
 mod nat;
 mod parse;
+mod reject;
 mod sock;
 mod tc;
 mod xdp;

@@ -86,20 +86,24 @@ fn rewrite6(
     } else {
         (flow.l4_off + 6, BPF_F_MARK_MANGLED_0 as u64)
     };
+    // A later fragment has no L4 header: its datagram's checksum, in the first fragment, was
+    // updated when that was translated.
     for i in 0..4 {
         if old[i] != addr[i] {
-            ctx.l4_csum_replace(
-                csum_off,
-                old[i] as u64,
-                addr[i] as u64,
-                BPF_F_PSEUDO_HDR as u64 | mangled | 4,
-            )
-            .map_err(|_| ())?;
+            if flow.has_l4 {
+                ctx.l4_csum_replace(
+                    csum_off,
+                    old[i] as u64,
+                    addr[i] as u64,
+                    BPF_F_PSEUDO_HDR as u64 | mangled | 4,
+                )
+                .map_err(|_| ())?;
+            }
             ctx.store(flow.l3_off + ip_off + 4 * i, &addr[i], 0)
                 .map_err(|_| ())?;
         }
     }
-    if old_port != port_be {
+    if flow.has_l4 && old_port != port_be {
         ctx.l4_csum_replace(csum_off, old_port as u64, port_be as u64, mangled | 2)
             .map_err(|_| ())?;
         ctx.store(flow.l4_off + port_off, &port_be, 0)

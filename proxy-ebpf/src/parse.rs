@@ -94,12 +94,13 @@ fn parse_inline(ctx: &TcContext) -> Result<Flow, Counter> {
     };
     let fkey = || -> Result<FragKey, Counter> {
         Ok(FragKey {
-            saddr,
-            daddr,
+            saddr: [saddr, 0, 0, 0],
+            daddr: [daddr, 0, 0, 0],
             id_be: ctx
                 .load::<u16>(l3_off + 4)
-                .map_err(|_| Counter::PassedMalformed)?,
+                .map_err(|_| Counter::PassedMalformed)? as u32,
             proto,
+            family: AF_INET,
             _pad: 0,
         })
     };
@@ -140,8 +141,10 @@ const NEXTHDR_ROUTING: u8 = 43;
 const NEXTHDR_FRAGMENT: u8 = 44;
 const NEXTHDR_DEST: u8 = 60;
 
-/// IPv6: skips up to four extension headers to the TCP/UDP header. Later fragments are passed
-/// (counted); fragmented IPv6 datagrams are not translated yet.
+/// IPv6: skips up to four extension headers to the TCP/UDP header. A fragmented datagram is
+/// handled as IPv4's: its first fragment (offset 0, more fragments) records its ports, later
+/// fragments take them from there (or are passed, counted, when it was not seen), as
+/// kube-proxy's conntrack (which reassembles) keeps them on the datagram's flow.
 #[inline(always)]
 fn parse6(ctx: &TcContext) -> Result<Flow, Counter> {
     let l3_off = ETH_HLEN;
@@ -150,8 +153,32 @@ fn parse6(ctx: &TcContext) -> Result<Flow, Counter> {
     if vtc >> 4 != 6 {
         return Err(Counter::PassedMalformed);
     }
+    let word = |o: usize| -> Result<u32, Counter> { ctx.load::<u32>(o).map_err(m) };
+    let saddr = [
+        word(l3_off + 8)?,
+        word(l3_off + 12)?,
+        word(l3_off + 16)?,
+        word(l3_off + 20)?,
+    ];
+    let daddr = [
+        word(l3_off + 24)?,
+        word(l3_off + 28)?,
+        word(l3_off + 32)?,
+        word(l3_off + 36)?,
+    ];
+    let fkey = |id_be: u32, proto: u8| FragKey {
+        saddr,
+        daddr,
+        id_be,
+        proto,
+        family: AF_INET6,
+        _pad: 0,
+    };
     let mut next: u8 = ctx.load(l3_off + 6).map_err(m)?;
     let mut off = l3_off + 40;
+    // The identification of a first fragment, whose ports later fragments need.
+    let mut first_fragment = false;
+    let mut frag_id = 0u32;
     for _ in 0..4 {
         match next {
             NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
@@ -161,11 +188,34 @@ fn parse6(ctx: &TcContext) -> Result<Flow, Counter> {
             }
             NEXTHDR_FRAGMENT => {
                 let frag = u16::from_be(ctx.load::<u16>(off + 2).map_err(m)?);
-                if frag & 0xfff8 != 0 || frag & 1 != 0 {
-                    return Err(Counter::PassedFragmentUnknown);
-                }
                 next = ctx.load(off).map_err(m)?;
+                let id: u32 = ctx.load(off + 4).map_err(m)?;
                 off += 8;
+                if frag & 0xfff8 != 0 {
+                    // A later fragment: no L4 header, the ports come from the first fragment.
+                    if next != IPPROTO_TCP && next != IPPROTO_UDP {
+                        return Err(Counter::PassedOtherProtocol);
+                    }
+                    // SAFETY: plain-data value copied out at once.
+                    let ports = unsafe { FRAGMENTS.get(fkey(id, next)) }
+                        .ok_or(Counter::PassedFragmentUnknown)?;
+                    return Ok(Flow {
+                        saddr,
+                        daddr,
+                        family: AF_INET6,
+                        sport_be: ports.sport_be,
+                        dport_be: ports.dport_be,
+                        proto: next,
+                        l3_off,
+                        l4_off: off,
+                        has_l4: false,
+                        tcp_flags: 0,
+                    });
+                }
+                if frag & 1 != 0 {
+                    first_fragment = true;
+                    frag_id = id;
+                }
             }
             _ => break,
         }
@@ -177,20 +227,9 @@ fn parse6(ctx: &TcContext) -> Result<Flow, Counter> {
     if (ctx.len() as usize) < off + l4_min {
         return Err(Counter::PassedMalformed);
     }
-    let word = |o: usize| -> Result<u32, Counter> { ctx.load::<u32>(o).map_err(m) };
     let mut flow = Flow {
-        saddr: [
-            word(l3_off + 8)?,
-            word(l3_off + 12)?,
-            word(l3_off + 16)?,
-            word(l3_off + 20)?,
-        ],
-        daddr: [
-            word(l3_off + 24)?,
-            word(l3_off + 28)?,
-            word(l3_off + 32)?,
-            word(l3_off + 36)?,
-        ],
+        saddr,
+        daddr,
         family: AF_INET6,
         sport_be: ctx.load(off).map_err(m)?,
         dport_be: ctx.load(off + 2).map_err(m)?,
@@ -202,6 +241,14 @@ fn parse6(ctx: &TcContext) -> Result<Flow, Counter> {
     };
     if next == IPPROTO_TCP {
         flow.tcp_flags = ctx.load(off + 13).map_err(m)?;
+    }
+    if first_fragment {
+        let v = FragValue {
+            sport_be: flow.sport_be,
+            dport_be: flow.dport_be,
+        };
+        // Best effort, as for IPv4.
+        let _ = FRAGMENTS.insert(fkey(frag_id, next), v, 0);
     }
     Ok(flow)
 }

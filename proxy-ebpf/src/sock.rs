@@ -5,13 +5,13 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::bpf_sock_addr,
-    helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie},
+    helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
 use proxy_common::{
     AF_INET, AF_INET6, CT_FORWARD, CT_REVERSE, Counter, IPPROTO_TCP, IPPROTO_UDP, SCOPE_INTERNAL,
-    SockKey, SockValue,
+    SVC_NO_LOCAL, SockKey, SockValue,
 };
 
 use crate::{
@@ -19,9 +19,36 @@ use crate::{
     maps::{SOCKETS, count},
 };
 
-/// The hooks' verdicts: 1 lets the call proceed, 0 fails it with EPERM.
+/// The hooks' verdicts: 1 lets the call proceed, 0 fails it (EPERM, or the error set by
+/// `bpf_set_retval`).
 const ALLOW: i32 = 1;
 const REFUSE: i32 = 0;
+const ECONNREFUSED: i32 = 111;
+
+/// Nonzero when the kernel has `bpf_set_retval` for cgroup programs (Linux 5.18): the loader
+/// clears it on older kernels, whose verifier then never sees the call (a branch on a frozen
+/// read-only global is pruned at load time).
+#[unsafe(no_mangle)]
+static SOCK_SET_RETVAL: u8 = 1;
+
+/// A connect or send to a frontend without any endpoint: kube-proxy's REJECT answers its first
+/// packet with an ICMP port unreachable, which fails a TCP connect (and a connected UDP
+/// socket's next call) with ECONNREFUSED. The socket hook fails the call with that error
+/// directly; for an unconnected UDP send, where the ICMP would reach the socket only as a
+/// queued error (IP_RECVERR), the send itself fails with ECONNREFUSED. Before Linux 5.18 the
+/// call fails with EPERM instead.
+#[inline(always)]
+fn refuse() -> i32 {
+    // SAFETY: a read of a read-only global.
+    if unsafe { core::ptr::read_volatile(&SOCK_SET_RETVAL) } != 0 {
+        // SAFETY: a plain helper call; it only sets the error the syscall returns.
+        unsafe { bpf_set_retval(-ECONNREFUSED) };
+        count(Counter::SockRejectedNoBackend);
+    } else {
+        count(Counter::SockDroppedNoBackend);
+    }
+    REFUSE
+}
 
 #[cgroup_sock_addr(connect4)]
 pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
@@ -137,9 +164,12 @@ fn forward<const V6: bool>(ctx: &SockAddrContext) -> i32 {
         return ALLOW;
     };
     if svc.count == 0 {
-        // kube-proxy rejects connections to Services without endpoints.
-        count(Counter::SockDroppedNoBackend);
-        return REFUSE;
+        if svc.flags & SVC_NO_LOCAL != 0 {
+            // Local policy without a local endpoint: kube-proxy drops, the client times out.
+            // Left untranslated, the packets meet the tc path's drop (counted there).
+            return ALLOW;
+        }
+        return refuse();
     }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let fkey = key(cookie, vip, family, vport, CT_FORWARD);

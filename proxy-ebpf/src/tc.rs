@@ -12,6 +12,7 @@ use crate::{
     maps::{INTERFACES, count},
     nat::{Side, rewrite},
     parse::{Flow, parse},
+    reject,
 };
 
 /// Applies a translation verdict's rewrites (up to two); any failure drops the packet (a
@@ -89,6 +90,18 @@ pub fn tc_ingress(ctx: TcContext) -> i32 {
         Verdict::Drop(c) => {
             count(c);
             return TC_ACT_SHOT;
+        }
+        Verdict::Reject => {
+            return match reject::reply(ctx.skb.skb, &flow) {
+                Some(action) => {
+                    count(Counter::RejectedNoBackend);
+                    action
+                }
+                None => {
+                    count(Counter::DroppedNoBackend);
+                    TC_ACT_SHOT
+                }
+            };
         }
     };
     if !apply(ctx.skb.skb, &flow, &verdict) {

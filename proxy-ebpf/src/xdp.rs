@@ -152,8 +152,9 @@ pub fn xdp_ingress(ctx: XdpContext) -> u32 {
     };
     let verdict = decide(&flow, Some(iface));
     match verdict {
-        // Not counted here: tc counts the packet when it passes.
-        Verdict::Pass(_) => xdp_action::XDP_PASS,
+        // Not counted here: tc counts the packet when it passes. A reject is built by tc too
+        // (it has the helpers to resize the packet and checksum it).
+        Verdict::Pass(_) | Verdict::Reject => xdp_action::XDP_PASS,
         Verdict::Drop(c) => {
             count(c);
             count(Counter::XdpDropped);

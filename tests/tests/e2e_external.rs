@@ -582,3 +582,153 @@ fn ipv6_nodeport_and_clusterip_on_the_per_packet_path() {
         Ok(())
     });
 }
+
+/// IPv6 UDP datagrams larger than the path MTU leave the client pod as fragments (IPv6 only
+/// fragments at the source): tc translates the first fragment and sends the later ones to the
+/// same backend (the fragment map), which reassembles and answers.
+#[test]
+fn ipv6_fragmented_udp_datagrams_reach_a_backend_on_the_per_packet_path() {
+    with_bed(|bed| {
+        let pods = backends(bed, &[(1, "f6-1a"), (2, "f6-2a")])?;
+        let svc = Service::cluster_ip("default", "f6", "198.18.100.97")
+            .spec(
+                "ports",
+                json!([{"name": "dns", "port": 53, "targetPort": 5353, "protocol": "UDP"}]),
+            )
+            .spec("clusterIPs", json!(["198.18.100.97", "fd00:18:100::97"]))
+            .spec("ipFamilies", json!(["IPv4", "IPv6"]));
+        let mut s6 = EndpointSlice::new("default", "f6", "x6").port("dns", 5353, Proto::Udp);
+        s6.address_type = "IPv6".into();
+        for p in &pods {
+            s6 = s6.endpoint(Endpoint::ready(
+                &p.ip6.to_string(),
+                &format!("node{}", p.node),
+            ));
+        }
+        bed.write_manifest("f6-svc.yaml", &svc.to_yaml())?;
+        bed.write_manifest("f6-slice6.yaml", &s6.to_yaml())?;
+        let client = bed.add_pod(1, "client")?;
+        let agents = bed.start_agents(SYNC)?;
+        let vip6: SocketAddr = "[fd00:18:100::97]:53".parse()?;
+        // From a thread in the pod's namespace, outside its cgroup: the tc path.
+        let answered = tests::in_netns(&client.ns, || -> Result<usize> {
+            let mut n = 0;
+            for i in 0..10u8 {
+                let s = std::net::UdpSocket::bind("[::]:0")?;
+                s.set_read_timeout(Some(T))?;
+                s.send_to(&vec![b'a' + i; 4000], vip6)?;
+                let mut buf = [0u8; 512];
+                if let Ok((len, peer)) = s.recv_from(&mut buf) {
+                    ensure!(peer == vip6, "reply from {peer}, not the VIP");
+                    let text = String::from_utf8_lossy(&buf[..len]);
+                    ensure!(text.starts_with("f6-"), "reply {text:?}");
+                    n += 1;
+                }
+            }
+            Ok(n)
+        })??;
+        ensure!(
+            answered == 10,
+            "{answered} of 10 fragmented datagrams answered"
+        );
+        let c = &agents[0].status_json()?["counters"];
+        ensure!(
+            c["passed_fragment_unknown"].as_u64().unwrap_or(0) == 0,
+            "later fragments went untranslated: {c}"
+        );
+        Ok(())
+    });
+}
+
+/// The Internet checksum of a TCP segment from `src` to `dst`.
+fn tcp_csum(src: std::net::Ipv4Addr, dst: std::net::Ipv4Addr, seg: &[u8]) -> u16 {
+    let mut sum: u32 = 0;
+    let mut add = |b: &[u8]| {
+        for c in b.chunks(2) {
+            sum += u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32;
+        }
+    };
+    add(&src.octets());
+    add(&dst.octets());
+    add(&[0, 6]);
+    add(&(seg.len() as u16).to_be_bytes());
+    add(seg);
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// A SYN straight to the backend with the tuple of a live connection that tc translated (what a
+/// spoofer on the client's address sends): the backend answers it with a challenge ACK, which
+/// must still be translated back to the client's real connection. Before, the SYN made tc forget
+/// the connection's reply path: the untranslated challenge ACK drew a RST from the client's
+/// kernel, and that RST, matching the backend's sequence numbers, killed the live connection.
+#[test]
+fn a_spoofed_syn_does_not_break_a_live_translated_connection() {
+    with_bed(|bed| {
+        let server = bed.add_pod(2, "spoof-b")?;
+        bed.start_echo_streams(&server, &[8080], &[], &[9000])?;
+        let svc = Service::cluster_ip("default", "spoof", "198.18.100.96").spec(
+            "ports",
+            json!([{"name": "s", "port": 90, "targetPort": 9000, "protocol": "TCP"}]),
+        );
+        let s = EndpointSlice::new("default", "spoof", "x1")
+            .port("s", 9000, Proto::Tcp)
+            .endpoint(Endpoint::ready(&server.ip.to_string(), "node2"));
+        bed.write_manifest("spoof-svc.yaml", &svc.to_yaml())?;
+        bed.write_manifest("spoof-slice.yaml", &s.to_yaml())?;
+        let client = bed.add_pod(1, "spoof-c")?;
+        let _agents = bed.start_agents(SYNC)?;
+        let vip: SocketAddr = "198.18.100.96:90".parse()?;
+        // A thread in the pod's namespace, outside its cgroup: the tc path.
+        let mut st = tests::in_netns(&client.ns, || tests::client::EchoStream::connect(vip, T))??;
+        st.exchange("before", T)?;
+        let (IpAddr::V4(src), IpAddr::V4(dst)) = (client.ip.into(), server.ip.into()) else {
+            anyhow::bail!("IPv4 pods expected");
+        };
+        let mut seg = vec![0u8; 20];
+        seg[0..2].copy_from_slice(&st.local.port().to_be_bytes());
+        seg[2..4].copy_from_slice(&9000u16.to_be_bytes());
+        seg[4..8].copy_from_slice(&0x1234_5678u32.to_be_bytes());
+        seg[12] = 0x50;
+        seg[13] = 0x02;
+        seg[14..16].copy_from_slice(&1024u16.to_be_bytes());
+        let c = tcp_csum(src, dst, &seg);
+        seg[16..18].copy_from_slice(&c.to_be_bytes());
+        tests::in_netns(&client.ns, || -> Result<()> {
+            // SAFETY: plain socket calls on a descriptor this closure owns and closes.
+            unsafe {
+                let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_TCP);
+                ensure!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+                let to = libc::sockaddr_in {
+                    sin_family: libc::AF_INET as u16,
+                    sin_port: 0,
+                    sin_addr: libc::in_addr {
+                        s_addr: u32::from_ne_bytes(dst.octets()),
+                    },
+                    sin_zero: [0; 8],
+                };
+                let n = libc::sendto(
+                    fd,
+                    seg.as_ptr().cast(),
+                    seg.len(),
+                    0,
+                    (&to as *const libc::sockaddr_in).cast(),
+                    std::mem::size_of::<libc::sockaddr_in>() as u32,
+                );
+                let err = std::io::Error::last_os_error();
+                libc::close(fd);
+                ensure!(n == seg.len() as isize, "sendto: {err}");
+            }
+            Ok(())
+        })??;
+        // Let the challenge ACK (and, if it went untranslated, the client's RST) pass.
+        std::thread::sleep(Duration::from_millis(500));
+        for i in 0..3 {
+            st.exchange(&format!("after {i}"), T)
+                .map_err(|e| e.context("the live connection broke after a spoofed SYN"))?;
+        }
+        Ok(())
+    });
+}

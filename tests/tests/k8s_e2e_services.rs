@@ -1195,6 +1195,14 @@ fn should_respect_internal_traffic_policy_local_pod_to_pod() {
             for (proto, port) in [(Proto::Tcp, 80), (Proto::Udp, 53)] {
                 c.expect_backends("same node", &near, path, proto, addr(VIP, port), &[&server])?;
                 c.expect_down("other node", &far, path, proto, addr(VIP, port))?;
+                // Dropped ("has no local endpoints"), not rejected.
+                let out = c.requests(&far, path, proto, addr(VIP, port), 1, T)?;
+                for e in out.iter().filter_map(|o| o.as_ref().err()) {
+                    ensure!(
+                        !e.contains("refused"),
+                        "{path:?}: rejected, not dropped: {e}"
+                    );
+                }
             }
         }
         Ok(())
@@ -1225,8 +1233,17 @@ fn should_support_external_traffic_policy_local_for_type_nodeport() {
             );
         }
         let via1 = SocketAddr::new(node_ip(1).into(), 30580);
-        let t = Tally::new(&c.ext_requests(Proto::Tcp, via1, 3)?);
+        let out = c.ext_requests(Proto::Tcp, via1, 3)?;
+        let t = Tally::new(&out);
         ensure!(t.ok == 0, "node1 has no local endpoint but answered: {t}");
+        // kube-proxy drops there ("has no local endpoints"), it does not reject: the client
+        // times out.
+        for e in out.iter().filter_map(|o| o.as_ref().err()) {
+            ensure!(
+                !e.contains("refused"),
+                "node1 rejected instead of dropping: {e}"
+            );
+        }
         Ok(())
     });
 }
@@ -1560,5 +1577,192 @@ fn should_respect_internal_traffic_policy_local_pod_and_node_to_pod() {
             );
         }
         Ok(())
+    });
+}
+
+/// Fails unless every outcome is a refusal (ECONNREFUSED), none a timeout or an answer, and
+/// they came back at once (a refusal takes no retransmission; a drop would take `T` each).
+fn expect_refused(what: &str, out: &[Outcome], took: Duration) -> Result<()> {
+    ensure!(!out.is_empty(), "{what}: no outcome");
+    for o in out {
+        match o {
+            Ok(r) => anyhow::bail!("{what}: answered by {}", r.backend),
+            Err(e) => ensure!(
+                e.contains("refused") || e.contains("os error 111"),
+                "{what}: failed without ECONNREFUSED: {e}"
+            ),
+        }
+    }
+    ensure!(
+        took < T,
+        "{what}: {} refusals took {took:?} (a timeout, not a reject)",
+        out.len()
+    );
+    Ok(())
+}
+
+/// One connected UDP socket in `ns` (the calling thread's namespace, outside any cgroup: the tc
+/// path): sends a datagram to `to` and reads; the ICMP port unreachable the datapath answers
+/// with makes the read fail with ECONNREFUSED.
+fn connected_udp_error(ns: &str, to: SocketAddr) -> Result<std::io::ErrorKind> {
+    tests::in_netns(ns, || -> Result<std::io::ErrorKind> {
+        let s = std::net::UdpSocket::bind(("0.0.0.0", 0))?;
+        s.set_read_timeout(Some(Duration::from_millis(1500)))?;
+        s.connect(to)?;
+        s.send(b"hello\n")?;
+        let mut buf = [0u8; 512];
+        Ok(match s.recv(&mut buf) {
+            Ok(_) => anyhow::bail!("UDP answered"),
+            Err(e) => e.kind(),
+        })
+    })?
+}
+
+/// The upstream checks of a Service without endpoints, from `client` (socket LB and tc), and
+/// from the external client to node1's nodePort (XDP passes it to tc, which rejects).
+fn expect_rejected_everywhere(c: &Cluster, client: &Pod, vip: &str, tcp_np: u16) -> Result<()> {
+    let tcp = addr(vip, 80);
+    let udp = addr(vip, 53);
+    for path in PATHS {
+        eventually(&format!("TCP refused ({path:?})"), || {
+            let start = Instant::now();
+            let out = c.requests(client, path, Proto::Tcp, tcp, 3, T)?;
+            expect_refused(&format!("{path:?} TCP to {tcp}"), &out, start.elapsed())
+        })?;
+    }
+    // Socket LB: connect() of the UDP socket itself is refused.
+    eventually("UDP refused (SocketLb)", || {
+        let bin = tests::helper_bin("tb-client")?;
+        let out = c.bed.run_in(
+            &client.ns,
+            client.cgroup.as_deref(),
+            &bin.to_string_lossy(),
+            &[
+                "--udp-connected",
+                &udp.to_string(),
+                "--count",
+                "2",
+                "--interval-ms",
+                "0",
+                "--timeout-ms",
+                "1000",
+            ],
+            Duration::from_secs(20),
+        )?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let outs = tests::client::parse_client_output(&text)?;
+        expect_refused("SocketLb connected UDP", &outs, Duration::ZERO)
+    })?;
+    // tc: the connected socket's read fails once the ICMP arrives.
+    eventually("UDP refused (Tc)", || {
+        let kind = connected_udp_error(&client.ns, udp)?;
+        ensure!(
+            kind == std::io::ErrorKind::ConnectionRefused,
+            "connected UDP read failed with {kind:?}, not ECONNREFUSED"
+        );
+        Ok(())
+    })?;
+    // NodePort from outside the cluster.
+    let np = SocketAddr::new(node_ip(1).into(), tcp_np);
+    eventually("external nodePort refused", || {
+        let start = Instant::now();
+        let out = c.ext_requests(Proto::Tcp, np, 3)?;
+        expect_refused(&format!("external TCP to {np}"), &out, start.elapsed())
+    })?;
+    Ok(())
+}
+
+/// service.go: "should be rejected when no endpoints exist": a Service without endpoints
+/// refuses at once (kube-proxy's REJECT: an ICMP port unreachable), a TCP connect and a
+/// connected UDP socket get ECONNREFUSED, through socket LB and tc from a pod and on the
+/// nodePort from outside; not a timeout.
+#[test]
+fn should_be_rejected_when_no_endpoints_exist() {
+    for_each_source(2, |c| {
+        const VIP: &str = "198.18.102.60";
+        let client = c.bed.add_pod(1, "reject-client")?;
+        c.put(nodeport_service("no-pods", VIP, 30660, 30653).to_value())?;
+        c.start_agents(&[])?;
+        expect_rejected_everywhere(c, &client, VIP, 30660)
+    });
+}
+
+/// service.go: "should be rejected for evicted pods (no endpoints exist)": the Service had an
+/// endpoint, its pod was evicted (endpoint removed): new connections are refused as above.
+#[test]
+fn should_be_rejected_for_evicted_pods_no_endpoints_exist() {
+    for_each_source(2, |c| {
+        const VIP: &str = "198.18.102.61";
+        let (server, pid) = c.backend(2, "evicted", &[8080], &[5353])?;
+        let client = c.bed.add_pod(1, "evict-client")?;
+        c.put(nodeport_service("evicted-pods", VIP, 30661, 30654).to_value())?;
+        c.put(slice("evicted-pods", "a", &[&server], &NP_PORTS))?;
+        c.start_agents(&[])?;
+        c.expect_backends_all(
+            "before eviction",
+            &client,
+            Proto::Tcp,
+            addr(VIP, 80),
+            &[&server],
+        )?;
+        // Eviction: the kubelet kills the pod, the EndpointSlice controller empties the slice.
+        c.bed.kill(pid)?;
+        c.put(slice("evicted-pods", "a", &[], &NP_PORTS))?;
+        expect_rejected_everywhere(c, &client, VIP, 30661)
+    });
+}
+
+/// Not an upstream case by name; KEP-1669 (terminating endpoints) and kube-proxy's conntrack
+/// behaviour, which upstream's conntrack.go relies on: a connection established through the
+/// per-packet path (tc) keeps working after the Service lost its last endpoint (the pod is
+/// terminating and no longer listed, but still serves its open connections), while new
+/// connections are refused.
+#[test]
+fn established_connections_outlive_the_last_endpoint() {
+    for_each_source(2, |c| {
+        const VIP: &str = "198.18.102.62";
+        let server = c.bed.add_pod(2, "drain-server")?;
+        c.bed.start_echo_streams(&server, &[8080], &[], &[9000])?;
+        let client = c.bed.add_pod(1, "drain-client")?;
+        c.put(
+            svc("drain", VIP)
+                .port("http", 80, 8080, Proto::Tcp)
+                .port("stream", 90, 9000, Proto::Tcp)
+                .to_value(),
+        )?;
+        c.put(slice(
+            "drain",
+            "a",
+            &[&server],
+            &[("http", 8080, Proto::Tcp), ("stream", 9000, Proto::Tcp)],
+        ))?;
+        c.start_agents(&[])?;
+        c.expect_backends(
+            "before",
+            &client,
+            Path::Tc,
+            Proto::Tcp,
+            addr(VIP, 80),
+            &[&server],
+        )?;
+        let mut st = tests::in_netns(&client.ns, || {
+            tests::client::EchoStream::connect(addr(VIP, 90), T)
+        })??;
+        st.exchange("before", T)?;
+        c.put(slice(
+            "drain",
+            "a",
+            &[],
+            &[("http", 8080, Proto::Tcp), ("stream", 9000, Proto::Tcp)],
+        ))?;
+        // The agent has synced once new connections fail.
+        c.expect_down("emptied", &client, Path::Tc, Proto::Tcp, addr(VIP, 80))?;
+        for i in 0..5 {
+            st.exchange(&format!("after {i}"), T)
+                .context("the established connection broke when its Service emptied")?;
+        }
+        let start = Instant::now();
+        let out = c.requests(&client, Path::Tc, Proto::Tcp, addr(VIP, 90), 1, T)?;
+        expect_refused("a new connection", &out, start.elapsed())
     });
 }

@@ -109,6 +109,12 @@ pub fn load_enabled(
         .map_max_entries(names::SLOTS, sizes.backends)
         .map_max_entries(names::BACKENDS, sizes.backends)
         .map_max_entries(names::CONNTRACK, sizes.conntrack);
+    // bpf_set_retval (ECONNREFUSED from the socket hooks) came with Linux 5.18; before it the
+    // hooks refuse with EPERM.
+    let set_retval = aya::util::KernelVersion::current()
+        .map(|v| v >= aya::util::KernelVersion::new(5, 18, 0))
+        .unwrap_or(true) as u8;
+    loader.override_global("SOCK_SET_RETVAL", &set_retval, true);
     let mut ebpf = loader.load(OBJECT)?;
     tc_program(&mut ebpf)?
         .load()

@@ -9,8 +9,9 @@ use std::{
 
 use aya::maps::MapError;
 use proxy_common::{
-    BACKEND_LOCAL, Backend, BackendKey, BackendState, SVC_MAGLEV, SVC_NAME_LEN, SVC_SOURCE_RANGES,
-    ServiceKey, ServiceKind, ServiceValue, SlotKey, SlotValue, SourceRange, SvcName,
+    BACKEND_LOCAL, Backend, BackendKey, BackendState, SVC_MAGLEV, SVC_NAME_LEN, SVC_NO_LOCAL,
+    SVC_SOURCE_RANGES, ServiceKey, ServiceKind, ServiceValue, SlotKey, SlotValue, SourceRange,
+    SvcName,
 };
 
 use super::{
@@ -602,6 +603,9 @@ impl Writer {
         }
         if maglev {
             flags |= SVC_MAGLEV;
+        }
+        if ds.drop_without_endpoints {
+            flags |= SVC_NO_LOCAL;
         }
         let value = ServiceValue {
             svc_id,

@@ -133,6 +133,10 @@ pub struct DesiredService {
     pub kind: ServiceKind,
     /// Sorted and deduplicated.
     pub endpoints: Vec<Endpoint>,
+    /// Set for an externalTrafficPolicy / internalTrafficPolicy Local view whose Service has
+    /// endpoints, only not on this node: with no `endpoints`, new flows are dropped (kube-proxy's
+    /// "has no local endpoints" DROP) instead of rejected ("has no endpoints" REJECT).
+    pub drop_without_endpoints: bool,
     /// sessionAffinity ClientIP timeout; 0 when affinity is off.
     pub affinity_timeout_s: u32,
     /// loadBalancerSourceRanges (load-balancer frontends only): allowed client prefixes.

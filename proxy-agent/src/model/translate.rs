@@ -681,7 +681,10 @@ fn translate_service(
                     .filter(|e| e.state == EndpointState::Active)
                     .map(|e| e.addr),
             );
-            let entry = |scope, endpoints| {
+            // kube-proxy: no endpoints at all rejects; endpoints only on other nodes under a
+            // Local policy drops ("has no local endpoints").
+            let reachable = !cat.cluster.is_empty() || !cat.local.is_empty();
+            let entry = |scope, endpoints, local_policy: bool| {
                 (
                     Frontend {
                         addr,
@@ -694,6 +697,7 @@ fn translate_service(
                         name: display.clone(),
                         kind,
                         endpoints,
+                        drop_without_endpoints: local_policy && reachable,
                         affinity_timeout_s,
                         // kube-proxy applies them to the load balancer's addresses only.
                         source_ranges: if kind == ServiceKind::LoadBalancer {
@@ -720,15 +724,16 @@ fn translate_service(
                 out.push(entry(
                     Scope::Internal,
                     if local { cat.local } else { cat.cluster },
+                    local,
                 ));
             } else if etp_local {
                 // externalTrafficPolicy Local: traffic from outside only to this node's
                 // endpoints, client address kept; pods and host processes still reach every
                 // endpoint (kube-proxy's short-circuit).
-                out.push(entry(Scope::External, cat.local));
-                out.push(entry(Scope::Internal, cat.cluster));
+                out.push(entry(Scope::External, cat.local, true));
+                out.push(entry(Scope::Internal, cat.cluster, false));
             } else {
-                out.push(entry(Scope::Internal, cat.cluster));
+                out.push(entry(Scope::Internal, cat.cluster, false));
             }
         }
     }
@@ -1842,11 +1847,12 @@ endpoints:
                 ..opts()
             },
         );
-        assert!(
-            t2.state.services[&ext("198.18.0.1", 30080)]
-                .endpoints
-                .is_empty()
-        );
+        let empty = &t2.state.services[&ext("198.18.0.1", 30080)];
+        assert!(empty.endpoints.is_empty());
+        // kube-proxy: "has no local endpoints" is a DROP, not the REJECT of a Service without
+        // any endpoint; the internal view (every endpoint) is never a drop.
+        assert!(empty.drop_without_endpoints);
+        assert!(!t2.state.services[&fe("198.18.0.1", 30080, Protocol::Tcp)].drop_without_endpoints);
         assert_eq!(t2.health_checks[&32000].local_endpoints, 0);
 
         // A NodePort already taken rejects the later Service whole, naming the field.
