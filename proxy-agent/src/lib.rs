@@ -2,6 +2,8 @@
 pub mod check;
 pub mod cleanup;
 pub mod datapath;
+pub mod explain;
+pub mod flows;
 pub mod kpconfig;
 pub mod model;
 pub mod report;

@@ -172,6 +172,42 @@ enum Cmd {
         #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
         output: Output,
     },
+    /// For one 5-tuple: the frontend it hits, the hook that handles it, its conntrack entry, or
+    /// the backend a new flow would get and why (read from the pinned maps, chosen by the
+    /// datapath's own code).
+    Explain {
+        #[arg(long)]
+        src: std::net::SocketAddr,
+        #[arg(long)]
+        dst: std::net::SocketAddr,
+        #[arg(long, value_enum)]
+        proto: proxy_agent::explain::Proto,
+        #[arg(long, value_enum, default_value = "pod")]
+        from: proxy_agent::explain::Origin,
+        /// The hook to explain for (auto: the one that sees the packet first).
+        #[arg(long, value_enum, default_value = "auto")]
+        path: proxy_agent::explain::PathChoice,
+        #[arg(long, default_value = DEFAULT_BPFFS)]
+        bpffs: PathBuf,
+        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// The flows this node translates (conntrack and socket-LB entries), most recent first.
+    Flows {
+        #[arg(long, default_value = DEFAULT_BPFFS)]
+        bpffs: PathBuf,
+        /// Only the flows of this Service: `namespace/name` or `namespace/name:port`.
+        #[arg(long)]
+        service: Option<String>,
+        /// Only the flows to this backend address.
+        #[arg(long)]
+        backend: Option<std::net::IpAddr>,
+        /// Show at most this many flows (0: all).
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+        output: Output,
+    },
     /// Detach every program and remove every pin the agent made.
     Cleanup {
         #[arg(long, default_value = DEFAULT_BPFFS)]
@@ -462,6 +498,55 @@ fn main() -> anyhow::Result<()> {
             }
             if !c.errors.is_empty() {
                 std::process::exit(1);
+            }
+            Ok(())
+        }
+        Cmd::Explain {
+            src,
+            dst,
+            proto,
+            from,
+            path,
+            bpffs,
+            output,
+        } => {
+            anyhow::ensure!(
+                src.is_ipv4() == dst.is_ipv4(),
+                "--src {src} and --dst {dst} are of different address families"
+            );
+            let e = proxy_agent::explain::Explainer::open(&bpffs)?.explain(
+                &proxy_agent::explain::Query {
+                    src,
+                    dst,
+                    protocol: proto.protocol(),
+                    from,
+                    path,
+                },
+            );
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&e)?),
+                Output::Table => proxy_agent::explain::print_table(&e),
+            }
+            Ok(())
+        }
+        Cmd::Flows {
+            bpffs,
+            service,
+            backend,
+            limit,
+            output,
+        } => {
+            let f = proxy_agent::flows::collect(
+                &bpffs,
+                &proxy_agent::flows::Filter {
+                    service,
+                    backend,
+                    limit,
+                },
+            )?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&f)?),
+                Output::Table => proxy_agent::flows::print_table(&f),
             }
             Ok(())
         }

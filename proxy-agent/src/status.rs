@@ -5,7 +5,7 @@ use serde::Serialize;
 
 use crate::datapath::{
     loader::{Attachment, attachments},
-    maps::{MapUsage, Maps, read_counters, usage},
+    maps::{MapUsage, open_for_cli, read_counters, usage},
     writer::{Programmed, kind_str},
 };
 
@@ -53,12 +53,7 @@ pub struct Status {
 }
 
 pub fn collect(bpffs: &Path) -> anyhow::Result<Status> {
-    let maps = Maps::open(bpffs).map_err(|e| {
-        anyhow::anyhow!(
-            "{e} (is the agent running with --bpffs {}?)",
-            bpffs.display()
-        )
-    })?;
+    let maps = open_for_cli(bpffs)?;
     let p = Programmed::read(&maps)?;
     let services = p
         .services

@@ -1812,3 +1812,79 @@ fn fin_and_rst_mark_both_conntrack_entries_closing_and_a_new_syn_clears_them() {
         evict(&mut ct, false);
     }
 }
+
+const EXPLAIN_VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 14);
+
+/// `proxy-agent explain` names the backend the tc program then picks, for 10,000 new flows, and
+/// the same backend once they are established: over a random frontend, a Maglev one and one
+/// with sessionAffinity ClientIP (100 clients, so most flows find a remembered backend).
+#[test]
+fn explain_names_the_backend_the_datapath_picks_for_10000_tuples() {
+    use proxy_agent::explain::{Explainer, Origin, PathChoice, Query};
+    let mut b = bed();
+    let eps = |third: u8, n: u8, port: u16| -> Vec<Endpoint> {
+        (2..2 + n)
+            .map(|i| ep(Ipv4Addr::new(198, 19, third, i), port))
+            .collect()
+    };
+    let mut d = desired(&[
+        (fe(EXPLAIN_VIP, 80, Protocol::Tcp), eps(6, 5, 8080)),
+        (fe(EXPLAIN_VIP, 53, Protocol::Udp), eps(7, 7, 5353)),
+        (fe(EXPLAIN_VIP, 443, Protocol::Tcp), eps(8, 4, 8443)),
+    ]);
+    for (f, s) in d.services.iter_mut() {
+        match f.port {
+            53 => s.algorithm = LbAlgorithm::Maglev,
+            443 => s.affinity_timeout_s = 600,
+            _ => {}
+        }
+    }
+    let report = b.writer.sync(&d);
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    let x = Explainer::open(&b.bpffs).unwrap();
+    let mut kept_by_affinity = 0;
+    let mut maglev = 0;
+    for (i, (client, sport)) in client_tuples().into_iter().enumerate() {
+        let (port, protocol, proto) = match i % 3 {
+            0 => (80, Protocol::Tcp, pkt::TCP),
+            1 => (53, Protocol::Udp, pkt::UDP),
+            _ => (443, Protocol::Tcp, pkt::TCP),
+        };
+        let q = Query {
+            src: (client, sport).into(),
+            dst: (EXPLAIN_VIP, port).into(),
+            protocol,
+            from: Origin::Pod,
+            path: PathChoice::Tc,
+        };
+        let new = x.explain(&q);
+        assert_eq!((new.outcome, new.path), ("new", "tc"), "{q:?}: {new:#?}");
+        let want = new.backend.clone().expect("a backend");
+        kept_by_affinity += new.steps.iter().any(|s| s.contains(": kept")) as usize;
+        maglev += new.steps.iter().any(|s| s.starts_with("Maglev")) as usize;
+        let frame = pkt::Ip::new(client, EXPLAIN_VIP, proto).frame(&pkt::l4(
+            proto,
+            client,
+            EXPLAIN_VIP,
+            sport,
+            port,
+            b"x",
+        ));
+        let (rc, out) = b.run(&frame);
+        assert_eq!(rc, TC_ACT_OK);
+        let seen = pkt::parse(&out);
+        assert_eq!(
+            (IpAddr::V4(seen.dst), seen.dport),
+            (want.address, want.port),
+            "{q:?}: explain said {:#?}",
+            new.steps
+        );
+        let est = x.explain(&q);
+        assert_eq!(est.outcome, "established", "{q:?}: {est:#?}");
+        assert_eq!(est.backend, Some(want));
+        assert_eq!(est.conntrack.map(|c| c.admitted_by), Some("tc"));
+    }
+    // 3,333 flows to the affinity frontend from 100 clients: all but each client's first.
+    assert_eq!(kept_by_affinity, 3_333 - 100);
+    assert_eq!(maglev, 3_333);
+}

@@ -6,6 +6,8 @@
 //! fills all four. Ports are network byte order (`*_be` fields).
 #![no_std]
 
+pub mod choice;
+
 /// The nightly toolchain used to build `proxy-ebpf` (kept in one place; `cargo xtask setup`
 /// installs it and bpf-linker is built against its LLVM).
 pub const EBPF_TOOLCHAIN: &str = "nightly-2026-05-20";
@@ -282,6 +284,9 @@ pub const CT_UNCOUNTED: u16 = 2;
 /// conntrack collector removes the entry (and frees its SNAT port) after a short idle time
 /// instead of the established one. A new SYN on the tuple clears it.
 pub const CT_CLOSING: u16 = 4;
+/// The flow was admitted (its entries created) by the XDP program; without it, by tc. For
+/// `proxy-agent flows`.
+pub const CT_XDP: u16 = 8;
 
 /// An interface the agent marked as external (node-facing), keyed by ifindex: traffic entering
 /// it may be SNATed to `addr4` when its backend runs on another node. Key 0 (no interface has

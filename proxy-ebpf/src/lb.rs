@@ -3,15 +3,16 @@ use aya_ebpf::helpers::bpf_ktime_get_ns;
 use proxy_common::{
     AF_INET, AffinityKey, AffinityValue, BACKEND_LOCAL, BackendKey, CT_CLOSING, CT_FORWARD,
     CT_REVERSE, CT_SNAT, CT_UNCOUNTED, Counter, CtKey, CtValue, IPPROTO_TCP, IfaceConfig,
-    MAGLEV_HEADER, MAGLEV_SIZE, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_MAGLEV, SVC_NO_LOCAL,
-    SVC_SOURCE_RANGES, ServiceKey, ServiceValue, SlotKey,
+    SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_NO_LOCAL, SVC_SOURCE_RANGES, ServiceKey, ServiceValue,
+    SlotKey,
+    choice::{self, LbMaps, MaglevEntries, backend_for},
     limits::{SNAT_PORT_COUNT, SNAT_PORT_MIN},
 };
 
 use crate::{
     maps::{
-        AFFINITY, BACKENDS, CONNTRACK, CT_SCRATCH, INTERFACES, MAGLEV, SERVICES, SLOTS,
-        source_allowed,
+        AFFINITY, BACKENDS, CONNTRACK, CT_SCRATCH, INTERFACES, MAGLEV, MaglevTable, SERVICES,
+        SLOTS, source_allowed,
     },
     parse::{Flow, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
@@ -163,24 +164,42 @@ pub fn lookup_service(addr: [u32; 4], port_be: u16, proto: u8, scope: u8) -> Opt
     unsafe { SERVICES.get(key) }.copied()
 }
 
+/// The kernel's view of the maps a backend choice reads.
+struct KernelMaps;
+
+/// A Maglev table in `maglev_v1`. Inner arrays are only replaced whole, never written in place.
+struct KernelTable(&'static MaglevTable);
+
+impl MaglevEntries for KernelTable {
+    #[inline(always)]
+    fn entry(&self, index: u32) -> Option<u32> {
+        Some(self.0.get(index / 2)?[(index & 1) as usize])
+    }
+}
+
+impl LbMaps for KernelMaps {
+    type Table = KernelTable;
+    #[inline(always)]
+    fn maglev(&self, svc_id: u32) -> Option<KernelTable> {
+        // SAFETY: the outer value is a map pointer the kernel keeps alive for this program run.
+        unsafe { MAGLEV.get(&svc_id) }.map(KernelTable)
+    }
+    #[inline(always)]
+    fn slot(&self, svc_id: u32, slot: u32) -> Option<u32> {
+        // SAFETY: plain-data value copied out at once.
+        unsafe { SLOTS.get(SlotKey { svc_id, slot }) }.map(|v| v.backend_id)
+    }
+}
+
 /// Choice among the frontend's backends by `pick`: random for sockets (kube-proxy's random
-/// balancing), a hash of the flow's tuple on the per-packet path. A Maglev frontend takes the
-/// backend of table slot `pick % M` (so a backend change moves few flows, and the same tuple
-/// finds the same backend on every node); any other, or one whose table is missing, slot
-/// `pick % count`.
+/// balancing), a hash of the flow's tuple on the per-packet path; the rule itself is
+/// `proxy_common::choice::backend_for`, shared with `proxy-agent explain`.
 #[inline(always)]
 pub fn select_backend(svc: &ServiceValue, pick: u32) -> Option<Chosen> {
-    let backend_id = match maglev_backend(svc, pick) {
-        Some(id) => id,
-        None => {
-            // `checked_rem`: no panic path for the verifier to reject, even where the compiler
-            // cannot see the caller's check for zero.
-            let slot = pick.checked_rem(svc.count)?;
-            let svc_id = svc.svc_id;
-            // SAFETY: plain-data value copied out at once.
-            unsafe { SLOTS.get(SlotKey { svc_id, slot }) }?.backend_id
-        }
-    };
+    // A copy: a pointer into `svc` handed to a helper would make the compiler assume `svc`
+    // changed.
+    let svc = *svc;
+    let (backend_id, _) = backend_for(&KernelMaps, &svc, pick)?;
     // SAFETY: plain-data value copied out at once.
     let b = unsafe { BACKENDS.get(BackendKey { backend_id }) }?;
     Some(Chosen {
@@ -189,24 +208,6 @@ pub fn select_backend(svc: &ServiceValue, pick: u32) -> Option<Chosen> {
         port_be: b.port_be,
         local: b.flags & BACKEND_LOCAL != 0,
     })
-}
-
-/// The backend id in the frontend's Maglev table for `pick`, if it has one. The table says its
-/// own size, so a table swapped for one of another size is read consistently.
-#[inline(always)]
-fn maglev_backend(svc: &ServiceValue, pick: u32) -> Option<u32> {
-    if svc.flags & SVC_MAGLEV == 0 {
-        return None;
-    }
-    // A copy of the key: a pointer into `svc` handed to the helper would make the compiler
-    // assume `svc` changed.
-    let svc_id = svc.svc_id;
-    // SAFETY: the outer value is a map pointer the kernel keeps alive for this program run;
-    // inner arrays are only replaced whole, never written in place.
-    let table = unsafe { MAGLEV.get(&svc_id) }?;
-    let size = table.get(MAGLEV_SIZE / 2)?[(MAGLEV_SIZE & 1) as usize];
-    let entry = MAGLEV_HEADER + pick.checked_rem(size)?;
-    Some(table.get(entry / 2)?[(entry & 1) as usize])
 }
 
 /// The client a sessionAffinity entry is for.
@@ -238,7 +239,7 @@ pub fn choose(svc: &ServiceValue, client: Client, pick: u32) -> Option<Chosen> {
     let now = unsafe { bpf_ktime_get_ns() };
     // SAFETY: plain-data value copied out at once.
     if let Some(a) = unsafe { AFFINITY.get(key) }.copied()
-        && now.wrapping_sub(a.last_used_ns) <= svc.affinity_timeout_s as u64 * 1_000_000_000
+        && choice::affinity_live(now, a.last_used_ns, svc.affinity_timeout_s)
         && let Some(b) = unsafe {
             BACKENDS.get(BackendKey {
                 backend_id: a.backend_id,
@@ -285,9 +286,10 @@ pub fn backend_valid(backend_id: u32, addr: [u32; 4], port_be: u16) -> bool {
 }
 
 /// `iface` is set when the packet entered an external (node-facing) interface: it then sees
-/// the external view of a frontend first, and may be SNATed.
+/// the external view of a frontend first, and may be SNATed. `origin` goes into the flags of the entries a new flow creates: `CT_XDP` from XDP, 0 from
+/// tc.
 #[inline(always)]
-pub fn decide(flow: &Flow, iface: Option<IfaceConfig>) -> Verdict {
+pub fn decide(flow: &Flow, iface: Option<IfaceConfig>, origin: u16) -> Verdict {
     let internal = || lookup_service(flow.daddr, flow.dport_be, flow.proto, SCOPE_INTERNAL);
     let svc = match iface {
         Some(_) => {
@@ -296,42 +298,21 @@ pub fn decide(flow: &Flow, iface: Option<IfaceConfig>) -> Verdict {
         None => internal(),
     };
     match svc {
-        Some(svc) => forward(flow, &svc, iface),
+        Some(svc) => forward(flow, &svc, iface, origin),
         None => reverse(flow),
     }
 }
 
-/// MurmurHash3 (x86_32) of the flow's 5-tuple. The per-packet path chooses backends by it
-/// rather than at random: the choice is as even over many flows, and a flow whose conntrack
-/// entries were evicted (LRU pressure) finds the same backend again, as long as the Service's
-/// backends did not change, and carries on (Katran does the same with Maglev). The seed is
-/// fixed so that this holds across agent restarts and upgrades.
+/// The per-packet path's pick: `proxy_common::choice::flow_hash` of the flow's 5-tuple.
 #[inline(always)]
 fn flow_hash(flow: &Flow) -> u32 {
-    #[inline(always)]
-    fn mix(h: u32, k: u32) -> u32 {
-        let k = k
-            .wrapping_mul(0xcc9e_2d51)
-            .rotate_left(15)
-            .wrapping_mul(0x1b87_3593);
-        (h ^ k)
-            .rotate_left(13)
-            .wrapping_mul(5)
-            .wrapping_add(0xe654_6b64)
-    }
-    let mut h = 0x5eed_1e55;
-    for i in 0..4 {
-        h = mix(h, flow.saddr[i]);
-        h = mix(h, flow.daddr[i]);
-    }
-    h = mix(h, ((flow.sport_be as u32) << 16) | flow.dport_be as u32);
-    h = mix(h, flow.proto as u32);
-    h ^= 37;
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x85eb_ca6b);
-    h ^= h >> 13;
-    h = h.wrapping_mul(0xc2b2_ae35);
-    h ^ (h >> 16)
+    choice::flow_hash(
+        &flow.saddr,
+        &flow.daddr,
+        flow.sport_be,
+        flow.dport_be,
+        flow.proto,
+    )
 }
 
 /// A free source port on this node's address towards the backend, from the SNAT range.
@@ -364,7 +345,7 @@ fn snat_port(
 // the stack, which is what the scratch map is for.
 #[allow(clippy::needless_borrows_for_generic_args)]
 #[inline(never)]
-fn forward(flow: &Flow, svc: &ServiceValue, iface: Option<IfaceConfig>) -> Verdict {
+fn forward(flow: &Flow, svc: &ServiceValue, iface: Option<IfaceConfig>, origin: u16) -> Verdict {
     let svc_id = svc.svc_id;
     let now = unsafe { bpf_ktime_get_ns() };
     let Some(scratch) = CT_SCRATCH.get_ptr_mut(0) else {
@@ -513,9 +494,9 @@ fn forward(flow: &Flow, svc: &ServiceValue, iface: Option<IfaceConfig>) -> Verdi
         None => Nat::when(false, [0; 4], 0),
     };
     let (flags, src, sport) = if snat.on {
-        (CT_SNAT, snat.addr, snat.port_be)
+        (CT_SNAT | origin, snat.addr, snat.port_be)
     } else {
-        (0, flow.saddr, flow.sport_be)
+        (origin, flow.saddr, flow.sport_be)
     };
     s.fval = CtValue {
         nat_addr: baddr,

@@ -74,7 +74,7 @@ pub fn tc_ingress(ctx: TcContext) -> i32 {
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     // SAFETY: plain-data value copied out at once.
     let iface = unsafe { INTERFACES.get(ifindex) }.copied();
-    let verdict = decide(&flow, iface);
+    let verdict = decide(&flow, iface, 0);
     let counter = match verdict {
         Verdict::Dnat { snat, counter, .. } => {
             if snat.on && matches!(counter, Counter::TranslatedNew | Counter::Reselected) {

@@ -11,7 +11,7 @@ use aya_ebpf::{
     macros::xdp,
     programs::XdpContext,
 };
-use proxy_common::{AF_INET, AF_INET6, CT_UNCOUNTED, Counter, IPPROTO_TCP, IPPROTO_UDP};
+use proxy_common::{AF_INET, AF_INET6, CT_UNCOUNTED, CT_XDP, Counter, IPPROTO_TCP, IPPROTO_UDP};
 
 use crate::{
     lb::{Nat, Verdict, decide},
@@ -150,7 +150,7 @@ pub fn xdp_ingress(ctx: XdpContext) -> u32 {
     let Some(iface) = (unsafe { INTERFACES.get(ifindex) }).copied() else {
         return xdp_action::XDP_PASS;
     };
-    let verdict = decide(&flow, Some(iface));
+    let verdict = decide(&flow, Some(iface), CT_XDP);
     match verdict {
         // Not counted here: tc counts the packet when it passes. A reject is built by tc too
         // (it has the helpers to resize the packet and checksum it).

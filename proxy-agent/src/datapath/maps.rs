@@ -81,6 +81,26 @@ impl Maps {
     }
 }
 
+/// The maps for a CLI command, with a hint when the agent is not there.
+pub fn open_for_cli(bpffs: &Path) -> anyhow::Result<Maps> {
+    Maps::open(bpffs).map_err(|e| {
+        anyhow::anyhow!(
+            "{e} (is the agent running with --bpffs {}?)",
+            bpffs.display()
+        )
+    })
+}
+
+/// An LRU hash map (conntrack, sockets, affinity) opened from its pin.
+pub fn lru<K: aya::Pod, V: aya::Pod>(
+    bpffs: &Path,
+    name: &'static str,
+) -> Result<HashMap<MapData, K, V>, DatapathError> {
+    let err = |source| DatapathError::Map { name, source };
+    let data = MapData::from_pin(pin_path(bpffs, name)).map_err(err)?;
+    HashMap::try_from(Map::LruHashMap(data)).map_err(err)
+}
+
 /// Sum of each per-CPU counter, in `COUNTER_NAMES` order.
 pub fn read_counters(bpffs: &Path) -> Result<Vec<(&'static str, u64)>, DatapathError> {
     let name = names::COUNTERS;
