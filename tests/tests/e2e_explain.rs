@@ -275,7 +275,8 @@ fn explain_predicts_the_backend_of_real_connections_and_flows_lists_them() {
                     .is_some_and(|b| b.starts_with(&format!("{one}:"))))),
             "{only:#}"
         );
-        let table = node1.cli(&["flows", "--bpffs", &bpffs])?;
+        let table = node1.cli(&["flows", "--bpffs", &bpffs, "--limit", "6"])?;
+        eprintln!("{table}");
         ensure!(
             table.starts_with("CLIENT") && table.contains("default/ex:"),
             "{table}"
@@ -293,8 +294,29 @@ fn explain_predicts_the_backend_of_real_connections_and_flows_lists_them() {
             "--from",
             "external",
         ])?;
+        eprintln!("{table}");
         ensure!(
             table.contains("OUTCOME   established") && table.contains("WHY"),
+            "{table}"
+        );
+        let dst = format!("{}:{NP_TCP}", node_ip(1));
+        let fresh = [
+            "explain",
+            "--bpffs",
+            &bpffs,
+            "--src",
+            "198.18.0.100:21999",
+            "--dst",
+            &dst,
+            "--proto",
+            "tcp",
+            "--from",
+            "external",
+        ];
+        let table = node1.cli(&fresh)?;
+        eprintln!("{table}");
+        ensure!(
+            table.contains("OUTCOME   new") && table.contains("Maglev: flow hash"),
             "{table}"
         );
         Ok(())
