@@ -1,11 +1,12 @@
 //! `proxy-agent status`: what the pinned maps hold, as a table or one JSON document.
-use std::path::Path;
+use std::{collections::BTreeMap, path::Path};
 
+use proxy_common::SVC_COUNTER_NAMES;
 use serde::Serialize;
 
 use crate::datapath::{
     loader::{Attachment, attachments},
-    maps::{MapUsage, open_for_cli, read_counters, usage},
+    maps::{MapUsage, open_for_cli, read_counters, read_svc_stats, usage},
     writer::{Programmed, kind_str},
 };
 
@@ -32,6 +33,12 @@ pub struct ServiceStatus {
     /// Slots of the frontend's programmed Maglev table (null without one: not Maglev, no
     /// backends, or not built yet, in which case the choice falls back to random).
     pub maglev_table_size: Option<u32>,
+    /// The datapath's counters of this frontend (`proxy_common::SVC_COUNTER_NAMES`), all hooks
+    /// together; zero until its first packet.
+    pub counters: BTreeMap<&'static str, u64>,
+    /// The attached hooks that look this frontend up: "socket-lb" (internal view only: pods
+    /// and host processes), "tc", "xdp".
+    pub paths: Vec<&'static str>,
 }
 
 #[derive(Serialize)]
@@ -55,6 +62,10 @@ pub struct Status {
 pub fn collect(bpffs: &Path) -> anyhow::Result<Status> {
     let maps = open_for_cli(bpffs)?;
     let p = Programmed::read(&maps)?;
+    let stats = read_svc_stats(bpffs)?;
+    let hooks = attachments(bpffs);
+    let sock = hooks.iter().any(|a| a.interface == "cgroup");
+    let xdp = hooks.iter().any(|a| a.mode.starts_with("xdp"));
     let services = p
         .services
         .iter()
@@ -67,6 +78,21 @@ pub fn collect(bpffs: &Path) -> anyhow::Result<Status> {
             svc_id: s.svc_id,
             algorithm: s.algorithm().as_str(),
             maglev_table_size: p.tables.get(&s.svc_id).map(|t| t.size),
+            counters: {
+                let c = stats.get(&s.svc_id).copied().unwrap_or_default();
+                SVC_COUNTER_NAMES.iter().copied().zip(c.counts).collect()
+            },
+            paths: [
+                (
+                    sock && fe.scope == crate::model::Scope::Internal,
+                    "socket-lb",
+                ),
+                (true, "tc"),
+                (xdp, "xdp"),
+            ]
+            .into_iter()
+            .filter_map(|(on, p)| on.then_some(p))
+            .collect(),
             backends: s
                 .slots
                 .iter()
@@ -110,7 +136,7 @@ pub fn collect(bpffs: &Path) -> anyhow::Result<Status> {
         services,
         maps,
         counters,
-        attachments: attachments(bpffs),
+        attachments: hooks,
         sync: crate::report::read(bpffs),
     })
 }
@@ -118,8 +144,8 @@ pub fn collect(bpffs: &Path) -> anyhow::Result<Status> {
 pub fn print_table(s: &Status) {
     println!("SERVICES ({})", s.services.len());
     println!(
-        "  {:<32} {:<10} {:<28} {:<7} BACKENDS",
-        "NAME", "TYPE", "FRONTEND", "LB"
+        "  {:<32} {:<10} {:<28} {:<7} {:>9} {:>7} {:>7} {:<18} BACKENDS",
+        "NAME", "TYPE", "FRONTEND", "LB", "PACKETS", "NEW", "DROPPED", "PATHS"
     );
     for svc in &s.services {
         let fe = format!("{}:{}/{}", svc.vip, svc.port, svc.protocol);
@@ -139,9 +165,22 @@ pub fn print_table(s: &Status) {
         } else {
             backends.join(", ")
         };
+        let c = |k: &str| svc.counters.get(k).copied().unwrap_or(0);
+        let dropped = c("rejected")
+            + c("dropped_no_local_backend")
+            + c("dropped_source_range")
+            + c("dropped_other");
         println!(
-            "  {:<32} {:<10} {:<28} {:<7} {}",
-            svc.name, svc.kind, fe, svc.algorithm, backends
+            "  {:<32} {:<10} {:<28} {:<7} {:>9} {:>7} {:>7} {:<18} {}",
+            svc.name,
+            svc.kind,
+            fe,
+            svc.algorithm,
+            c("packets") + c("replies"),
+            c("new_flows"),
+            dropped,
+            svc.paths.join(","),
+            backends
         );
     }
     if let Some(r) = &s.sync {

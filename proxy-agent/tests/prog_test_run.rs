@@ -1888,3 +1888,64 @@ fn explain_names_the_backend_the_datapath_picks_for_10000_tuples() {
     assert_eq!(kept_by_affinity, 3_333 - 100);
     assert_eq!(maglev, 3_333);
 }
+
+/// The per-Service counters `status` shows: packets, replies and new flows of the frontend that
+/// handled them, rejects of the one without endpoints, drops of one outside its source ranges;
+/// nothing for a packet that is no Service's.
+#[test]
+fn per_service_counters_count_each_frontends_packets_flows_and_drops() {
+    let mut b = bed();
+    let stats = |b: &Bed, vip: Ipv4Addr, port: u16| {
+        let p =
+            proxy_agent::datapath::writer::Programmed::read(&maps::Maps::open(&b.bpffs).unwrap())
+                .unwrap();
+        let id = p.services[&fe(vip, port, Protocol::Tcp)].svc_id;
+        let s = maps::read_svc_stats(&b.bpffs).unwrap();
+        let c = s.get(&id).copied().unwrap_or_default().counts;
+        proxy_common::SVC_COUNTER_NAMES
+            .iter()
+            .copied()
+            .zip(c)
+            .filter(|(_, v)| *v != 0)
+            .collect::<BTreeMap<_, _>>()
+    };
+    assert!(stats(&b, VIP, 80).is_empty());
+    let mut backend = CLIENT;
+    for port in 42000..42003 {
+        for _ in 0..4 {
+            let (rc, out) = b.run(&tcp_syn(port));
+            assert_eq!(rc, TC_ACT_OK);
+            backend = pkt::parse(&out).dst;
+        }
+    }
+    let reply = pkt::Ip::new(backend, CLIENT, pkt::TCP).frame(&pkt::l4(
+        pkt::TCP,
+        backend,
+        CLIENT,
+        8080,
+        42002,
+        b"hi",
+    ));
+    assert_eq!(b.run(&reply).0, TC_ACT_OK);
+    assert_eq!(
+        stats(&b, VIP, 80),
+        BTreeMap::from([("new_flows", 3), ("packets", 12), ("replies", 1)])
+    );
+    let empty = pkt::Ip::new(CLIENT, EMPTY_VIP, pkt::TCP).frame(&pkt::l4(
+        pkt::TCP,
+        CLIENT,
+        EMPTY_VIP,
+        43000,
+        80,
+        b"",
+    ));
+    b.run(&empty);
+    b.run(&empty);
+    assert_eq!(stats(&b, EMPTY_VIP, 80), BTreeMap::from([("rejected", 2)]));
+    // Not a frontend: no Service counts it.
+    let other =
+        pkt::Ip::new(CLIENT, B1, pkt::TCP).frame(&pkt::l4(pkt::TCP, CLIENT, B1, 43001, 80, b""));
+    b.run(&other);
+    assert_eq!(stats(&b, VIP, 80)["packets"], 12);
+    assert_eq!(maps::read_svc_stats(&b.bpffs).unwrap().len(), 2);
+}

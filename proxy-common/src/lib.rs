@@ -27,8 +27,9 @@ pub mod names {
     pub const AFFINITY: &str = "affinity_v1";
     pub const SOURCE_RANGES: &str = "srcranges_v1";
     pub const MAGLEV: &str = "maglev_v1";
+    pub const SVC_STATS: &str = "svc_stats_v1";
     /// Every map the agent pins, in the order `status` reports them.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 13] = [
         SERVICES,
         SLOTS,
         BACKENDS,
@@ -41,6 +42,7 @@ pub mod names {
         AFFINITY,
         SOURCE_RANGES,
         MAGLEV,
+        SVC_STATS,
     ];
 }
 
@@ -77,6 +79,8 @@ pub mod limits {
     pub const INTERFACES: u32 = 256;
     pub const AFFINITY: u32 = 131_072;
     pub const SOURCE_RANGES: u32 = 16_384;
+    /// Per-Service counters (an LRU: the Services without traffic for the longest give way).
+    pub const SVC_STATS: u32 = 16_384;
     /// Source ports used when SNATing external traffic to a backend on another node: above the
     /// kernel's default ephemeral range (32768-60999) and the NodePort range.
     pub const SNAT_PORT_MIN: u16 = 61_000;
@@ -451,6 +455,56 @@ pub enum Counter {
 
 pub const COUNTER_COUNT: u32 = 27;
 
+/// Per-frontend counters, per CPU, in `svc_stats_v1` keyed by service id: what `status` shows
+/// per Service. Created by the datapath on a frontend's first counted event.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SvcStats {
+    pub counts: [u64; SVC_COUNTER_COUNT],
+}
+
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SvcCounter {
+    /// Packets translated towards a backend (tc and XDP; established flows included).
+    Packets = 0,
+    /// Replies translated back to the frontend.
+    Replies = 1,
+    /// New flows (tc and XDP) and sockets connected or datagrams sent (socket LB).
+    NewFlows = 2,
+    /// New flows rejected for want of an endpoint (ICMP port unreachable, ECONNREFUSED).
+    Rejected = 3,
+    /// Dropped: a Local policy without a local endpoint.
+    DroppedNoLocal = 4,
+    /// Dropped: client outside loadBalancerSourceRanges.
+    DroppedSourceRange = 5,
+    /// Dropped for resources: conntrack insert, SNAT ports, a rewrite, a backend mid-update.
+    DroppedOther = 6,
+}
+
+pub const SVC_COUNTER_COUNT: usize = 7;
+
+pub const SVC_COUNTER_NAMES: [&str; SVC_COUNTER_COUNT] = [
+    "packets",
+    "replies",
+    "new_flows",
+    "rejected",
+    "dropped_no_local_backend",
+    "dropped_source_range",
+    "dropped_other",
+];
+
+impl SvcCounter {
+    /// The per-Service counter a global drop reason adds to.
+    pub fn of_drop(c: Counter) -> SvcCounter {
+        match c {
+            Counter::DroppedNoLocalBackend => SvcCounter::DroppedNoLocal,
+            Counter::DroppedSourceRange => SvcCounter::DroppedSourceRange,
+            _ => SvcCounter::DroppedOther,
+        }
+    }
+}
+
 pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
     "translated_new",
     "translated_established",
@@ -501,6 +555,7 @@ mod user {
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for SourceRange {}
+    unsafe impl aya::Pod for SvcStats {}
 }
 
 // Layout checks: both sides compile these, so a size change fails the build, not the kernel.

@@ -26,6 +26,7 @@ pub enum Verdict {
         port_be: u16,
         snat: Nat,
         counter: Counter,
+        svc_id: u32,
     },
     /// Rewrite the source back to the frontend the client dialled (and the destination back to
     /// the client, `unsnat`, when the flow was SNATed).
@@ -33,12 +34,15 @@ pub enum Verdict {
         addr: [u32; 4],
         port_be: u16,
         unsnat: Nat,
+        svc_id: u32,
     },
     Pass(Counter),
-    Drop(Counter),
+    /// Dropped for this reason; the frontend's service id, or 0.
+    Drop(Counter, u32),
     /// A new flow to a frontend without any endpoint: answer it with an ICMP port unreachable
-    /// (kube-proxy's REJECT, `--reject-with icmp-port-unreachable` for TCP and UDP alike).
-    Reject,
+    /// (kube-proxy's REJECT, `--reject-with icmp-port-unreachable` for TCP and UDP alike); the
+    /// frontend's service id.
+    Reject(u32),
 }
 
 /// A second address rewrite, or none. Not an `Option`: copying a `None` copies its
@@ -349,7 +353,7 @@ fn forward(flow: &Flow, svc: &ServiceValue, iface: Option<IfaceConfig>, origin: 
     let svc_id = svc.svc_id;
     let now = unsafe { bpf_ktime_get_ns() };
     let Some(scratch) = CT_SCRATCH.get_ptr_mut(0) else {
-        return Verdict::Drop(Counter::DroppedConntrackFull);
+        return Verdict::Drop(Counter::DroppedConntrackFull, svc_id);
     };
     // SAFETY: this CPU's scratch entry, used by this program run only.
     let s = unsafe { &mut *scratch };
@@ -434,6 +438,7 @@ fn forward(flow: &Flow, svc: &ServiceValue, iface: Option<IfaceConfig>, origin: 
                 } else {
                     Counter::TranslatedDraining
                 },
+                svc_id,
             };
         }
         reselected = true;
@@ -444,13 +449,13 @@ fn forward(flow: &Flow, svc: &ServiceValue, iface: Option<IfaceConfig>, origin: 
     // the source ranges, as kube-proxy's nat-table rules only ever see a connection's first
     // packet.
     if svc.flags & SVC_SOURCE_RANGES != 0 && !source_allowed(svc_id, flow.saddr) {
-        return Verdict::Drop(Counter::DroppedSourceRange);
+        return Verdict::Drop(Counter::DroppedSourceRange, svc_id);
     }
     if svc.count == 0 {
         return if svc.flags & SVC_NO_LOCAL != 0 {
-            Verdict::Drop(Counter::DroppedNoLocalBackend)
+            Verdict::Drop(Counter::DroppedNoLocalBackend, svc_id)
         } else {
-            Verdict::Reject
+            Verdict::Reject(svc_id)
         };
     }
     let pick = flow_hash(flow);
@@ -461,7 +466,7 @@ fn forward(flow: &Flow, svc: &ServiceValue, iface: Option<IfaceConfig>, origin: 
         local,
     }) = choose(svc, Client::Addr(flow.saddr), pick)
     else {
-        return Verdict::Drop(Counter::DroppedBackendMissing);
+        return Verdict::Drop(Counter::DroppedBackendMissing, svc_id);
     };
     // Traffic from outside the node to a backend on another node is SNATed to this node, so
     // the replies come back through it (kube-proxy masquerades it too). Local backends reply
@@ -489,7 +494,7 @@ fn forward(flow: &Flow, svc: &ServiceValue, iface: Option<IfaceConfig>, origin: 
             flow.family,
         ) {
             Some(p) => Nat::when(true, node, p),
-            None => return Verdict::Drop(Counter::DroppedSnatPorts),
+            None => return Verdict::Drop(Counter::DroppedSnatPorts, svc_id),
         },
         None => Nat::when(false, [0; 4], 0),
     };
@@ -523,7 +528,7 @@ fn forward(flow: &Flow, svc: &ServiceValue, iface: Option<IfaceConfig>, origin: 
     if CONNTRACK.insert(&s.rkey, &s.rval, 0).is_err()
         || CONNTRACK.insert(&s.fkey, &s.fval, 0).is_err()
     {
-        return Verdict::Drop(Counter::DroppedConntrackFull);
+        return Verdict::Drop(Counter::DroppedConntrackFull, svc_id);
     }
     Verdict::Dnat {
         addr: baddr,
@@ -534,6 +539,7 @@ fn forward(flow: &Flow, svc: &ServiceValue, iface: Option<IfaceConfig>, origin: 
         } else {
             Counter::TranslatedNew
         },
+        svc_id,
     }
 }
 
@@ -599,13 +605,14 @@ fn reverse(flow: &Flow) -> Verdict {
         Some(ct) => {
             touch(ct, unsafe { bpf_ktime_get_ns() });
             // SAFETY: pointer from a successful lookup; fields copied out.
-            let (addr, port_be, flags, orig_addr, orig_port) = unsafe {
+            let (addr, port_be, flags, orig_addr, orig_port, svc_id) = unsafe {
                 (
                     (*ct).nat_addr,
                     (*ct).nat_port_be,
                     (*ct).flags,
                     (*ct).orig_addr,
                     (*ct).orig_port_be,
+                    (*ct).svc_id,
                 )
             };
             let tcp = flow.proto == IPPROTO_TCP;
@@ -637,6 +644,7 @@ fn reverse(flow: &Flow) -> Verdict {
                 addr,
                 port_be,
                 unsnat: Nat::when(flags & CT_SNAT != 0, orig_addr, orig_port),
+                svc_id,
             }
         }
         None => Verdict::Pass(Counter::PassedNoMatch),

@@ -1,12 +1,16 @@
 //! The BPF maps (BTF-defined so `bpftool map dump` shows field names), pinned by the agent.
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, HashOfMaps, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
+    btf_maps::{
+        Array, HashMap, HashOfMaps, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray,
+        lpm_trie::Key,
+    },
     macros::btf_map,
 };
 use proxy_common::{
     AffinityKey, AffinityValue, Backend, BackendKey, COUNTER_COUNT, Counter, CtKey, CtValue,
     FragKey, FragValue, IfaceConfig, MAGLEV_TABLE_FLAGS, MaglevPair, ServiceKey, ServiceValue,
-    SlotKey, SlotValue, SockKey, SockValue, SourceRange, SvcName, limits, maglev_elements,
+    SlotKey, SlotValue, SockKey, SockValue, SourceRange, SvcCounter, SvcName, SvcStats, limits,
+    maglev_elements,
 };
 
 #[btf_map(name = "svc_v1")]
@@ -95,4 +99,38 @@ pub fn count(c: Counter) {
         // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
         unsafe { *p += 1 };
     }
+}
+
+#[btf_map(name = "svc_stats_v1")]
+pub static SVC_STATS: LruPerCpuHashMap<u32, SvcStats, { limits::SVC_STATS as usize }> =
+    LruPerCpuHashMap::new();
+
+/// Adds one to counter `c` of frontend `svc_id` (0: no frontend, not counted) on this CPU, and
+/// one to `NewFlows` too when `new_flow`: one lookup for both. A BPF function of its own: its
+/// first value's stack frame is then a sibling of the decision's, not added to the caller's
+/// (the verifier allows 512 bytes along a call chain). The value is passed by reference: by
+/// value it would be copied onto the stack once more.
+#[allow(clippy::needless_borrows_for_generic_args)]
+#[inline(never)]
+pub fn count_svc(svc_id: u32, c: SvcCounter, new_flow: bool) {
+    if svc_id == 0 {
+        return;
+    }
+    if let Some(p) = SVC_STATS.get_ptr_mut(svc_id) {
+        // SAFETY: this CPU's value, only this CPU writes it while the program runs.
+        unsafe {
+            (*p).counts[c as usize] += 1;
+            if new_flow {
+                (*p).counts[SvcCounter::NewFlows as usize] += 1;
+            }
+        }
+        return;
+    }
+    let mut first = SvcStats::default();
+    first.counts[c as usize] = 1;
+    if new_flow {
+        first.counts[SvcCounter::NewFlows as usize] = 1;
+    }
+    // Two CPUs may create it at once: one of the first counts is then lost, nothing else.
+    let _ = SVC_STATS.insert(svc_id, &first, 0);
 }

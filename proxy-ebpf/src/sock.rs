@@ -11,12 +11,12 @@ use aya_ebpf::{
 };
 use proxy_common::{
     AF_INET, AF_INET6, CT_FORWARD, CT_REVERSE, Counter, IPPROTO_TCP, IPPROTO_UDP, SCOPE_INTERNAL,
-    SVC_NO_LOCAL, SockKey, SockValue,
+    SVC_NO_LOCAL, SockKey, SockValue, SvcCounter,
 };
 
 use crate::{
     lb::{Chosen, Client, backend_valid, choose, lookup_service},
-    maps::{SOCKETS, count},
+    maps::{SOCKETS, count, count_svc},
 };
 
 /// The hooks' verdicts: 1 lets the call proceed, 0 fails it (EPERM, or the error set by
@@ -38,7 +38,8 @@ static SOCK_SET_RETVAL: u8 = 1;
 /// queued error (IP_RECVERR), the send itself fails with ECONNREFUSED. Before Linux 5.18 the
 /// call fails with EPERM instead.
 #[inline(always)]
-fn refuse() -> i32 {
+fn refuse(svc_id: u32) -> i32 {
+    count_svc(svc_id, SvcCounter::Rejected, false);
     // SAFETY: a read of a read-only global.
     if unsafe { core::ptr::read_volatile(&SOCK_SET_RETVAL) } != 0 {
         // SAFETY: a plain helper call; it only sets the error the syscall returns.
@@ -169,7 +170,7 @@ fn forward<const V6: bool>(ctx: &SockAddrContext) -> i32 {
             // Left untranslated, the packets meet the tc path's drop (counted there).
             return ALLOW;
         }
-        return refuse();
+        return refuse(svc.svc_id);
     }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let fkey = key(cookie, vip, family, vport, CT_FORWARD);
@@ -219,6 +220,9 @@ fn forward<const V6: bool>(ctx: &SockAddrContext) -> i32 {
     }
     set_user_addr::<V6>(sa, chosen.addr, family, chosen.port_be);
     count(Counter::SockTranslated);
+    if kept.is_none() {
+        count_svc(svc.svc_id, SvcCounter::NewFlows, false);
+    }
     ALLOW
 }
 

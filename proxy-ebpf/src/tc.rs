@@ -4,12 +4,12 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use proxy_common::Counter;
+use proxy_common::{Counter, SvcCounter};
 
 use crate::{
     icmp,
     lb::{Verdict, decide},
-    maps::{INTERFACES, count},
+    maps::{INTERFACES, count, count_svc},
     nat::{Side, rewrite},
     parse::{Flow, parse},
     reject,
@@ -34,6 +34,7 @@ fn apply(skb: *mut __sk_buff, flow: &Flow, verdict: &Verdict) -> bool {
             addr,
             port_be,
             unsnat,
+            ..
         } => ((Side::Source, addr, port_be), (Side::Destination, unsnat)),
         _ => return true,
     };
@@ -75,30 +76,43 @@ pub fn tc_ingress(ctx: TcContext) -> i32 {
     // SAFETY: plain-data value copied out at once.
     let iface = unsafe { INTERFACES.get(ifindex) }.copied();
     let verdict = decide(&flow, iface, 0);
-    let counter = match verdict {
-        Verdict::Dnat { snat, counter, .. } => {
-            if snat.on && matches!(counter, Counter::TranslatedNew | Counter::Reselected) {
+    // The global counter, and the frontend's (service id, counter, a new flow).
+    let (counter, svc) = match verdict {
+        Verdict::Dnat {
+            snat,
+            counter,
+            svc_id,
+            ..
+        } => {
+            let new = matches!(counter, Counter::TranslatedNew | Counter::Reselected);
+            if snat.on && new {
                 count(Counter::Snat);
             }
-            counter
+            (counter, (svc_id, SvcCounter::Packets, new))
         }
-        Verdict::ReverseNat { .. } => Counter::ReverseTranslated,
+        Verdict::ReverseNat { svc_id, .. } => (
+            Counter::ReverseTranslated,
+            (svc_id, SvcCounter::Replies, false),
+        ),
         Verdict::Pass(c) => {
             count(c);
             return TC_ACT_OK;
         }
-        Verdict::Drop(c) => {
+        Verdict::Drop(c, svc_id) => {
             count(c);
+            count_svc(svc_id, SvcCounter::of_drop(c), false);
             return TC_ACT_SHOT;
         }
-        Verdict::Reject => {
+        Verdict::Reject(svc_id) => {
             return match reject::reply(ctx.skb.skb, &flow) {
                 Some(action) => {
                     count(Counter::RejectedNoBackend);
+                    count_svc(svc_id, SvcCounter::Rejected, false);
                     action
                 }
                 None => {
                     count(Counter::DroppedNoBackend);
+                    count_svc(svc_id, SvcCounter::DroppedOther, false);
                     TC_ACT_SHOT
                 }
             };
@@ -106,8 +120,10 @@ pub fn tc_ingress(ctx: TcContext) -> i32 {
     };
     if !apply(ctx.skb.skb, &flow, &verdict) {
         count(Counter::DroppedRewriteFailed);
+        count_svc(svc.0, SvcCounter::DroppedOther, false);
         return TC_ACT_SHOT;
     }
     count(counter);
+    count_svc(svc.0, svc.1, svc.2);
     TC_ACT_OK
 }

@@ -11,11 +11,13 @@ use aya_ebpf::{
     macros::xdp,
     programs::XdpContext,
 };
-use proxy_common::{AF_INET, AF_INET6, CT_UNCOUNTED, CT_XDP, Counter, IPPROTO_TCP, IPPROTO_UDP};
+use proxy_common::{
+    AF_INET, AF_INET6, CT_UNCOUNTED, CT_XDP, Counter, IPPROTO_TCP, IPPROTO_UDP, SvcCounter,
+};
 
 use crate::{
     lb::{Nat, Verdict, decide},
-    maps::{CONNTRACK, CT_SCRATCH, INTERFACES, count},
+    maps::{CONNTRACK, CT_SCRATCH, INTERFACES, count, count_svc},
     parse::{ETH_HLEN, ETH_P_IPV6, Flow},
 };
 
@@ -154,21 +156,37 @@ pub fn xdp_ingress(ctx: XdpContext) -> u32 {
     match verdict {
         // Not counted here: tc counts the packet when it passes. A reject is built by tc too
         // (it has the helpers to resize the packet and checksum it).
-        Verdict::Pass(_) | Verdict::Reject => xdp_action::XDP_PASS,
-        Verdict::Drop(c) => {
+        Verdict::Pass(_) | Verdict::Reject(_) => xdp_action::XDP_PASS,
+        Verdict::Drop(c, svc_id) => {
             count(c);
             count(Counter::XdpDropped);
+            count_svc(svc_id, SvcCounter::of_drop(c), false);
             xdp_action::XDP_DROP
         }
         _ => {
             let action = transmit(ctx.ctx, &flow, &verdict, ifindex);
-            if action == xdp_action::XDP_PASS
-                && let Verdict::Dnat {
-                    counter: Counter::TranslatedNew | Counter::Reselected,
-                    ..
-                } = verdict
-            {
-                mark_uncounted();
+            // The frontend's counter, counted here rather than in `transmit`: the verifier
+            // allows 512 bytes of stack along a call chain, and `transmit`'s frame is large.
+            let (svc_id, c, new) = match verdict {
+                Verdict::Dnat {
+                    svc_id, counter, ..
+                } => (
+                    svc_id,
+                    SvcCounter::Packets,
+                    matches!(counter, Counter::TranslatedNew | Counter::Reselected),
+                ),
+                Verdict::ReverseNat { svc_id, .. } => (svc_id, SvcCounter::Replies, false),
+                _ => (0, SvcCounter::Packets, false),
+            };
+            match action {
+                // tc counts what it is passed.
+                xdp_action::XDP_PASS => {
+                    if new {
+                        mark_uncounted();
+                    }
+                }
+                xdp_action::XDP_DROP => count_svc(svc_id, SvcCounter::DroppedOther, false),
+                _ => count_svc(svc_id, c, new),
             }
             action
         }
@@ -221,6 +239,7 @@ fn transmit(md: *mut xdp_md, flow: &Flow, verdict: &Verdict, ifindex: u32) -> u3
             port_be,
             snat,
             counter,
+            ..
         } => {
             let src = if snat.on {
                 snat
@@ -239,6 +258,7 @@ fn transmit(md: *mut xdp_md, flow: &Flow, verdict: &Verdict, ifindex: u32) -> u3
             addr,
             port_be,
             unsnat,
+            ..
         } => {
             let dst = if unsnat.on {
                 unsnat

@@ -15,12 +15,13 @@ use anyhow::{Context as _, Result, ensure};
 use serde_json::{Value, json};
 use tests::{
     Agent, EXT_IP, Endpoint, EndpointSlice, Proto, Service, TestBed, client::parse_reply_line,
-    in_netns, node_ip,
+    find_status_service, in_netns, node_ip,
 };
 
 const T: Duration = Duration::from_secs(2);
 const SYNC: Duration = Duration::from_secs(60);
 const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 96);
+const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 97);
 const NP_UDP: u16 = 30353;
 const NP_TCP: u16 = 30380;
 
@@ -197,6 +198,67 @@ fn explain_predicts_the_backend_of_real_connections_and_flows_lists_them() {
             checked += 1;
         }
         ensure!(checked == 48);
+
+        // status: each frontend's own counters, over XDP and tc together (XDP counts what it
+        // forwards, tc what XDP passes it), and the hooks that serve it.
+        let st = node1.status_json()?;
+        let np = find_status_service(&st, &node_ip(1).to_string(), NP_UDP, Proto::Udp)
+            .context("NodePort UDP frontend")?;
+        ensure!(
+            np["counters"]["new_flows"] == 12
+                && np["counters"]["packets"] == 12
+                && np["counters"]["replies"] == 12
+                && np["paths"] == json!(["socket-lb", "tc", "xdp"]),
+            "one datagram and one reply per external flow: {np:#}"
+        );
+        let cip =
+            find_status_service(&st, &VIP.to_string(), 80, Proto::Tcp).context("ClusterIP")?;
+        ensure!(
+            cip["counters"]["new_flows"] == 12
+                && cip["counters"]["packets"].as_u64().is_some_and(|p| p >= 36)
+                && cip["counters"]["rejected"] == 0,
+            "12 TCP connections (SYN, ACK, FIN at least): {cip:#}"
+        );
+        // A Service without endpoints: each connection attempt rejected, and every rejected SYN
+        // counted (a SYN whose ICMP error meets the socket locked by connect() is sent again).
+        let empty = Service::cluster_ip("default", "ex-empty", &EMPTY_VIP.to_string()).spec(
+            "ports",
+            json!([{"name": "http", "port": 80, "targetPort": 8080}]),
+        );
+        bed.write_manifest("ex-empty.yaml", &empty.to_yaml())?;
+        let deadline = std::time::Instant::now() + SYNC;
+        while find_status_service(
+            &node1.status_json()?,
+            &EMPTY_VIP.to_string(),
+            80,
+            Proto::Tcp,
+        )
+        .is_none()
+        {
+            ensure!(
+                std::time::Instant::now() < deadline,
+                "ex-empty never programmed"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        for i in 0..3u16 {
+            let src = SocketAddr::new(IpAddr::V4(client_pod.ip), 23_000 + i);
+            let refused = in_netns(&client_pod.ns, || {
+                tcp_from(src, SocketAddr::new(IpAddr::V4(EMPTY_VIP), 80))
+            })?;
+            ensure!(
+                refused.is_err(),
+                "a Service without endpoints answered: {refused:?}"
+            );
+        }
+        let st = node1.status_json()?;
+        let e =
+            find_status_service(&st, &EMPTY_VIP.to_string(), 80, Proto::Tcp).context("ex-empty")?;
+        ensure!(
+            e["counters"]["rejected"].as_u64().is_some_and(|r| r >= 3)
+                && e["counters"]["packets"] == 0,
+            "{e:#}"
+        );
 
         // flows: the external client's 12 UDP flows to the NodePort, each to the backend
         // explain named, admitted by XDP or tc (local backends are passed to tc).

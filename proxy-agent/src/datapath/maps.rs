@@ -101,6 +101,30 @@ pub fn lru<K: aya::Pod, V: aya::Pod>(
     HashMap::try_from(Map::LruHashMap(data)).map_err(err)
 }
 
+/// Per-frontend counters (`svc_stats_v1`), summed over CPUs, by service id. Frontends without
+/// traffic yet (or evicted from the LRU) are missing.
+pub fn read_svc_stats(
+    bpffs: &Path,
+) -> Result<std::collections::HashMap<u32, proxy_common::SvcStats>, DatapathError> {
+    let name = names::SVC_STATS;
+    let err = |source| DatapathError::Map { name, source };
+    let data = MapData::from_pin(pin_path(bpffs, name)).map_err(err)?;
+    let m: aya::maps::PerCpuHashMap<MapData, u32, proxy_common::SvcStats> =
+        aya::maps::PerCpuHashMap::try_from(Map::PerCpuLruHashMap(data)).map_err(err)?;
+    Ok(m.iter()
+        .filter_map(Result::ok)
+        .map(|(id, per_cpu)| {
+            let mut sum = proxy_common::SvcStats::default();
+            for v in per_cpu.iter() {
+                for (s, c) in sum.counts.iter_mut().zip(v.counts) {
+                    *s += c;
+                }
+            }
+            (id, sum)
+        })
+        .collect())
+}
+
 /// Sum of each per-CPU counter, in `COUNTER_NAMES` order.
 pub fn read_counters(bpffs: &Path) -> Result<Vec<(&'static str, u64)>, DatapathError> {
     let name = names::COUNTERS;
@@ -155,6 +179,7 @@ pub fn usage(bpffs: &Path) -> Result<Vec<MapUsage>, DatapathError> {
                 let m: super::maglev::Tables = typed(bpffs, name)?;
                 m.keys().filter(|k| k.is_ok()).count() as u64
             }
+            names::SVC_STATS => read_svc_stats(bpffs)?.len() as u64,
             names::AFFINITY => {
                 count_keys::<proxy_common::AffinityKey, proxy_common::AffinityValue>(bpffs, name)?
             }

@@ -72,6 +72,7 @@ const SOCK_HELPERS: &[(&str, BpfHelper)] = &[
 const MAPS: &[(&str, MapType)] = &[
     ("hash", MapType::Hash),
     ("lru_hash", MapType::LruHash),
+    ("lru_percpu_hash", MapType::LruPerCpuHash),
     ("array", MapType::Array),
     ("percpu_array", MapType::PerCpuArray),
     ("hash_of_maps", MapType::HashOfMaps),
