@@ -2,6 +2,7 @@
 pub mod check;
 pub mod cleanup;
 pub mod datapath;
+pub mod events;
 pub mod explain;
 pub mod flows;
 pub mod kpconfig;

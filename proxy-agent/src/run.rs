@@ -317,9 +317,15 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let mut view = ExternalView::default();
     let mut health_checks = HealthChecks::default();
     let mut last_inputs: Option<Inputs> = None;
+    // Events on rejected and unprogrammed Services: with the kube source only.
+    let mut events: Option<crate::events::Publisher> = None;
     let mut source = if cfg.manifests.is_empty() {
         let client = kube::client(cfg.kubeconfig.as_deref()).await?;
         tracing::info!("watching the Kubernetes API");
+        events = Some(crate::events::Publisher::new(
+            client.clone(),
+            &cfg.node_name,
+        ));
         Source::Kube(KubeSource::start(client, &cfg.node_name))
     } else {
         if cfg.kubeconfig.is_some() {
@@ -427,6 +433,13 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
                 kernel: Some(kernel.clone()),
             });
             report::write(&cfg.bpffs, written);
+            if let (Some(p), Some(inputs)) = (events.as_mut(), last_inputs.as_ref()) {
+                p.publish(crate::events::wanted(
+                    &written.rejected,
+                    &written.not_programmed,
+                    inputs,
+                ));
+            }
             tracing::info!(
                 generation,
                 services = report.services,

@@ -37,7 +37,10 @@
 //!
 //! What it does not implement: authentication/authorization (no TLS, any
 //! client is admitted), writes over HTTP (POST/PUT/PATCH/DELETE answer 405;
-//! the store is changed through [`ApiServer::apply`]/[`ApiServer::delete`]),
+//! the store is changed through [`ApiServer::apply`]/[`ApiServer::delete`]) except
+//! for `events.k8s.io/v1` Events, which clients create (POST, 409 when the name
+//! exists) and update with a JSON merge patch (PATCH, 404 when it does not), as a
+//! recorder does,
 //! server-side apply and field managers, admission, defaulting and validation
 //! of objects, finalizers and graceful deletion, generation/status
 //! subresources, protobuf/table output, discovery documents (`/api`, `/apis`),
@@ -100,6 +103,12 @@ const RESOURCES: &[ResourceType] = &[
         plural: "endpointslices",
         namespaced: true,
     },
+    ResourceType {
+        api_version: "events.k8s.io/v1",
+        kind: "Event",
+        plural: "events",
+        namespaced: true,
+    },
 ];
 
 /// Store key: (resource index, namespace ("" when cluster-scoped), name); the
@@ -155,6 +164,125 @@ struct Shared {
     counts: Mutex<HashMap<String, [usize; 2]>>,
 }
 
+impl Shared {
+    /// Creates or replaces the object identified by (apiVersion/kind, namespace,
+    /// name) and returns its new resourceVersion; emits ADDED or MODIFIED. A
+    /// namespaced object without namespace goes to "default". Replacing with
+    /// identical content changes nothing and returns the current version.
+    /// Panics on an object of an unknown kind or without a name.
+    fn apply(&self, mut obj: Value) -> String {
+        let api_version = obj["apiVersion"].as_str().unwrap_or_default().to_string();
+        let kind = obj["kind"].as_str().unwrap_or_default().to_string();
+        let res = RESOURCES
+            .iter()
+            .position(|r| r.api_version == api_version && r.kind == kind)
+            .unwrap_or_else(|| {
+                panic!("apiserver: unsupported apiVersion/kind {api_version}/{kind}")
+            });
+        let name = obj["metadata"]["name"]
+            .as_str()
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| panic!("apiserver: {kind} without metadata.name"))
+            .to_string();
+        let meta = obj["metadata"]
+            .as_object_mut()
+            .expect("metadata is an object");
+        let namespace = if RESOURCES[res].namespaced {
+            let ns = meta
+                .get("namespace")
+                .and_then(Value::as_str)
+                .filter(|n| !n.is_empty())
+                .unwrap_or("default")
+                .to_string();
+            meta.insert("namespace".into(), json!(ns));
+            ns
+        } else {
+            meta.remove("namespace");
+            String::new()
+        };
+        let key = (res, namespace, name);
+
+        let mut store = lock(&self.store);
+        let prev = store.objects.get(&key).cloned();
+        let meta = obj["metadata"]
+            .as_object_mut()
+            .expect("metadata is an object");
+        match &prev {
+            Some(p) => {
+                // A replace keeps the identity of the object.
+                for field in ["uid", "creationTimestamp"] {
+                    meta.insert(field.into(), p["metadata"][field].clone());
+                }
+                meta.insert(
+                    "resourceVersion".into(),
+                    p["metadata"]["resourceVersion"].clone(),
+                );
+                if **p == obj {
+                    return store.rv.to_string();
+                }
+            }
+            None => {
+                if !meta.get("uid").is_some_and(Value::is_string) {
+                    meta.insert("uid".into(), json!(new_uid()));
+                }
+                if !meta.get("creationTimestamp").is_some_and(Value::is_string) {
+                    meta.insert("creationTimestamp".into(), json!(now_rfc3339()));
+                }
+            }
+        }
+        let rv = store.rv + 1;
+        obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+        let kind = if prev.is_some() {
+            EventType::Modified
+        } else {
+            EventType::Added
+        };
+        let obj = Arc::new(obj);
+        store.objects.insert(key.clone(), obj.clone());
+        self.record(&mut store, rv, key, kind, obj, prev);
+        rv.to_string()
+    }
+
+    /// The object as stored (with apiVersion/kind), if present.
+    fn get(&self, kind: &str, namespace: Option<&str>, name: &str) -> Option<Value> {
+        let res = resource_by_kind(kind)?;
+        let ns = if RESOURCES[res].namespaced {
+            namespace.unwrap_or("default")
+        } else {
+            ""
+        };
+        let store = lock(&self.store);
+        let key = (res, ns.to_string(), name.to_string());
+        store.objects.get(&key).map(|o| (**o).clone())
+    }
+
+    fn record(
+        &self,
+        store: &mut Store,
+        rv: u64,
+        key: Key,
+        kind: EventType,
+        object: Arc<Value>,
+        prev: Option<Arc<Value>>,
+    ) {
+        store.rv = rv;
+        let event = Arc::new(Event {
+            rv,
+            key,
+            kind,
+            object,
+            prev,
+        });
+        store.history.push_back(event.clone());
+        while store.history.len() > HISTORY {
+            let old = store.history.pop_front().expect("non-empty history");
+            store.compacted = old.rv;
+        }
+        // Sent under the store lock: the channel's order is the rv order.
+        let _ = self.events.send(event);
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -174,6 +302,33 @@ pub struct ApiServer {
 }
 
 impl ApiServer {
+    /// Adds or replaces an object (by apiVersion, kind, namespace and name) as a
+    /// client's write would: a new uid and creationTimestamp for a new object, a
+    /// new resourceVersion and a watch event when anything changed. Returns the
+    /// store's resourceVersion. Panics on a kind it does not serve.
+    pub fn apply(&self, obj: Value) -> String {
+        self.shared.apply(obj)
+    }
+
+    /// The object as stored (with apiVersion/kind), if present.
+    pub fn get(&self, kind: &str, namespace: Option<&str>, name: &str) -> Option<Value> {
+        self.shared.get(kind, namespace, name)
+    }
+
+    /// Every stored object of `kind` (e.g. the Events clients created), in key order.
+    pub fn objects(&self, kind: &str) -> Vec<Value> {
+        let Some(res) = resource_by_kind(kind) else {
+            return Vec::new();
+        };
+        let store = lock(&self.shared.store);
+        store
+            .objects
+            .iter()
+            .filter(|((r, _, _), _)| *r == res)
+            .map(|(_, o)| (**o).clone())
+            .collect()
+    }
+
     /// Starts the server on its own thread with its own tokio runtime, listening on
     /// `bind` (e.g. `127.0.0.1:0`). With `netns` = Some(name) the thread first
     /// enters `/run/netns/<name>`, so the listening socket lives in that namespace.
@@ -243,84 +398,6 @@ impl ApiServer {
         self.shared.bookmark_ms.store(ms, Ordering::Relaxed);
     }
 
-    /// Creates or replaces the object identified by (apiVersion/kind, namespace,
-    /// name) and returns its new resourceVersion; emits ADDED or MODIFIED. A
-    /// namespaced object without namespace goes to "default". Replacing with
-    /// identical content changes nothing and returns the current version.
-    /// Panics on an object of an unknown kind or without a name.
-    pub fn apply(&self, mut obj: Value) -> String {
-        let api_version = obj["apiVersion"].as_str().unwrap_or_default().to_string();
-        let kind = obj["kind"].as_str().unwrap_or_default().to_string();
-        let res = RESOURCES
-            .iter()
-            .position(|r| r.api_version == api_version && r.kind == kind)
-            .unwrap_or_else(|| {
-                panic!("apiserver: unsupported apiVersion/kind {api_version}/{kind}")
-            });
-        let name = obj["metadata"]["name"]
-            .as_str()
-            .filter(|n| !n.is_empty())
-            .unwrap_or_else(|| panic!("apiserver: {kind} without metadata.name"))
-            .to_string();
-        let meta = obj["metadata"]
-            .as_object_mut()
-            .expect("metadata is an object");
-        let namespace = if RESOURCES[res].namespaced {
-            let ns = meta
-                .get("namespace")
-                .and_then(Value::as_str)
-                .filter(|n| !n.is_empty())
-                .unwrap_or("default")
-                .to_string();
-            meta.insert("namespace".into(), json!(ns));
-            ns
-        } else {
-            meta.remove("namespace");
-            String::new()
-        };
-        let key = (res, namespace, name);
-
-        let mut store = lock(&self.shared.store);
-        let prev = store.objects.get(&key).cloned();
-        let meta = obj["metadata"]
-            .as_object_mut()
-            .expect("metadata is an object");
-        match &prev {
-            Some(p) => {
-                // A replace keeps the identity of the object.
-                for field in ["uid", "creationTimestamp"] {
-                    meta.insert(field.into(), p["metadata"][field].clone());
-                }
-                meta.insert(
-                    "resourceVersion".into(),
-                    p["metadata"]["resourceVersion"].clone(),
-                );
-                if **p == obj {
-                    return store.rv.to_string();
-                }
-            }
-            None => {
-                if !meta.get("uid").is_some_and(Value::is_string) {
-                    meta.insert("uid".into(), json!(new_uid()));
-                }
-                if !meta.get("creationTimestamp").is_some_and(Value::is_string) {
-                    meta.insert("creationTimestamp".into(), json!(now_rfc3339()));
-                }
-            }
-        }
-        let rv = store.rv + 1;
-        obj["metadata"]["resourceVersion"] = json!(rv.to_string());
-        let kind = if prev.is_some() {
-            EventType::Modified
-        } else {
-            EventType::Added
-        };
-        let obj = Arc::new(obj);
-        store.objects.insert(key.clone(), obj.clone());
-        self.record(&mut store, rv, key, kind, obj, prev);
-        rv.to_string()
-    }
-
     /// Applies every document of a (multi-document) YAML string. Panics on invalid YAML
     /// or an object [`ApiServer::apply`] refuses.
     pub fn apply_yaml(&self, yaml: &str) {
@@ -353,7 +430,7 @@ impl ApiServer {
         let rv = store.rv + 1;
         let mut last = (*prev).clone();
         last["metadata"]["resourceVersion"] = json!(rv.to_string());
-        self.record(
+        self.shared.record(
             &mut store,
             rv,
             key,
@@ -364,48 +441,9 @@ impl ApiServer {
         true
     }
 
-    /// The object as stored (with apiVersion/kind), if present.
-    pub fn get(&self, kind: &str, namespace: Option<&str>, name: &str) -> Option<Value> {
-        let res = resource_by_kind(kind)?;
-        let ns = if RESOURCES[res].namespaced {
-            namespace.unwrap_or("default")
-        } else {
-            ""
-        };
-        let store = lock(&self.shared.store);
-        let key = (res, ns.to_string(), name.to_string());
-        store.objects.get(&key).map(|o| (**o).clone())
-    }
-
     /// The store's current resourceVersion.
     pub fn resource_version(&self) -> String {
         lock(&self.shared.store).rv.to_string()
-    }
-
-    fn record(
-        &self,
-        store: &mut Store,
-        rv: u64,
-        key: Key,
-        kind: EventType,
-        object: Arc<Value>,
-        prev: Option<Arc<Value>>,
-    ) {
-        store.rv = rv;
-        let event = Arc::new(Event {
-            rv,
-            key,
-            kind,
-            object,
-            prev,
-        });
-        store.history.push_back(event.clone());
-        while store.history.len() > HISTORY {
-            let old = store.history.pop_front().expect("non-empty history");
-            store.compacted = old.rv;
-        }
-        // Sent under the store lock: the channel's order is the rv order.
-        let _ = self.shared.events.send(event);
     }
 
     /// Abruptly cuts every open watch stream: the connection is closed mid-stream,
@@ -723,6 +761,11 @@ async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> 
     let Some(route) = route(&path) else {
         return not_found();
     };
+    if RESOURCES[route.res].kind == "Event"
+        && (req.method() == Method::POST || req.method() == Method::PATCH)
+    {
+        return write_event(shared, route, req).await;
+    }
     if req.method() != Method::GET {
         return error(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -749,6 +792,87 @@ async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> 
         start_watch(shared, &route, sel, &query)
     } else {
         list(shared, &route, &sel, &query)
+    }
+}
+
+/// RFC 7386 JSON merge patch.
+fn merge_patch(target: &mut Value, patch: &Value) {
+    match (target.as_object_mut(), patch.as_object()) {
+        (Some(t), Some(p)) => {
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        _ => *target = patch.clone(),
+    }
+}
+
+/// POST (create) or PATCH (merge patch) of an Event: what an event recorder does.
+async fn write_event(shared: &Arc<Shared>, route: Route, req: Request<Incoming>) -> Response<Body> {
+    let method = req.method().clone();
+    let body = match req.into_body().collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return bad_request(&format!("reading the body: {e}")),
+    };
+    let body: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => return bad_request(&format!("the body is not JSON: {e}")),
+    };
+    let ns = route.namespace.clone().unwrap_or_default();
+    let server = shared;
+    let (obj, code) = if method == Method::POST {
+        if route.name.is_some() {
+            return error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "MethodNotAllowed",
+                "POST to a collection",
+            );
+        }
+        let Some(name) = body["metadata"]["name"].as_str().map(str::to_string) else {
+            return bad_request("metadata.name is required");
+        };
+        if server.get("Event", Some(&ns), &name).is_some() {
+            return error(
+                StatusCode::CONFLICT,
+                "AlreadyExists",
+                &format!("events.events.k8s.io \"{name}\" already exists"),
+            );
+        }
+        let mut obj = body;
+        obj["apiVersion"] = json!("events.k8s.io/v1");
+        obj["kind"] = json!("Event");
+        obj["metadata"]["namespace"] = json!(ns);
+        (obj, StatusCode::CREATED)
+    } else {
+        let Some(name) = route.name.clone() else {
+            return error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "MethodNotAllowed",
+                "PATCH of a collection",
+            );
+        };
+        let Some(mut obj) = server.get("Event", Some(&ns), &name) else {
+            return error(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                &format!("events.events.k8s.io \"{name}\" not found"),
+            );
+        };
+        merge_patch(&mut obj, &body);
+        (obj, StatusCode::OK)
+    };
+    let name = obj["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    server.apply(obj);
+    match server.get("Event", Some(&ns), &name) {
+        Some(stored) => json_response(code, &stored),
+        None => not_found(),
     }
 }
 

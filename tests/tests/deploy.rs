@@ -241,7 +241,8 @@ fn rbac_is_least_privilege() {
             }
         }
     }
-    // Read-only on what the kube source watches; no events (the agent emits none yet).
+    // Read-only on what the kube source watches; Events created and patched (series), nothing
+    // else written.
     let mut wanted = BTreeSet::new();
     for (group, resource) in [
         ("", "services"),
@@ -252,7 +253,12 @@ fn rbac_is_least_privilege() {
             wanted.insert((group, resource, verb));
         }
     }
-    assert_eq!(granted, wanted, "ClusterRole grants exactly read access");
+    wanted.insert(("events.k8s.io", "events", "create"));
+    wanted.insert(("events.k8s.io", "events", "patch"));
+    assert_eq!(
+        granted, wanted,
+        "ClusterRole grants exactly read access and Events"
+    );
 
     let binding = objects.binding();
     assert_eq!(

@@ -320,3 +320,85 @@ fn kube_full_sync_of_10k_services() {
         Ok(())
     });
 }
+
+/// A Service the agents reject gets one Warning Event (events.k8s.io/v1, created over HTTP by
+/// the real kube-rs client) regarding that Service by uid and naming the field: one for the
+/// cluster, though both nodes' agents reject it; later syncs do not repeat it; a good Service
+/// next to it gets none and is served.
+#[test]
+fn kube_source_reports_a_rejected_service_as_one_event() {
+    with_bed(2, |bed| {
+        let (server, kubeconfig) = api(bed)?;
+        let (pods, client) = backends(bed)?;
+        server.apply(service("good", "198.18.100.71", 80));
+        server.apply(slice("good", &pods.iter().collect::<Vec<_>>()));
+        server.apply(json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "bad", "namespace": "default"},
+            "spec": {"clusterIP": "198.18.100.72", "ports": [{"port": 0}]},
+        }));
+        let agents = start_agents(bed, &kubeconfig)?;
+        let bad_uid = server
+            .get("Service", Some("default"), "bad")
+            .and_then(|s| s["metadata"]["uid"].as_str().map(String::from))
+            .ok_or_else(|| anyhow::anyhow!("bad has no uid"))?;
+        let events_for_bad = || -> Vec<Value> {
+            server
+                .objects("Event")
+                .into_iter()
+                .filter(|e| e["regarding"]["name"] == "bad")
+                .collect()
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while events_for_bad().is_empty() {
+            ensure!(
+                Instant::now() < deadline,
+                "no Event for the rejected Service"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let ev = &events_for_bad()[0];
+        ensure!(
+            ev["type"] == "Warning"
+                && ev["reason"] == "Rejected"
+                && ev["regarding"]["kind"] == "Service"
+                && ev["regarding"]["uid"] == bad_uid.as_str()
+                && ev["metadata"]["namespace"] == "default"
+                && ev["reportingController"] == "proxy-agent"
+                && ev["note"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with("spec.ports[0].port:")),
+            "{ev:#}"
+        );
+        // More syncs (a change elsewhere): the same rejection is not reported again.
+        let generation = agents[0].generation().unwrap_or(0);
+        server.apply(service("good", "198.18.100.71", 81));
+        agents[0].wait_for_sync(generation + 1, SYNC)?;
+        converge(
+            &agents,
+            "198.18.100.71",
+            81,
+            Some(&pods.iter().collect::<Vec<_>>()),
+            "good moved to 81",
+        )?;
+        traffic(
+            &client,
+            "198.18.100.71",
+            81,
+            &pods.iter().collect::<Vec<_>>(),
+            "good",
+        )?;
+        std::thread::sleep(Duration::from_millis(500));
+        ensure!(
+            events_for_bad().len() == 1,
+            "repeated: {:#?}",
+            events_for_bad()
+        );
+        ensure!(
+            server.objects("Event").len() == 1,
+            "only the rejected Service has an Event: {:#?}",
+            server.objects("Event")
+        );
+        Ok(())
+    })
+}
