@@ -1194,6 +1194,85 @@ fn ipv6_translates_with_extension_headers_and_replies() {
     }
 }
 
+/// Issue 16 bug 4: an IPv4 frontend is its address in word 0 and zeros, so the IPv6 address
+/// with the same first four bytes and zeros after them (198.18.102.1 and c612:6601::) was the
+/// same services map key: whichever was written last took the other's traffic. The key carries
+/// the family now; each reaches its own backend and each reply leaves from its own frontend.
+/// (c612:6601:: is outside fd00::/8 on purpose: only the bytes of a colliding address make the
+/// case. The frames exist only in BPF_PROG_TEST_RUN buffers, never on an interface.)
+#[test]
+fn an_ipv4_and_an_ipv6_frontend_with_the_same_address_bytes_stay_apart() {
+    use std::net::Ipv6Addr;
+    let mut b = bed();
+    let vip4 = Ipv4Addr::new(198, 18, 102, 1);
+    let vip6: Ipv6Addr = "c612:6601::".parse().unwrap();
+    assert_eq!(vip6.octets()[..4], vip4.octets(), "the colliding bytes");
+    let backend6: Ipv6Addr = "fd00:19:2::2".parse().unwrap();
+    let client6: Ipv6Addr = "fd00:19:1::50".parse().unwrap();
+    let f4 = fe(vip4, 53, Protocol::Udp);
+    let f6 = Frontend {
+        addr: IpAddr::V6(vip6),
+        ..f4
+    };
+    let e6 = Endpoint {
+        addr: IpAddr::V6(backend6),
+        port: 5353,
+        state: EndpointState::Active,
+        local: false,
+    };
+    let want = desired(&[(f4, vec![ep(B1, 5353)]), (f6, vec![e6])]);
+    let report = b.writer.sync(&want);
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    // What the maps hold reads back as two frontends, each of its own family.
+    b.writer.reread().unwrap();
+    let programmed: Vec<Frontend> = b.writer.programmed().services.keys().copied().collect();
+    assert_eq!(programmed, vec![f4, f6]);
+    assert_eq!(b.writer.sync(&want).writes, 0, "nothing to repair");
+
+    let q4 = pkt::Ip::new(CLIENT, vip4, pkt::UDP).frame(&pkt::l4(
+        pkt::UDP,
+        CLIENT,
+        vip4,
+        40100,
+        53,
+        b"q4",
+    ));
+    let (rc, out, moved) = b.run_counted(&q4);
+    assert_eq!((rc, moved), (TC_ACT_OK, vec!["translated_new"]));
+    let s = pkt::parse(&out);
+    assert_eq!(
+        (s.src, s.dst, s.dport, s.l4_csum_ok),
+        (CLIENT, B1, 5353, true)
+    );
+    let q6 = pkt6::udp(client6, vip6, 40100, 53, false);
+    let (rc, out, moved) = b.run_counted(&q6);
+    assert_eq!((rc, moved), (TC_ACT_OK, vec!["translated_new"]));
+    assert_eq!(
+        pkt6::parse(&out, false),
+        (client6, backend6, 40100, 5353, true)
+    );
+
+    let r4 = pkt::Ip::new(B1, CLIENT, pkt::UDP).frame(&pkt::l4(
+        pkt::UDP,
+        B1,
+        CLIENT,
+        5353,
+        40100,
+        b"r4",
+    ));
+    let (rc, out, moved) = b.run_counted(&r4);
+    assert_eq!((rc, moved), (TC_ACT_OK, vec!["reverse_translated"]));
+    let s = pkt::parse(&out);
+    assert_eq!(
+        (s.src, s.sport, s.dst, s.l4_csum_ok),
+        (vip4, 53, CLIENT, true)
+    );
+    let r6 = pkt6::udp(backend6, client6, 5353, 40100, false);
+    let (rc, out, moved) = b.run_counted(&r6);
+    assert_eq!((rc, moved), (TC_ACT_OK, vec!["reverse_translated"]));
+    assert_eq!(pkt6::parse(&out, false), (vip6, client6, 53, 40100, true));
+}
+
 #[test]
 fn ipv6_udp_fragments_follow_their_first_fragment() {
     use std::net::Ipv6Addr;

@@ -150,14 +150,22 @@ pub struct Chosen {
     pub local: bool,
 }
 
-/// The frontend of (address, port, protocol), if it is one.
+/// The frontend of (address of `family`, port, protocol), if it is one.
 #[inline(always)]
-pub fn lookup_service(addr: [u32; 4], port_be: u16, proto: u8, scope: u8) -> Option<ServiceValue> {
+pub fn lookup_service(
+    addr: [u32; 4],
+    port_be: u16,
+    proto: u8,
+    scope: u8,
+    family: u8,
+) -> Option<ServiceValue> {
     let key = ServiceKey {
         addr,
         port_be,
         proto,
         scope,
+        family,
+        _pad: [0; 3],
     };
     // SAFETY: plain-data value copied out at once.
     unsafe { SERVICES.get(key) }.copied()
@@ -288,12 +296,10 @@ pub fn backend_valid(backend_id: u32, addr: [u32; 4], port_be: u16) -> bool {
 /// the external view of a frontend first, and may be SNATed.
 #[inline(always)]
 pub fn decide(flow: &Flow, iface: Option<IfaceConfig>) -> Verdict {
-    let internal = || lookup_service(flow.daddr, flow.dport_be, flow.proto, SCOPE_INTERNAL);
+    let lookup = |scope| lookup_service(flow.daddr, flow.dport_be, flow.proto, scope, flow.family);
     let svc = match iface {
-        Some(_) => {
-            lookup_service(flow.daddr, flow.dport_be, flow.proto, SCOPE_EXTERNAL).or_else(internal)
-        }
-        None => internal(),
+        Some(_) => lookup(SCOPE_EXTERNAL).or_else(|| lookup(SCOPE_INTERNAL)),
+        None => lookup(SCOPE_INTERNAL),
     };
     match svc {
         Some(svc) => forward(flow, &svc, iface),

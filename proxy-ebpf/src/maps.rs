@@ -9,7 +9,7 @@ use proxy_common::{
     SlotKey, SlotValue, SockKey, SockValue, SourceRange, SvcName, limits, maglev_elements,
 };
 
-#[btf_map(name = "svc_v1")]
+#[btf_map(name = "svc_v2")]
 pub static SERVICES: HashMap<ServiceKey, ServiceValue, { limits::SERVICES as usize }> =
     HashMap::new();
 

@@ -913,7 +913,7 @@ fn services_past_map_capacity_are_reported_and_the_rest_keeps_working() {
             sa("198.18.101.70", 80),
             Duration::from_millis(10),
         );
-        // d..h, one frontend and one backend each: none fits (svc_v1 is full).
+        // d..h, one frontend and one backend each: none fits (svc_v2 is full).
         let extra = [
             ("d", "198.18.101.73"),
             ("e", "198.18.101.74"),
@@ -936,7 +936,7 @@ fn services_past_map_capacity_are_reported_and_the_rest_keeps_working() {
             let reason = reported
                 .get(&format!("cap/{name}"))
                 .with_context(|| format!("cap/{name} not reported: {reported:#?}"))?;
-            ensure!(reason.contains("svc_v1"), "cap/{name}: {reason}");
+            ensure!(reason.contains("svc_v2"), "cap/{name}: {reason}");
             ensure!(
                 find_status_service(&status, vip, 80, Proto::Tcp).is_none(),
                 "{vip} must not be programmed"

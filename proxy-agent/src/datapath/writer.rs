@@ -11,7 +11,7 @@ use aya::maps::MapError;
 use proxy_common::{
     BACKEND_LOCAL, Backend, BackendKey, BackendState, SVC_MAGLEV, SVC_NAME_LEN, SVC_NO_LOCAL,
     SVC_SOURCE_RANGES, ServiceKey, ServiceKind, ServiceValue, SlotKey, SlotValue, SourceRange,
-    SvcName,
+    SvcName, names,
 };
 
 use super::{
@@ -65,12 +65,12 @@ impl Programmed {
     pub fn read(maps: &Maps) -> Result<Self, DatapathError> {
         let mut out = Programmed::default();
         for item in maps.services.iter() {
-            let (k, v) = item.map_err(map_err("svc_v1"))?;
+            let (k, v) = item.map_err(map_err(names::SERVICES))?;
             let Some(protocol) = Protocol::from_number(k.proto) else {
                 continue;
             };
             let fe = Frontend {
-                addr: from_words(k.addr, v.family),
+                addr: from_words(k.addr, k.family),
                 port: u16::from_be(k.port_be),
                 protocol,
                 scope: if k.scope == proxy_common::SCOPE_EXTERNAL {
@@ -115,13 +115,23 @@ impl Programmed {
             let (k, v) = item.map_err(map_err("backends_v1"))?;
             out.backends.insert(k.backend_id, v);
         }
+        // A prefix has its frontend's family (see `SourceRange`): the address words cannot
+        // tell an IPv6 /8 (fd00::/8) from an IPv4 /8. A prefix without a frontend is left for
+        // the sync to remove; its family then does not matter (same key bytes either way).
+        let families: HashMap<u32, u8> = out
+            .services
+            .iter()
+            .map(|(fe, s)| (s.svc_id, family(fe.addr)))
+            .collect();
         for key in maps.source_ranges.keys() {
             let key = key.map_err(map_err("srcranges_v1"))?;
             let d = key.data();
-            let family = if key.prefix_len() > 32 + 32 || d.addr[1..] != [0, 0, 0] {
-                proxy_common::AF_INET6
-            } else {
-                proxy_common::AF_INET
+            let family = match families.get(&u32::from_be(d.svc_id_be)) {
+                Some(f) => *f,
+                None if key.prefix_len() > 32 + 32 || d.addr[1..] != [0, 0, 0] => {
+                    proxy_common::AF_INET6
+                }
+                None => proxy_common::AF_INET,
             };
             out.source_ranges.insert((
                 u32::from_be(d.svc_id_be),
@@ -152,12 +162,14 @@ fn map_err(name: &'static str) -> impl Fn(MapError) -> DatapathError {
     move |source| DatapathError::Map { name, source }
 }
 
-fn service_key(fe: &Frontend) -> ServiceKey {
+pub fn service_key(fe: &Frontend) -> ServiceKey {
     ServiceKey {
         addr: to_words(fe.addr),
         port_be: fe.port.to_be(),
         proto: fe.protocol.number(),
         scope: fe.scope.number(),
+        family: family(fe.addr),
+        _pad: [0; 3],
     }
 }
 
@@ -494,7 +506,7 @@ impl Writer {
         let cap = self.maps.capacity;
         let checks = [
             (
-                "svc_v1",
+                names::SERVICES,
                 self.programmed.services.len() as u64,
                 services,
                 cap.services,
@@ -660,7 +672,7 @@ impl Writer {
             self.maps
                 .services
                 .insert(service_key(&after.fe), value, 0)
-                .map_err(map_err("svc_v1"))?;
+                .map_err(map_err(names::SERVICES))?;
             report.writes += 1;
         }
         self.remove_ranges(svc_id, &after.ranges, report);
@@ -747,7 +759,7 @@ impl Writer {
             Ok(()) | Err(MapError::KeyNotFound) => {}
             Err(source) => {
                 return Err(DatapathError::Map {
-                    name: "svc_v1",
+                    name: names::SERVICES,
                     source,
                 });
             }
