@@ -678,6 +678,49 @@ fn removed_backend_flows_pick_a_surviving_one() {
     }
 }
 
+/// Issue 16 bug 3, tc path: backend ids are per frontend, so an endpoint leaving one UDP
+/// Service while it still backs another ends only that Service's flows to it (their next
+/// datagram chooses again, as after kube-proxy's per-Service conntrack flush); the other
+/// Service's flow to the same address:port carries on, and the sync reports the pair.
+#[test]
+fn a_shared_udp_endpoint_removed_from_one_service_moves_only_its_flows() {
+    let mut b = bed();
+    let vip_b = Ipv4Addr::new(198, 18, 100, 13);
+    let udp = |vip: Ipv4Addr, sport: u16| {
+        pkt::Ip::new(CLIENT, vip, pkt::UDP).frame(&pkt::l4(pkt::UDP, CLIENT, vip, sport, 53, b"q"))
+    };
+    let both = |a: Vec<Endpoint>| {
+        desired(&[
+            (fe(VIP, 53, Protocol::Udp), a),
+            (fe(vip_b, 53, Protocol::Udp), vec![ep(B1, 5353)]),
+        ])
+    };
+    let r = b.writer.sync(&both(vec![ep(B1, 5353), ep(B2, 5353)]));
+    assert!(r.failed.is_empty(), "{:?}", r.failed);
+    let sport_a = (44000..44100)
+        .find(|p| pkt::parse(&b.run(&udp(VIP, *p)).1).dst == B1)
+        .expect("some flow of A lands on B1");
+    let sport_b = 45000;
+    assert_eq!(pkt::parse(&b.run(&udp(vip_b, sport_b)).1).dst, B1);
+
+    let r = b.writer.sync(&both(vec![ep(B2, 5353)]));
+    assert!(r.failed.is_empty(), "{:?}", r.failed);
+    let ap = |a: Ipv4Addr, p: u16| (IpAddr::V4(a), p);
+    assert_eq!(
+        r.stale_udp.pairs,
+        [(ap(VIP, 53), ap(B1, 5353))].into_iter().collect(),
+        "{:?}",
+        r.stale_udp
+    );
+    assert!(r.stale_udp.backends.is_empty(), "B1 still backs B");
+    let (rc, out, moved) = b.run_counted(&udp(VIP, sport_a));
+    assert_eq!((rc, moved), (TC_ACT_OK, vec!["reselected"]));
+    assert_eq!(pkt::parse(&out).dst, B2);
+    let (rc, out, moved) = b.run_counted(&udp(vip_b, sport_b));
+    assert_eq!((rc, moved), (TC_ACT_OK, vec!["translated_established"]));
+    assert_eq!(pkt::parse(&out).dst, B1);
+}
+
 /// `tcp_syn` with only ACK set (a packet of an established connection), checksum kept valid
 /// (RFC 1624 incremental update of the word holding the flags).
 fn tcp_ack(sport: u16) -> Vec<u8> {
