@@ -856,6 +856,45 @@ fn evict(
     n
 }
 
+/// Moves the last_seen of every forward entry `ns` into the past.
+fn age_forward_entries(
+    ct: &mut aya::maps::HashMap<aya::maps::MapData, proxy_common::CtKey, proxy_common::CtValue>,
+    ns: u64,
+) {
+    let keys: Vec<proxy_common::CtKey> = ct.keys().map(|k| k.unwrap()).collect();
+    for k in keys
+        .into_iter()
+        .filter(|k| k.dir == proxy_common::CT_FORWARD)
+    {
+        let mut v = ct.get(&k, 0).unwrap();
+        v.last_seen_ns -= ns;
+        ct.insert(k, v, 0).unwrap();
+    }
+}
+
+/// A FIN or RST marks the reply entry too, so such a packet looks it up whenever it comes, and
+/// puts it back if it was evicted, closing.
+#[test]
+fn a_fin_puts_back_an_evicted_reply_entry_at_once() {
+    let mut b = bed();
+    let mut ct = conntrack(&b);
+    let first = pkt::parse(&b.run(&tcp_syn(45100)).1).dst;
+    assert_eq!(evict(&mut ct, true), 1);
+    let (_, _, moved) = b.run_counted(&with_tcp_flags(tcp_syn(45100), 0x11));
+    assert_eq!(moved, ["translated_established"]);
+    let keys: Vec<proxy_common::CtKey> = ct.keys().map(|k| k.unwrap()).collect();
+    let reply = keys
+        .iter()
+        .find(|k| k.dir == proxy_common::CT_REVERSE)
+        .expect("reply entry put back");
+    let v = ct.get(reply, 0).unwrap();
+    assert_ne!(v.flags & proxy_common::CT_CLOSING, 0, "closing");
+    assert_eq!(
+        proxy_agent::datapath::addr::from_words(reply.saddr, reply.family),
+        IpAddr::V4(first)
+    );
+}
+
 #[test]
 fn flows_whose_conntrack_entries_were_evicted_carry_on() {
     let mut b = bed();
@@ -870,10 +909,18 @@ fn flows_whose_conntrack_entries_were_evicted_carry_on() {
         let (rc, out, moved) = b.run_counted(&tcp_ack(port));
         assert_eq!((rc, moved), (TC_ACT_OK, vec!["translated_new"]));
         assert_eq!(pkt::parse(&out).dst, first, "port {port}: another backend");
-        // Only the reply direction evicted: the next packet of the flow puts it back.
+        // Only the reply direction evicted: an established packet looks it up (and puts it
+        // back) only when its forward entry is due for its last_seen refresh (at most once a
+        // second), so the next one, a moment later, does not, and one once the refresh is due
+        // does (the time passing is simulated by ageing the forward entry).
         assert_eq!(evict(&mut ct, true), 1);
         let (_, _, moved) = b.run_counted(&tcp_ack(port));
         assert_eq!(moved, ["translated_established"]);
+        assert_eq!(ct.keys().count(), 1, "no lookup of the reply entry");
+        age_forward_entries(&mut ct, 1_100_000_000);
+        let (_, _, moved) = b.run_counted(&tcp_ack(port));
+        assert_eq!(moved, ["translated_established"]);
+        assert_eq!(ct.keys().count(), 2, "reply entry put back");
         let reply = pkt::Ip::new(first, CLIENT, pkt::TCP).frame(&pkt::l4(
             pkt::TCP,
             first,

@@ -364,6 +364,32 @@ fn snat_port(
     None
 }
 
+/// The translation of a packet of an established flow (`first`: the first one tc sees of a
+/// flow XDP recorded).
+#[inline(always)]
+fn established(
+    addr: [u32; 4],
+    port_be: u16,
+    flags: u16,
+    orig_addr: [u32; 4],
+    orig_port: u16,
+    valid: bool,
+    first: bool,
+) -> Verdict {
+    Verdict::Dnat {
+        addr,
+        port_be,
+        snat: Nat::when(flags & CT_SNAT != 0, orig_addr, orig_port),
+        counter: if first {
+            Counter::TranslatedNew
+        } else if valid {
+            Counter::TranslatedEstablished
+        } else {
+            Counter::TranslatedDraining
+        },
+    }
+}
+
 /// Not inlined, like `reverse`: separate BPF functions keep the stack frames of the two paths
 /// apart (the verifier allows 512 bytes along any call chain).
 // Map keys and values are passed by reference on purpose: by value they would be copied onto
@@ -390,7 +416,7 @@ fn forward(flow: &Flow, svc: &ServiceValue, iface: Option<IfaceConfig>) -> Verdi
     let mut reselected = false;
     if let Some(ct) = CONNTRACK.get_ptr_mut(&s.fkey) {
         // SAFETY: pointer from a successful lookup; fields copied out.
-        let (backend_id, nat_addr, nat_port, ct_svc, flags, orig_addr, orig_port) = unsafe {
+        let (backend_id, nat_addr, nat_port, ct_svc, flags, orig_addr, orig_port, last_seen) = unsafe {
             (
                 (*ct).backend_id,
                 (*ct).nat_addr,
@@ -399,6 +425,7 @@ fn forward(flow: &Flow, svc: &ServiceValue, iface: Option<IfaceConfig>) -> Verdi
                 (*ct).flags,
                 (*ct).orig_addr,
                 (*ct).orig_port_be,
+                (*ct).last_seen_ns,
             )
         };
         // A TCP connection whose backend was removed drains: it keeps its backend (the
@@ -415,10 +442,24 @@ fn forward(flow: &Flow, svc: &ServiceValue, iface: Option<IfaceConfig>) -> Verdi
                 // SAFETY: pointer from a successful lookup.
                 unsafe { (*ct).flags &= !CT_UNCOUNTED };
             }
+            // A FIN or RST marks the connection closing in both entries (the collector then
+            // frees them, and the SNAT port, soon after it goes idle); a new SYN on the tuple
+            // clears the mark.
+            let tcp = flow.proto == IPPROTO_TCP;
+            let closing = tcp && flow.tcp_flags & (TCP_FIN | TCP_RST) != 0;
+            let reopened = tcp && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+            mark_closing(ct, closing, reopened);
             // The reply direction is a separate LRU entry: under conntrack pressure it can be
             // evicted while this one lives, and the next reply would leave untranslated (the
-            // client answers it with a reset). Every packet this way keeps it (the lookup
-            // refreshes it in the LRU) or puts it back.
+            // client answers it with a reset). It is looked up, and put back when missing,
+            // when this entry's last_seen is due for its refresh (at most once per TOUCH_NS)
+            // and when a FIN, RST or SYN marks both entries: other established packets cost
+            // no lookup of it (its own replies keep it fresh in the LRU).
+            if !first && !closing && !reopened && now.wrapping_sub(last_seen) <= TOUCH_NS {
+                return established(
+                    nat_addr, nat_port, flags, orig_addr, orig_port, valid, first,
+                );
+            }
             s.rkey = ct_key(
                 nat_addr,
                 flow.saddr,
@@ -432,13 +473,6 @@ fn forward(flow: &Flow, svc: &ServiceValue, iface: Option<IfaceConfig>) -> Verdi
                 s.rkey.daddr = orig_addr;
                 s.rkey.dport_be = orig_port;
             }
-            // A FIN or RST marks the connection closing in both entries (the collector then
-            // frees them, and the SNAT port, soon after it goes idle); a new SYN on the tuple
-            // clears the mark.
-            let tcp = flow.proto == IPPROTO_TCP;
-            let closing = tcp && flow.tcp_flags & (TCP_FIN | TCP_RST) != 0;
-            let reopened = tcp && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-            mark_closing(ct, closing, reopened);
             if let Some(r) = CONNTRACK.get_ptr_mut(&s.rkey) {
                 mark_closing(r, closing, reopened);
             } else {
@@ -448,18 +482,9 @@ fn forward(flow: &Flow, svc: &ServiceValue, iface: Option<IfaceConfig>) -> Verdi
                 }
                 let _ = CONNTRACK.insert(&s.rkey, &s.rval, 0);
             }
-            return Verdict::Dnat {
-                addr: nat_addr,
-                port_be: nat_port,
-                snat: Nat::when(flags & CT_SNAT != 0, orig_addr, orig_port),
-                counter: if first {
-                    Counter::TranslatedNew
-                } else if valid {
-                    Counter::TranslatedEstablished
-                } else {
-                    Counter::TranslatedDraining
-                },
-            };
+            return established(
+                nat_addr, nat_port, flags, orig_addr, orig_port, valid, first,
+            );
         }
         reselected = true;
     }

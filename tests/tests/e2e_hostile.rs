@@ -1087,8 +1087,9 @@ const FLOOD_FOR: Duration = Duration::from_secs(6);
 /// comes back (seen: 200 ms streams reset once in several runs). Busy streams are looked up on
 /// every packet, which refreshes them in the LRU; idle
 /// ones are evicted, and must carry on all the same: their next packet finds the same backend
-/// (the choice is a hash of the tuple) and records the flow again, and a forward packet puts
-/// back an evicted reply entry. Every stream must survive.
+/// (the choice is a hash of the tuple) and records the flow again, and a forward packet due
+/// for its entry's refresh (at most a second apart) puts back an evicted reply entry. Every
+/// stream must survive.
 #[test]
 fn conntrack_pressure_keeps_established_streams() {
     with_bed(1, |bed| {
