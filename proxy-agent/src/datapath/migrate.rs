@@ -297,9 +297,11 @@ impl Migration {
         }
         // Only once: the rewritten maps are the agent's own (the services map), which the
         // programs never write, and a second pass would bring back what the first sync removed.
+        // Entries already in the new map win: an agent stopped before it released the old map
+        // had already written them (what this brings back beside them, its sync removes).
         for r in &self.replaced {
             if let Some(rekey) = r.rekey {
-                let n = copy_entries(&r.old, &r.new, false, Some(rekey))?;
+                let n = copy_entries(&r.old, &r.new, true, Some(rekey))?;
                 tracing::info!(
                     map = r.name,
                     entries = n,
