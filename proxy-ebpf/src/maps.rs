@@ -13,7 +13,7 @@ use proxy_common::{
     maglev_elements,
 };
 
-#[btf_map(name = "svc_v1")]
+#[btf_map(name = "svc_v2")]
 pub static SERVICES: HashMap<ServiceKey, ServiceValue, { limits::SERVICES as usize }> =
     HashMap::new();
 

@@ -178,17 +178,18 @@ fn empty_xdp_prog() -> Result<OwnedFd> {
 }
 
 /// The services map key (proxy_common::ServiceKey: addr [u32; 4] network order, port_be,
-/// proto, scope) of `vip:port`/TCP, as bytes.
-fn service_key(vip: Ipv4Addr, port: u16) -> [u8; 20] {
-    let mut k = [0u8; 20];
+/// proto, scope, family, 3 bytes of padding) of `vip:port`/TCP, as bytes.
+fn service_key(vip: Ipv4Addr, port: u16) -> [u8; 24] {
+    let mut k = [0u8; 24];
     k[..4].copy_from_slice(&vip.octets());
     k[16..18].copy_from_slice(&port.to_be_bytes());
     k[18] = 6;
+    k[20] = 2; // AF_INET
     k
 }
 
 /// One `bpf_map_lookup_elem` of a constant key in `map`, then `return TC_ACT_OK`.
-fn lookup_prog(map: &OwnedFd, key: &[u8; 20]) -> Result<OwnedFd> {
+fn lookup_prog(map: &OwnedFd, key: &[u8; 24]) -> Result<OwnedFd> {
     let w = |i: usize| i32::from_le_bytes(key[i..i + 4].try_into().unwrap());
     let st = |off: i16, imm: i32| insn(0x62, 10, 0, off, imm); // *(u32 *)(r10 + off) = imm
     let prog = [
@@ -197,6 +198,7 @@ fn lookup_prog(map: &OwnedFd, key: &[u8; 20]) -> Result<OwnedFd> {
         st(-16, w(8)),
         st(-12, w(12)),
         st(-8, w(16)),
+        st(-4, w(20)),
         insn(0x18, 1, 1, 0, map.as_raw_fd()), // r1 = map (BPF_PSEUDO_MAP_FD)
         0,
         insn(0xbf, 2, 10, 0, 0),  // r2 = r10
@@ -208,7 +210,7 @@ fn lookup_prog(map: &OwnedFd, key: &[u8; 20]) -> Result<OwnedFd> {
     load_prog(&prog, "bench_lookup")
 }
 
-fn map_has(map: &OwnedFd, key: &[u8; 20]) -> bool {
+fn map_has(map: &OwnedFd, key: &[u8; 24]) -> bool {
     let mut value = [0u8; 256];
     let mut a = Attr::new();
     a.u32(0, map.as_raw_fd() as u32)
@@ -435,7 +437,7 @@ pub fn measure(
     calls: usize,
 ) -> Result<Costs> {
     let prog = tc_prog(bpffs, "tc_ingress")?;
-    let map = obj_get(&bpffs.join("svc_v1"))?;
+    let map = obj_get(&bpffs.join("svc_v2"))?;
     let key = service_key(vip, port);
     ensure!(
         map_has(&map, &key),
@@ -581,7 +583,7 @@ pub fn measure_node_port(t: &NodePortTarget, calls: usize) -> Result<NodePortCos
     let tc = linked_prog(t.bpffs, |n| n == format!("tc_ingress@{}", t.iface))
         .with_context(|| format!("the agent's tc program on {}", t.iface))?;
     let ct = obj_get(&t.bpffs.join("ct_v1"))?;
-    let svc = obj_get(&t.bpffs.join("svc_v1"))?;
+    let svc = obj_get(&t.bpffs.join("svc_v2"))?;
     let key = service_key(t.node_ip, t.node_port);
     ensure!(
         map_has(&svc, &key),
