@@ -20,7 +20,7 @@ pub mod names {
     pub const SERVICES: &str = "svc_v2";
     pub const SLOTS: &str = "svc_slots_v1";
     pub const BACKENDS: &str = "backends_v1";
-    pub const CONNTRACK: &str = "ct_v1";
+    pub const CONNTRACK: &str = "ct_v2";
     pub const FRAGMENTS: &str = "frag_v1";
     pub const COUNTERS: &str = "counters_v1";
     pub const SVC_NAMES: &str = "svc_names_v1";
@@ -297,7 +297,13 @@ pub struct CtValue {
     pub orig_port_be: u16,
     pub _pad: u16,
     pub last_seen_ns: u64,
+    /// When the entry was created (`ct_v2`; entries rewritten from `ct_v1` carry their last-seen
+    /// time): a flow's age for `proxy-agent flows`. Written once, never on the per-packet path.
+    pub created_ns: u64,
 }
+
+/// The size of a conntrack value in `ct_v1`, before `created_ns`.
+pub const CT_VALUE_V1_SIZE: usize = 56;
 
 pub const CT_SNAT: u16 = 1;
 /// A forward entry XDP recorded for a packet it then passed to tc (a local backend, an
@@ -586,7 +592,7 @@ const _: () = assert!(core::mem::size_of::<ServiceKey>() == 24);
 const _: () = assert!(core::mem::size_of::<ServiceValue>() == 16);
 const _: () = assert!(core::mem::size_of::<Backend>() == 24);
 const _: () = assert!(core::mem::size_of::<CtKey>() == 40);
-const _: () = assert!(core::mem::size_of::<CtValue>() == 56);
+const _: () = assert!(core::mem::size_of::<CtValue>() == 64);
 const _: () = assert!(core::mem::size_of::<FragKey>() == 40);
 const _: () = assert!(core::mem::size_of::<SvcName>() == 128);
 const _: () = assert!(core::mem::size_of::<SockKey>() == 32);

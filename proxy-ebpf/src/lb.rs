@@ -129,6 +129,7 @@ fn reply_entry(v: &mut CtValue, flow: &Flow, flags: u16, backend_id: u32, svc_id
         orig_port_be: flow.sport_be,
         _pad: 0,
         last_seen_ns: now,
+        created_ns: now,
     };
 }
 
@@ -445,7 +446,7 @@ fn forward(flow: &Flow, svc: &ServiceValue, iface: Option<IfaceConfig>, origin: 
             // no lookup of it (its own replies keep it fresh in the LRU).
             if !first && !closing && !reopened && now.wrapping_sub(last_seen) <= TOUCH_NS {
                 return established(
-                    nat_addr, nat_port, flags, orig_addr, orig_port, valid, first,
+                    nat_addr, nat_port, flags, orig_addr, orig_port, valid, first, svc_id,
                 );
             }
             s.rkey = ct_key(
@@ -546,6 +547,7 @@ fn forward(flow: &Flow, svc: &ServiceValue, iface: Option<IfaceConfig>, origin: 
         orig_port_be: sport,
         _pad: 0,
         last_seen_ns: now,
+        created_ns: now,
     };
     s.rkey = ct_key(
         baddr,

@@ -1136,7 +1136,7 @@ fn conntrack_pressure_keeps_established_streams() {
             .as_array()
             .into_iter()
             .flatten()
-            .find(|m| m["name"] == "ct_v1")
+            .find(|m| m["name"] == "ct_v2")
             .cloned()
             .unwrap_or_default();
         eprintln!("conntrack map before: {ct}");
@@ -1226,7 +1226,7 @@ fn conntrack_pressure_keeps_established_streams() {
             .as_array()
             .into_iter()
             .flatten()
-            .find(|m| m["name"] == "ct_v1")
+            .find(|m| m["name"] == "ct_v2")
             .cloned()
             .unwrap_or_default();
         let broken = |v: &[StreamResult]| v.iter().filter(|r| r.error.is_some()).count();
@@ -1248,7 +1248,7 @@ fn conntrack_pressure_keeps_established_streams() {
                 .join("\n    ")
         };
         let mut report = format!(
-            "conntrack pressure (ct_v1 capacity 1024 = 512 flows, tc path): {} short connections \
+            "conntrack pressure (ct_v2 capacity 1024 = 512 flows, tc path): {} short connections \
              in {flood_took:?} ({flood_tally}); {:?} in all; established streams broken:",
             flood.len(),
             started.elapsed()

@@ -27,7 +27,7 @@ fn ct_capacity(s: &serde_json::Value) -> Option<u64> {
     s["maps"]
         .as_array()?
         .iter()
-        .find(|m| m["name"] == "ct_v1")?["max_entries"]
+        .find(|m| m["name"] == "ct_v2")?["max_entries"]
         .as_u64()
 }
 
@@ -47,7 +47,7 @@ fn three_backends(bed: &mut TestBed, name: &str, vip: &str) -> Result<tests::Pod
 }
 
 /// Eight streams to `vip`:90 from a thread in the client pod's namespace: per-packet NAT (tc
-/// path), so they live on conntrack entries in ct_v1.
+/// path), so they live on conntrack entries in ct_v2.
 fn streams(client: &tests::Pod, vip: &str) -> Result<Vec<EchoStream>> {
     let vip: SocketAddr = SocketAddr::new(vip.parse()?, 90);
     let streams = in_netns(&client.ns, move || {
@@ -182,21 +182,27 @@ fn bpftool(args: &[&str]) -> Result<String> {
     Ok(String::from_utf8(out.stdout)?)
 }
 
-/// Leaves the pins as an agent of the `svc_v1` layout would: the services map as `svc_v1`,
-/// keyed without the family (the first 20 bytes of today's key), and no `svc_v2`. The attached
-/// programs keep the map they hold.
-fn pin_services_as_v1(bpffs: &std::path::Path) -> Result<usize> {
-    let v2 = bpffs.join("svc_v2");
-    let v1 = bpffs.join("svc_v1");
+/// Leaves the pins as an agent of an older layout would: map `new` re-created as `old` (of
+/// `map_type`), each entry cut to its first `key_len` key and `value_len` value bytes, and no
+/// `new`. The attached programs keep the map they hold.
+fn pin_as_older_layout(
+    bpffs: &std::path::Path,
+    (new, old): (&str, &str),
+    map_type: &str,
+    (key_len, value_len): (usize, usize),
+) -> Result<usize> {
+    let v2 = bpffs.join(new);
+    let v1 = bpffs.join(old);
     let (v2s, v1s) = (v2.to_string_lossy(), v1.to_string_lossy());
     let info: serde_json::Value =
         serde_json::from_str(&bpftool(&["-j", "map", "show", "pinned", &v2s])?)?;
     let max = info["max_entries"].as_u64().unwrap_or(0).to_string();
     let dump: serde_json::Value =
         serde_json::from_str(&bpftool(&["-j", "map", "dump", "pinned", &v2s])?)?;
+    let (k, v) = (key_len.to_string(), value_len.to_string());
     bpftool(&[
-        "map", "create", &v1s, "type", "hash", "key", "20", "value", "16", "entries", &max, "name",
-        "svc_v1",
+        "map", "create", &v1s, "type", map_type, "key", &k, "value", &v, "entries", &max, "name",
+        old,
     ])?;
     let hex = |v: &serde_json::Value| -> Vec<String> {
         v.as_array()
@@ -209,15 +215,24 @@ fn pin_services_as_v1(bpffs: &std::path::Path) -> Result<usize> {
     let entries = dump.as_array().cloned().unwrap_or_default();
     for e in &entries {
         let (key, value) = (hex(&e["key"]), hex(&e["value"]));
-        ensure!(key.len() == 24 && value.len() == 16, "entry {e}");
+        ensure!(
+            key.len() >= key_len && value.len() >= value_len,
+            "entry {e}"
+        );
         let mut args = vec!["map", "update", "pinned", &v1s, "key", "hex"];
-        args.extend(key[..20].iter().map(String::as_str));
+        args.extend(key[..key_len].iter().map(String::as_str));
         args.extend(["value", "hex"]);
-        args.extend(value.iter().map(String::as_str));
+        args.extend(value[..value_len].iter().map(String::as_str));
         bpftool(&args)?;
     }
     std::fs::remove_file(&v2)?;
     Ok(entries.len())
+}
+
+/// The services map as an agent of the `svc_v1` layout left it: keyed without the family (the
+/// first 20 bytes of today's key).
+fn pin_services_as_v1(bpffs: &std::path::Path) -> Result<usize> {
+    pin_as_older_layout(bpffs, ("svc_v2", "svc_v1"), "hash", (20, 16))
 }
 
 /// Issue 16 bug 4: `svc_v2` added the family to the services key. An agent finding the
@@ -274,6 +289,79 @@ fn the_services_map_of_the_older_layout_is_rewritten_keeping_ids_and_flows() {
         ensure!(
             !new.bpffs.join("svc_v1").exists(),
             "the older layout's map is still pinned"
+        );
+        Ok(())
+    });
+}
+
+/// `ct_v2` added each entry's creation time. An agent finding the conntrack map of the older
+/// layout (`ct_v1`, 56-byte values) rewrites its entries into the new one instead of starting
+/// empty: established flows keep their entries (no new flow, no reselection) through the
+/// upgrade, `flows` shows them with an age, and `ct_v1` is released.
+#[test]
+fn the_conntrack_map_of_the_older_layout_is_rewritten_keeping_established_flows() {
+    with_bed(|bed| {
+        const VIP: &str = "198.18.100.74";
+        let client = three_backends(bed, "ct1", VIP)?;
+        let old = bed.start_agent(1)?;
+        old.wait_for_sync(1, SYNC)?;
+        let node2 = bed.start_agent(2)?;
+        node2.wait_for_sync(1, SYNC)?;
+        let mut streams = streams(&client, VIP)?;
+        bed.stop_agent(&old);
+        let n = pin_as_older_layout(&old.bpffs, ("ct_v2", "ct_v1"), "lru_hash", (40, 56))?;
+        ensure!(n >= 16, "{n} conntrack entries for 8 streams");
+        for (i, s) in streams.iter_mut().enumerate() {
+            s.exchange(&format!("on the old layout {i}"), T)?;
+        }
+        let new = bed.start_agent(1)?;
+        new.wait_for_sync(1, SYNC)?;
+        let log = new.log_text();
+        ensure!(
+            log.contains("map of an older layout") && log.contains("rewrote entries"),
+            "agent log: {}",
+            new.log_tail(30)
+        );
+        let status = new.status_json()?;
+        let moved = |s: &serde_json::Value| {
+            counter(s, "translated_draining")
+                + counter(s, "reselected")
+                + counter(s, "translated_new")
+        };
+        let before = moved(&status);
+        for round in 0..5 {
+            for (i, s) in streams.iter_mut().enumerate() {
+                s.exchange(&format!("after upgrade {round} {i}"), T)?;
+            }
+        }
+        let status = new.status_json()?;
+        ensure!(
+            moved(&status) == before,
+            "established flows were treated as new after the upgrade: {:#}",
+            status["counters"]
+        );
+        ensure!(
+            !new.bpffs.join("ct_v1").exists(),
+            "the older layout's map is still pinned"
+        );
+        let bpffs = new.bpffs.to_string_lossy().into_owned();
+        let flows: serde_json::Value = serde_json::from_str(&new.cli(&[
+            "flows",
+            "--bpffs",
+            &bpffs,
+            "--service",
+            "default/ct1",
+            "-o",
+            "json",
+        ])?)?;
+        let list = flows["flows"].as_array().cloned().unwrap_or_default();
+        ensure!(
+            list.len() == 8
+                && list.iter().all(|f| f["age_s"]
+                    .as_f64()
+                    .zip(f["idle_s"].as_f64())
+                    .is_some_and(|(a, i)| a >= i)),
+            "the 8 streams, each with an age: {flows:#}"
         );
         Ok(())
     });

@@ -17,8 +17,9 @@ use std::{
 
 use aya::maps::MapData;
 use proxy_common::{
-    Backend, BackendKey, COUNTER_COUNT, CtKey, CtValue, FragKey, FragValue, SERVICE_KEY_V1_SIZE,
-    ServiceKey, ServiceValue, SlotKey, SlotValue, SockKey, SockValue, SvcName, limits, names,
+    Backend, BackendKey, COUNTER_COUNT, CT_VALUE_V1_SIZE, CtKey, CtValue, FragKey, FragValue,
+    SERVICE_KEY_V1_SIZE, ServiceKey, ServiceValue, SlotKey, SlotValue, SockKey, SockValue, SvcName,
+    limits, names,
 };
 
 use super::loader::{MapSizes, bpf, obj_get};
@@ -62,16 +63,25 @@ pub fn wanted_shape(name: &str, sizes: MapSizes) -> Option<(u32, u32, u32)> {
     }
 }
 
-/// The new key of an old (key, value) entry of another layout version; values keep their layout.
-type Rekey = fn(&[u8], &[u8]) -> Vec<u8>;
+/// The new (key, value) of an old entry of another layout version.
+type Rekey = fn(&[u8], &[u8]) -> (Vec<u8>, Vec<u8>);
 
 /// `svc_v1` -> `svc_v2`: the key gained the address family after its 20 bytes, and the value
 /// already held it.
-fn service_key_with_family(key: &[u8], value: &[u8]) -> Vec<u8> {
+fn service_key_with_family(key: &[u8], value: &[u8]) -> (Vec<u8>, Vec<u8>) {
     let mut k = key.to_vec();
     k.resize(std::mem::size_of::<ServiceKey>(), 0);
     k[SERVICE_KEY_V1_SIZE] = value[std::mem::offset_of!(ServiceValue, family)];
-    k
+    (k, value.to_vec())
+}
+
+/// `ct_v1` -> `ct_v2`: the value gained `created_ns` after its 56 bytes; a flow of the older
+/// layout is taken as created when it was last seen (its true start is not known).
+fn conntrack_value_with_created(key: &[u8], value: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    let last_seen = std::mem::offset_of!(CtValue, last_seen_ns);
+    let mut v = value.to_vec();
+    v.extend_from_slice(&value[last_seen..last_seen + 8]);
+    (key.to_vec(), v)
 }
 
 /// How the entries of `file`, a map of an older layout version of `name`, become entries of
@@ -81,8 +91,12 @@ fn rekey_of(name: &str, file: &str, old: (u32, u32)) -> Option<Rekey> {
         SERVICE_KEY_V1_SIZE as u32,
         std::mem::size_of::<ServiceValue>() as u32,
     );
-    (name == names::SERVICES && file == "svc_v1" && old == svc_v1)
-        .then_some(service_key_with_family as Rekey)
+    let ct_v1 = (std::mem::size_of::<CtKey>() as u32, CT_VALUE_V1_SIZE as u32);
+    match (name, file) {
+        (names::SERVICES, "svc_v1") if old == svc_v1 => Some(service_key_with_family as Rekey),
+        (names::CONNTRACK, "ct_v1") if old == ct_v1 => Some(conntrack_value_with_created as Rekey),
+        _ => None,
+    }
 }
 
 /// A map being replaced: the old one (moved aside) and the new one's pin.
@@ -271,8 +285,12 @@ fn copy_entries(
             None
         };
         let flags = if keep_newer { BPF_NOEXIST } else { 0 };
-        let new_key = rekey.map(|f| f(&key, &value));
-        let mut attr = elem_attr(&dst, new_key.as_deref().unwrap_or(&key), &mut value, flags);
+        let mut rewritten = rekey.map(|f| f(&key, &value));
+        let (k, v): (&[u8], &mut [u8]) = match rewritten.as_mut() {
+            Some((k, v)) => (k.as_slice(), v.as_mut_slice()),
+            None => (key.as_slice(), value.as_mut_slice()),
+        };
+        let mut attr = elem_attr(&dst, k, v, flags);
         match bpf(BPF_MAP_UPDATE_ELEM, &mut attr) {
             Ok(_) => copied += 1,
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
@@ -295,8 +313,9 @@ impl Migration {
             let n = copy_entries(&r.old, &r.new, false, None)?;
             tracing::info!(map = r.name, entries = n, "copied entries into the new map");
         }
-        // Only once: the rewritten maps are the agent's own (the services map), which the
-        // programs never write, and a second pass would bring back what the first sync removed.
+        // The services map only once: the programs never write it, and a second pass would
+        // bring back what the first sync removed (conntrack, which they write, again in
+        // `finish`).
         // Entries already in the new map win: an agent stopped before it released the old map
         // had already written them (what this brings back beside them, its sync removes).
         for r in &self.replaced {
@@ -316,6 +335,16 @@ impl Migration {
     /// added meanwhile, then release the old maps.
     pub fn finish(self) -> io::Result<()> {
         for r in &self.replaced {
+            // The old programs kept writing conntrack entries of the older layout until the
+            // new ones took their links: rewrite those too (entries already there win).
+            if let Some(rekey) = r.rekey.filter(|_| r.name == names::CONNTRACK) {
+                let n = copy_entries(&r.old, &r.new, true, Some(rekey))?;
+                tracing::info!(
+                    map = r.name,
+                    entries = n,
+                    "rewrote late entries of the older layout into the new map"
+                );
+            }
             if r.copy && r.name != names::COUNTERS {
                 let n = copy_entries(&r.old, &r.new, true, None)?;
                 tracing::info!(
@@ -338,9 +367,10 @@ mod tests {
     fn older_layout_versions_are_recognised() {
         assert_eq!(newer_version_of("ct_v0"), Some(names::CONNTRACK));
         assert_eq!(newer_version_of("svc_slots_v7"), Some(names::SLOTS));
-        assert_eq!(newer_version_of("ct_v1"), None, "the current one");
+        assert_eq!(newer_version_of("ct_v2"), None, "the current one");
+        assert_eq!(newer_version_of("ct_v1"), Some(names::CONNTRACK));
         assert_eq!(newer_version_of("links"), None);
-        assert_eq!(newer_version_of("old_ct_v1"), None);
+        assert_eq!(newer_version_of("old_ct_v2"), None);
         assert_eq!(newer_version_of("ct_vx"), None);
         assert_eq!(newer_version_of("svc_v1"), Some(names::SERVICES));
     }
@@ -372,8 +402,31 @@ mod tests {
         );
         let old_key = &new_key[..SERVICE_KEY_V1_SIZE];
         let rekey = rekey_of(names::SERVICES, "svc_v1", (20, 16)).expect("svc_v1 is rewritten");
-        assert_eq!(rekey(old_key, &value), new_key);
+        assert_eq!(rekey(old_key, &value), (new_key, value.clone()));
         assert!(rekey_of(names::SERVICES, "svc_v1", (20, 12)).is_none());
         assert!(rekey_of(names::CONNTRACK, "ct_v0", (36, 32)).is_none());
+    }
+
+    #[test]
+    fn conntrack_v1_entries_take_their_last_seen_time_as_created() {
+        let v = CtValue {
+            backend_id: 3,
+            svc_id: 9,
+            flags: proxy_common::CT_SNAT,
+            last_seen_ns: 0x1122_3344_5566_7788,
+            created_ns: 0x1122_3344_5566_7788,
+            ..Default::default()
+        };
+        let bytes = unsafe {
+            std::slice::from_raw_parts((&v as *const CtValue).cast::<u8>(), size_of::<CtValue>())
+        }
+        .to_vec();
+        let key = vec![7u8; size_of::<CtKey>()];
+        let rekey = rekey_of(names::CONNTRACK, "ct_v1", (40, 56)).expect("ct_v1 is rewritten");
+        assert_eq!(
+            rekey(&key, &bytes[..CT_VALUE_V1_SIZE]),
+            (key.clone(), bytes)
+        );
+        assert!(rekey_of(names::CONNTRACK, "ct_v1", (40, 48)).is_none());
     }
 }

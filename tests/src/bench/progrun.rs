@@ -582,7 +582,7 @@ pub fn measure_node_port(t: &NodePortTarget, calls: usize) -> Result<NodePortCos
     .with_context(|| format!("the agent's XDP program on {}", t.iface))?;
     let tc = linked_prog(t.bpffs, |n| n == format!("tc_ingress@{}", t.iface))
         .with_context(|| format!("the agent's tc program on {}", t.iface))?;
-    let ct = obj_get(&t.bpffs.join("ct_v1"))?;
+    let ct = obj_get(&t.bpffs.join("ct_v2"))?;
     let svc = obj_get(&t.bpffs.join("svc_v2"))?;
     let key = service_key(t.node_ip, t.node_port);
     ensure!(
@@ -687,9 +687,9 @@ pub fn measure_node_port(t: &NodePortTarget, calls: usize) -> Result<NodePortCos
     })?
 }
 
-/// Offset of `last_seen_ns` (CLOCK_MONOTONIC, ns) in proxy_common::CtValue (56 bytes).
+/// Offset of `last_seen_ns` (CLOCK_MONOTONIC, ns) in proxy_common::CtValue (64 bytes).
 const CT_LAST_SEEN: usize = 48;
-const CT_VALUE_SIZE: usize = 56;
+const CT_VALUE_SIZE: usize = 64;
 
 /// Whether a conntrack entry belongs to a NodePort flow through `node_ip` from `client`: the
 /// forward entry (client -> node) or the reverse entry of its SNAT (backend -> node).
@@ -720,7 +720,7 @@ pub fn delete_idle_node_port_flows(
     min_idle: std::time::Duration,
 ) -> Result<(usize, usize)> {
     const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
-    let ct = obj_get(&bpffs.join("ct_v1"))?;
+    let ct = obj_get(&bpffs.join("ct_v2"))?;
     let now = {
         let mut ts = libc::timespec {
             tv_sec: 0,
@@ -745,7 +745,7 @@ pub fn delete_idle_node_port_flows(
         match bpf(BPF_MAP_GET_NEXT_KEY, &mut a) {
             Ok(_) => {}
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => break,
-            Err(e) => return Err(e).context("iterating ct_v1"),
+            Err(e) => return Err(e).context("iterating the conntrack map"),
         }
         first = false;
         key = next;
