@@ -110,6 +110,7 @@ pub struct ConntrackView {
     pub backend_id: u32,
     /// The node address and port the client was SNATed to.
     pub snat: Option<String>,
+    pub age_s: f64,
     pub idle_s: f64,
     pub closing: bool,
     /// The hook that admitted the flow: "xdp" or "tc".
@@ -396,6 +397,7 @@ impl Explainer {
                             u16::from_be(ct.orig_port_be),
                         )
                     }),
+                    age_s: now.saturating_sub(ct.created_ns) as f64 / 1e9,
                     idle_s: now.saturating_sub(ct.last_seen_ns) as f64 / 1e9,
                     closing: ct.flags & CT_CLOSING != 0,
                     admitted_by: if ct.flags & CT_XDP != 0 { "xdp" } else { "tc" },
@@ -414,10 +416,11 @@ impl Explainer {
                 });
                 e.snat = view.snat.clone();
                 e.steps.push(format!(
-                    "conntrack: established flow to {} (backend {}, admitted by {}, idle {:.1} s{})",
+                    "conntrack: established flow to {} (backend {}, admitted by {}, age {:.1} s, idle {:.1} s{})",
                     addr_port(view.backend, view.backend_port),
                     ct.backend_id,
                     view.admitted_by,
+                    view.age_s,
                     view.idle_s,
                     if still { "" } else { "; backend removed: the TCP connection drains, a SYN would choose again" }
                 ));

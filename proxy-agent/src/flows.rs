@@ -44,6 +44,8 @@ pub struct Flow {
     pub protocol: &'static str,
     /// "established" or "closing" (TCP), "active" (UDP), "connected" (socket LB).
     pub state: &'static str,
+    /// Seconds since the flow's conntrack entries were made; null for socket LB.
+    pub age_s: Option<f64>,
     /// Seconds since the flow's last packet (refreshed at most once a second); null for socket
     /// LB, which translates once, at connect.
     pub idle_s: Option<f64>,
@@ -118,6 +120,7 @@ pub fn collect(bpffs: &Path, filter: &Filter) -> anyhow::Result<Flows> {
                     (true, false) => "established",
                     (false, _) => "active",
                 },
+                age_s: Some(now.saturating_sub(v.created_ns) as f64 / 1e9),
                 idle_s: Some(now.saturating_sub(v.last_seen_ns) as f64 / 1e9),
                 path: if v.flags & CT_XDP != 0 { "xdp" } else { "tc" },
             },
@@ -149,6 +152,7 @@ pub fn collect(bpffs: &Path, filter: &Filter) -> anyhow::Result<Flows> {
             snat: None,
             protocol,
             state: "connected",
+            age_s: None,
             idle_s: None,
             path: "socket-lb",
         });
@@ -162,18 +166,19 @@ pub fn collect(bpffs: &Path, filter: &Filter) -> anyhow::Result<Flows> {
 
 pub fn print_table(f: &Flows) {
     println!(
-        "{:<26} {:<24} {:<24} {:<24} {:<5} {:<11} {:>8} {:<9} SERVICE",
-        "CLIENT", "FRONTEND", "BACKEND", "SNAT", "PROTO", "STATE", "IDLE", "PATH"
+        "{:<26} {:<24} {:<24} {:<24} {:<5} {:<11} {:>8} {:>8} {:<9} SERVICE",
+        "CLIENT", "FRONTEND", "BACKEND", "SNAT", "PROTO", "STATE", "AGE", "IDLE", "PATH"
     );
     for x in &f.flows {
         println!(
-            "{:<26} {:<24} {:<24} {:<24} {:<5} {:<11} {:>8} {:<9} {}",
+            "{:<26} {:<24} {:<24} {:<24} {:<5} {:<11} {:>8} {:>8} {:<9} {}",
             x.client,
             x.frontend.to_string(),
             x.backend.to_string(),
             x.snat.map_or("-".into(), |s| s.to_string()),
             x.protocol,
             x.state,
+            x.age_s.map_or("-".into(), |s| format!("{s:.1}s")),
             x.idle_s.map_or("-".into(), |s| format!("{s:.1}s")),
             x.path,
             x.service

@@ -395,12 +395,17 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
                 tracing::error!(service = %svc, error = %e, "service not programmed");
             }
             if let Some(cg) = &cfg.socket_lb_cgroup
-                && !report.removed_udp_backends.is_empty()
+                && !report.stale_udp.is_empty()
             {
-                match sockets::destroy_udp_to(cg, &report.removed_udp_backends) {
+                let stale = &report.stale_udp;
+                let frontends = sockets::SocketFrontends::open(&cfg.bpffs)
+                    .inspect_err(|e| tracing::warn!(error = %e, "opening socket LB's records"))
+                    .ok();
+                match sockets::destroy_udp_to(cg, stale, frontends.as_ref()) {
                     Ok(n) => tracing::info!(
                         sockets = n,
-                        backends = report.removed_udp_backends.len(),
+                        backends = stale.backends.len(),
+                        frontend_backends = stale.pairs.len(),
                         "ended connected UDP sockets to removed backends"
                     ),
                     Err(e) => tracing::warn!(error = %e, "ending UDP sockets to removed backends"),

@@ -515,7 +515,10 @@ mod topo {
 ///   (ICMPv6 type 1 code 4) from the frontend to the client, Ethernet addresses swapped, valid
 ///   checksums, quoting the IP header and 8 bytes; with IPv4 options or IPv6 extension headers
 ///   it is `dropped_no_backend`. A FIN or RST marks both entries of a recorded TCP flow closing
-///   (on either direction), a SYN reopening it clears the mark. A client picked as its own
+///   (on either direction), a SYN reopening it clears the mark. A recorded flow whose reply
+///   entry was forgotten gets it back from a packet that refreshes the forward entry's
+///   last_seen (due at most once a second) or marks both entries; any other packet of it
+///   leaves the reply entry alone (no lookup on the established path). A client picked as its own
 ///   backend (hairpin) is SNATed to the node address of interface entry 0 and a free port of the
 ///   SNAT range; `snat` counts that too.
 /// - Not a frontend: a TCP segment with SYN and without ACK opens a new connection straight to
@@ -1068,10 +1071,13 @@ mod model {
 
         /// Records what a checked packet changed: its fragment record, a forgotten reverse
         /// entry and, for a new or reselected flow, the backend it got and its SNAT.
+        /// `refreshed`: the packet refreshed its forward entry's last_seen (it was due, at most
+        /// once a second).
         pub fn commit(
             &mut self,
             e: &Expectation,
             chosen: Option<(Backend, Option<(IpAddr, u16)>)>,
+            refreshed: bool,
         ) {
             if let Some((k, v)) = e.frag_record {
                 self.frags.insert(k, v);
@@ -1109,7 +1115,13 @@ mod model {
             };
             let t = flow.tuple;
             if *counter == "translated_established" || *counter == "translated_draining" {
-                // The datapath puts back the reply direction's entry if it was forgotten.
+                // The datapath puts back the reply direction's entry if it was forgotten, when
+                // it looks for it: when the forward entry's refresh is due, or a FIN, RST or
+                // SYN marks both entries.
+                let marks = e.mark.is_some_and(|m| m.2 || m.3);
+                if !refreshed && !marks {
+                    return;
+                }
                 let ct = self.fwd[&t];
                 let (src, sport) = if ct.snat {
                     (ct.orig_addr, ct.orig_port)
@@ -2643,6 +2655,13 @@ impl Bed {
         }
     }
 
+    fn ct_last_seen(&self, t: &model::Tuple) -> Option<u64> {
+        self.conntrack
+            .get(&ct_key(t, CT_FORWARD), 0)
+            .ok()
+            .map(|v| v.last_seen_ns)
+    }
+
     fn ct_backend(&self, t: &model::Tuple) -> Option<u32> {
         self.conntrack
             .get(&ct_key(t, CT_FORWARD), 0)
@@ -2838,6 +2857,13 @@ fn fuzz_tc_ingress() {
                 wire::hex(&s.frame)
             )
         };
+        // An established packet's forward entry: whether the run refreshes its last_seen.
+        let e = model.expect(&s.frame);
+        let last_seen = |bed: &Bed| match &e.verdict {
+            model::Verdict::Dnat { flow, .. } => bed.ct_last_seen(&flow.tuple),
+            _ => None,
+        };
+        let seen_before = last_seen(&bed);
         let (rc, out, moved) = match bed.run(&s.frame) {
             Ok(r) => r,
             Err(errno) if errno == libc::EINVAL && kernel_refuses(&s.frame) => {
@@ -2856,7 +2882,7 @@ fn fuzz_tc_ingress() {
                 continue;
             }
         };
-        let e = model.expect(&s.frame);
+        let refreshed = seen_before.is_some() && last_seen(&bed) != seen_before;
         let checked = check::check(
             &s.frame,
             &e,
@@ -2878,7 +2904,7 @@ fn fuzz_tc_ingress() {
                     fail(&mut st, i, report(p));
                 }
                 *st.verdicts.entry(o.class).or_default() += 1;
-                model.commit(&e, o.chosen);
+                model.commit(&e, o.chosen, refreshed);
             }
             Err(msg) => {
                 fail(&mut st, i, report(&msg));

@@ -678,6 +678,49 @@ fn removed_backend_flows_pick_a_surviving_one() {
     }
 }
 
+/// Issue 16 bug 3, tc path: backend ids are per frontend, so an endpoint leaving one UDP
+/// Service while it still backs another ends only that Service's flows to it (their next
+/// datagram chooses again, as after kube-proxy's per-Service conntrack flush); the other
+/// Service's flow to the same address:port carries on, and the sync reports the pair.
+#[test]
+fn a_shared_udp_endpoint_removed_from_one_service_moves_only_its_flows() {
+    let mut b = bed();
+    let vip_b = Ipv4Addr::new(198, 18, 100, 13);
+    let udp = |vip: Ipv4Addr, sport: u16| {
+        pkt::Ip::new(CLIENT, vip, pkt::UDP).frame(&pkt::l4(pkt::UDP, CLIENT, vip, sport, 53, b"q"))
+    };
+    let both = |a: Vec<Endpoint>| {
+        desired(&[
+            (fe(VIP, 53, Protocol::Udp), a),
+            (fe(vip_b, 53, Protocol::Udp), vec![ep(B1, 5353)]),
+        ])
+    };
+    let r = b.writer.sync(&both(vec![ep(B1, 5353), ep(B2, 5353)]));
+    assert!(r.failed.is_empty(), "{:?}", r.failed);
+    let sport_a = (44000..44100)
+        .find(|p| pkt::parse(&b.run(&udp(VIP, *p)).1).dst == B1)
+        .expect("some flow of A lands on B1");
+    let sport_b = 45000;
+    assert_eq!(pkt::parse(&b.run(&udp(vip_b, sport_b)).1).dst, B1);
+
+    let r = b.writer.sync(&both(vec![ep(B2, 5353)]));
+    assert!(r.failed.is_empty(), "{:?}", r.failed);
+    let ap = |a: Ipv4Addr, p: u16| (IpAddr::V4(a), p);
+    assert_eq!(
+        r.stale_udp.pairs,
+        [(ap(VIP, 53), ap(B1, 5353))].into_iter().collect(),
+        "{:?}",
+        r.stale_udp
+    );
+    assert!(r.stale_udp.backends.is_empty(), "B1 still backs B");
+    let (rc, out, moved) = b.run_counted(&udp(VIP, sport_a));
+    assert_eq!((rc, moved), (TC_ACT_OK, vec!["reselected"]));
+    assert_eq!(pkt::parse(&out).dst, B2);
+    let (rc, out, moved) = b.run_counted(&udp(vip_b, sport_b));
+    assert_eq!((rc, moved), (TC_ACT_OK, vec!["translated_established"]));
+    assert_eq!(pkt::parse(&out).dst, B1);
+}
+
 /// `tcp_syn` with only ACK set (a packet of an established connection), checksum kept valid
 /// (RFC 1624 incremental update of the word holding the flags).
 fn tcp_ack(sport: u16) -> Vec<u8> {
@@ -813,6 +856,45 @@ fn evict(
     n
 }
 
+/// Moves the last_seen of every forward entry `ns` into the past.
+fn age_forward_entries(
+    ct: &mut aya::maps::HashMap<aya::maps::MapData, proxy_common::CtKey, proxy_common::CtValue>,
+    ns: u64,
+) {
+    let keys: Vec<proxy_common::CtKey> = ct.keys().map(|k| k.unwrap()).collect();
+    for k in keys
+        .into_iter()
+        .filter(|k| k.dir == proxy_common::CT_FORWARD)
+    {
+        let mut v = ct.get(&k, 0).unwrap();
+        v.last_seen_ns -= ns;
+        ct.insert(k, v, 0).unwrap();
+    }
+}
+
+/// A FIN or RST marks the reply entry too, so such a packet looks it up whenever it comes, and
+/// puts it back if it was evicted, closing.
+#[test]
+fn a_fin_puts_back_an_evicted_reply_entry_at_once() {
+    let mut b = bed();
+    let mut ct = conntrack(&b);
+    let first = pkt::parse(&b.run(&tcp_syn(45100)).1).dst;
+    assert_eq!(evict(&mut ct, true), 1);
+    let (_, _, moved) = b.run_counted(&with_tcp_flags(tcp_syn(45100), 0x11));
+    assert_eq!(moved, ["translated_established"]);
+    let keys: Vec<proxy_common::CtKey> = ct.keys().map(|k| k.unwrap()).collect();
+    let reply = keys
+        .iter()
+        .find(|k| k.dir == proxy_common::CT_REVERSE)
+        .expect("reply entry put back");
+    let v = ct.get(reply, 0).unwrap();
+    assert_ne!(v.flags & proxy_common::CT_CLOSING, 0, "closing");
+    assert_eq!(
+        proxy_agent::datapath::addr::from_words(reply.saddr, reply.family),
+        IpAddr::V4(first)
+    );
+}
+
 #[test]
 fn flows_whose_conntrack_entries_were_evicted_carry_on() {
     let mut b = bed();
@@ -827,10 +909,18 @@ fn flows_whose_conntrack_entries_were_evicted_carry_on() {
         let (rc, out, moved) = b.run_counted(&tcp_ack(port));
         assert_eq!((rc, moved), (TC_ACT_OK, vec!["translated_new"]));
         assert_eq!(pkt::parse(&out).dst, first, "port {port}: another backend");
-        // Only the reply direction evicted: the next packet of the flow puts it back.
+        // Only the reply direction evicted: an established packet looks it up (and puts it
+        // back) only when its forward entry is due for its last_seen refresh (at most once a
+        // second), so the next one, a moment later, does not, and one once the refresh is due
+        // does (the time passing is simulated by ageing the forward entry).
         assert_eq!(evict(&mut ct, true), 1);
         let (_, _, moved) = b.run_counted(&tcp_ack(port));
         assert_eq!(moved, ["translated_established"]);
+        assert_eq!(ct.keys().count(), 1, "no lookup of the reply entry");
+        age_forward_entries(&mut ct, 1_100_000_000);
+        let (_, _, moved) = b.run_counted(&tcp_ack(port));
+        assert_eq!(moved, ["translated_established"]);
+        assert_eq!(ct.keys().count(), 2, "reply entry put back");
         let reply = pkt::Ip::new(first, CLIENT, pkt::TCP).frame(&pkt::l4(
             pkt::TCP,
             first,
@@ -1192,6 +1282,85 @@ fn ipv6_translates_with_extension_headers_and_replies() {
             (vip6, client, 53, 40010 + ext as u16, true)
         );
     }
+}
+
+/// Issue 16 bug 4: an IPv4 frontend is its address in word 0 and zeros, so the IPv6 address
+/// with the same first four bytes and zeros after them (198.18.102.1 and c612:6601::) was the
+/// same services map key: whichever was written last took the other's traffic. The key carries
+/// the family now; each reaches its own backend and each reply leaves from its own frontend.
+/// (c612:6601:: is outside fd00::/8 on purpose: only the bytes of a colliding address make the
+/// case. The frames exist only in BPF_PROG_TEST_RUN buffers, never on an interface.)
+#[test]
+fn an_ipv4_and_an_ipv6_frontend_with_the_same_address_bytes_stay_apart() {
+    use std::net::Ipv6Addr;
+    let mut b = bed();
+    let vip4 = Ipv4Addr::new(198, 18, 102, 1);
+    let vip6: Ipv6Addr = "c612:6601::".parse().unwrap();
+    assert_eq!(vip6.octets()[..4], vip4.octets(), "the colliding bytes");
+    let backend6: Ipv6Addr = "fd00:19:2::2".parse().unwrap();
+    let client6: Ipv6Addr = "fd00:19:1::50".parse().unwrap();
+    let f4 = fe(vip4, 53, Protocol::Udp);
+    let f6 = Frontend {
+        addr: IpAddr::V6(vip6),
+        ..f4
+    };
+    let e6 = Endpoint {
+        addr: IpAddr::V6(backend6),
+        port: 5353,
+        state: EndpointState::Active,
+        local: false,
+    };
+    let want = desired(&[(f4, vec![ep(B1, 5353)]), (f6, vec![e6])]);
+    let report = b.writer.sync(&want);
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    // What the maps hold reads back as two frontends, each of its own family.
+    b.writer.reread().unwrap();
+    let programmed: Vec<Frontend> = b.writer.programmed().services.keys().copied().collect();
+    assert_eq!(programmed, vec![f4, f6]);
+    assert_eq!(b.writer.sync(&want).writes, 0, "nothing to repair");
+
+    let q4 = pkt::Ip::new(CLIENT, vip4, pkt::UDP).frame(&pkt::l4(
+        pkt::UDP,
+        CLIENT,
+        vip4,
+        40100,
+        53,
+        b"q4",
+    ));
+    let (rc, out, moved) = b.run_counted(&q4);
+    assert_eq!((rc, moved), (TC_ACT_OK, vec!["translated_new"]));
+    let s = pkt::parse(&out);
+    assert_eq!(
+        (s.src, s.dst, s.dport, s.l4_csum_ok),
+        (CLIENT, B1, 5353, true)
+    );
+    let q6 = pkt6::udp(client6, vip6, 40100, 53, false);
+    let (rc, out, moved) = b.run_counted(&q6);
+    assert_eq!((rc, moved), (TC_ACT_OK, vec!["translated_new"]));
+    assert_eq!(
+        pkt6::parse(&out, false),
+        (client6, backend6, 40100, 5353, true)
+    );
+
+    let r4 = pkt::Ip::new(B1, CLIENT, pkt::UDP).frame(&pkt::l4(
+        pkt::UDP,
+        B1,
+        CLIENT,
+        5353,
+        40100,
+        b"r4",
+    ));
+    let (rc, out, moved) = b.run_counted(&r4);
+    assert_eq!((rc, moved), (TC_ACT_OK, vec!["reverse_translated"]));
+    let s = pkt::parse(&out);
+    assert_eq!(
+        (s.src, s.sport, s.dst, s.l4_csum_ok),
+        (vip4, 53, CLIENT, true)
+    );
+    let r6 = pkt6::udp(backend6, client6, 5353, 40100, false);
+    let (rc, out, moved) = b.run_counted(&r6);
+    assert_eq!((rc, moved), (TC_ACT_OK, vec!["reverse_translated"]));
+    assert_eq!(pkt6::parse(&out, false), (vip6, client6, 53, 40100, true));
 }
 
 #[test]

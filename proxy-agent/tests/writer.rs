@@ -7,13 +7,13 @@ use proxy_agent::{
     datapath::{
         loader::{self, MapSizes},
         maps::Maps,
-        writer::Writer,
+        writer::{Writer, service_key},
     },
     model::{
         DesiredService, DesiredState, Endpoint, EndpointState, Frontend, LbAlgorithm, Protocol,
     },
 };
-use proxy_common::{ServiceKey, ServiceKind};
+use proxy_common::{ServiceKind, names};
 
 struct Bed {
     _ebpf: Ebpf,
@@ -134,12 +134,12 @@ fn full_reconciliation_repairs_drift() {
     let ids = backend_ids(&w);
     // Delete a frontend behind the agent's back, as an operator with bpftool could.
     let mut maps = Maps::open(&b.bpffs).unwrap();
-    let key = ServiceKey {
-        addr: proxy_agent::datapath::addr::to_words(IpAddr::from([198, 18, 100, 1])),
-        port_be: 80u16.to_be(),
-        proto: proxy_common::IPPROTO_TCP,
-        scope: 0,
-    };
+    let key = service_key(&Frontend {
+        addr: IpAddr::from([198, 18, 100, 1]),
+        port: 80,
+        protocol: Protocol::Tcp,
+        scope: Default::default(),
+    });
     maps.services.remove(&key).unwrap();
     // Without re-reading, the writer believes all is well.
     assert_eq!(w.sync(&want).writes, 0);
@@ -178,7 +178,7 @@ fn services_past_capacity_are_reported_and_leave_the_rest_intact() {
     let r = w.sync(&state(3, 2, 2));
     assert_eq!(r.failed.len(), 1, "{r:?}");
     assert_eq!(r.failed[0].0, "test/svc-3");
-    assert!(r.failed[0].1.contains("svc_v1"), "{}", r.failed[0].1);
+    assert!(r.failed[0].1.contains(names::SERVICES), "{}", r.failed[0].1);
     assert_eq!(backend_ids(&w), programmed, "programmed Services untouched");
     assert!(
         !w.programmed()
@@ -364,18 +364,7 @@ fn many_maglev_tables_go_in_by_batches() {
         assert_eq!(maps.maglev.keys().count(), 150);
         for (fe, s) in &p.services {
             assert_eq!(s.algorithm(), LbAlgorithm::Maglev);
-            let programmed = maps
-                .services
-                .get(
-                    &ServiceKey {
-                        addr: proxy_agent::datapath::addr::to_words(fe.addr),
-                        port_be: fe.port.to_be(),
-                        proto: proxy_common::IPPROTO_TCP,
-                        scope: 0,
-                    },
-                    0,
-                )
-                .unwrap();
+            let programmed = maps.services.get(&service_key(fe), 0).unwrap();
             assert_eq!(programmed, s.value, "{fe}");
             let eps: Vec<Endpoint> = s.slots.iter().map(|id| p.endpoint(*id).unwrap()).collect();
             assert_eq!(eps, want.services[fe].endpoints, "{fe}");
@@ -429,4 +418,48 @@ fn a_shrinking_maglev_frontend_makes_room_in_the_same_sync() {
     assert!(r.failed.is_empty(), "{r:?}");
     assert_eq!(r.tables_built, 2);
     assert_eq!(w.programmed().backends.len(), 8);
+}
+
+/// The trie cannot tell an IPv6 /8 (fd00::/8, words [0xfd.., 0, 0, 0], prefix 32 + 8) from an
+/// IPv4 one by its words: a restarted agent read fd00::/8 back as 253.0.0.0/8, found it stale
+/// and removed it, and with it the range (same key bytes). A prefix has its frontend's family.
+#[test]
+fn an_ipv6_source_range_survives_a_restart() {
+    let b = bed(MapSizes::default());
+    let mut want = DesiredState::default();
+    let fe = Frontend {
+        addr: "fd00:18:200::1".parse().unwrap(),
+        port: 80,
+        protocol: Protocol::Tcp,
+        scope: Default::default(),
+    };
+    let range: (IpAddr, u8) = ("fd00::".parse().unwrap(), 8);
+    want.services.insert(
+        fe,
+        DesiredService {
+            drop_without_endpoints: false,
+            service: "test/lb6".into(),
+            name: "test/lb6:80".into(),
+            kind: ServiceKind::LoadBalancer,
+            endpoints: vec![Endpoint {
+                addr: "fd00:19:1::2".parse().unwrap(),
+                port: 8080,
+                state: EndpointState::Active,
+                local: false,
+            }],
+            affinity_timeout_s: 0,
+            source_ranges: vec![range],
+            algorithm: Default::default(),
+        },
+    );
+    let r = writer(&b).sync(&want);
+    assert!(r.failed.is_empty(), "{r:?}");
+    let mut w = writer(&b);
+    let svc_id = w.programmed().services[&fe].svc_id;
+    let held = |w: &Writer| w.programmed().source_ranges.clone();
+    let expected = std::collections::BTreeSet::from([(svc_id, range.0, range.1)]);
+    assert_eq!(held(&w), expected, "read back as IPv6");
+    assert_eq!(w.sync(&want).writes, 0, "nothing to rewrite");
+    w.reread().unwrap();
+    assert_eq!(held(&w), expected, "still in the trie");
 }

@@ -15,10 +15,12 @@ pub const EBPF_TOOLCHAIN: &str = "nightly-2026-05-20";
 /// Map names (at most 15 characters: the kernel truncates longer ones). The `_v1` suffix is the
 /// layout version: a changed layout gets a new name instead of being migrated in place.
 pub mod names {
-    pub const SERVICES: &str = "svc_v1";
+    /// `_v2`: the key gained its address family (an IPv4 frontend and an IPv6 one whose 16
+    /// address bytes coincide were one key in `svc_v1`).
+    pub const SERVICES: &str = "svc_v2";
     pub const SLOTS: &str = "svc_slots_v1";
     pub const BACKENDS: &str = "backends_v1";
-    pub const CONNTRACK: &str = "ct_v1";
+    pub const CONNTRACK: &str = "ct_v2";
     pub const FRAGMENTS: &str = "frag_v1";
     pub const COUNTERS: &str = "counters_v1";
     pub const SVC_NAMES: &str = "svc_names_v1";
@@ -103,6 +105,11 @@ pub const SCOPE_INTERNAL: u8 = 0;
 pub const SCOPE_EXTERNAL: u8 = 1;
 
 /// Frontend: a Service address, port and protocol as clients dial it.
+///
+/// `family` is part of the key: an IPv4 address is word 0 with words 1..3 zero, so without it
+/// 198.18.102.1 and the IPv6 address c612:6601:: (same first four bytes, the rest zero) would
+/// be one key. The first 20 bytes are `svc_v1`'s key unchanged (the migration appends the
+/// family, taken from the value).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceKey {
@@ -111,7 +118,13 @@ pub struct ServiceKey {
     pub proto: u8,
     /// `SCOPE_INTERNAL` or `SCOPE_EXTERNAL`.
     pub scope: u8,
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u8,
+    pub _pad: [u8; 3],
 }
+
+/// The `svc_v1` key size (before the family), for the migration.
+pub const SERVICE_KEY_V1_SIZE: usize = 20;
 
 /// What a frontend maps to.
 #[repr(C)]
@@ -165,6 +178,12 @@ pub const MAGLEV_TABLE_FLAGS: u32 = BPF_F_INNER_MAP | BPF_F_MMAPABLE;
 
 /// loadBalancerSourceRanges, in an LPM trie keyed by (service id, client prefix): the prefix
 /// length counts the 32 service-id bits plus the CIDR's own.
+///
+/// No family field: a service id is one frontend, of one family, and only ranges of that
+/// family are stored under it (the translation keeps a LoadBalancer address's ranges of its
+/// own family, as kube-proxy's per-family proxiers do), and only clients of that family reach
+/// it, so an IPv4 and an IPv6 prefix never share a service id. Whoever reads the trie back
+/// takes a prefix's family from its frontend, not from the address words.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SourceRange {
@@ -278,7 +297,13 @@ pub struct CtValue {
     pub orig_port_be: u16,
     pub _pad: u16,
     pub last_seen_ns: u64,
+    /// When the entry was created (`ct_v2`; entries rewritten from `ct_v1` carry their last-seen
+    /// time): a flow's age for `proxy-agent flows`. Written once, never on the per-packet path.
+    pub created_ns: u64,
 }
+
+/// The size of a conntrack value in `ct_v1`, before `created_ns`.
+pub const CT_VALUE_V1_SIZE: usize = 56;
 
 pub const CT_SNAT: u16 = 1;
 /// A forward entry XDP recorded for a packet it then passed to tc (a local backend, an
@@ -306,6 +331,10 @@ pub struct IfaceConfig {
 
 /// sessionAffinity ClientIP: the backend a client was last sent to, per frontend. The client is
 /// its address on the per-packet path, and its network namespace (a pod) for socket LB.
+///
+/// No family field: `svc_id` is one frontend, of one family, and the clients that reach it
+/// (per-packet path and socket LB alike) have that family, so an IPv4 and an IPv6 client never
+/// meet under one service id. (`kind` keeps addresses apart from namespace cookies.)
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct AffinityKey {
@@ -559,11 +588,11 @@ mod user {
 }
 
 // Layout checks: both sides compile these, so a size change fails the build, not the kernel.
-const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
+const _: () = assert!(core::mem::size_of::<ServiceKey>() == 24);
 const _: () = assert!(core::mem::size_of::<ServiceValue>() == 16);
 const _: () = assert!(core::mem::size_of::<Backend>() == 24);
 const _: () = assert!(core::mem::size_of::<CtKey>() == 40);
-const _: () = assert!(core::mem::size_of::<CtValue>() == 56);
+const _: () = assert!(core::mem::size_of::<CtValue>() == 64);
 const _: () = assert!(core::mem::size_of::<FragKey>() == 40);
 const _: () = assert!(core::mem::size_of::<SvcName>() == 128);
 const _: () = assert!(core::mem::size_of::<SockKey>() == 32);

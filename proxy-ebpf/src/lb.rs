@@ -129,6 +129,7 @@ fn reply_entry(v: &mut CtValue, flow: &Flow, flags: u16, backend_id: u32, svc_id
         orig_port_be: flow.sport_be,
         _pad: 0,
         last_seen_ns: now,
+        created_ns: now,
     };
 }
 
@@ -155,14 +156,22 @@ pub struct Chosen {
     pub local: bool,
 }
 
-/// The frontend of (address, port, protocol), if it is one.
+/// The frontend of (address of `family`, port, protocol), if it is one.
 #[inline(always)]
-pub fn lookup_service(addr: [u32; 4], port_be: u16, proto: u8, scope: u8) -> Option<ServiceValue> {
+pub fn lookup_service(
+    addr: [u32; 4],
+    port_be: u16,
+    proto: u8,
+    scope: u8,
+    family: u8,
+) -> Option<ServiceValue> {
     let key = ServiceKey {
         addr,
         port_be,
         proto,
         scope,
+        family,
+        _pad: [0; 3],
     };
     // SAFETY: plain-data value copied out at once.
     unsafe { SERVICES.get(key) }.copied()
@@ -290,16 +299,14 @@ pub fn backend_valid(backend_id: u32, addr: [u32; 4], port_be: u16) -> bool {
 }
 
 /// `iface` is set when the packet entered an external (node-facing) interface: it then sees
-/// the external view of a frontend first, and may be SNATed. `origin` goes into the flags of the entries a new flow creates: `CT_XDP` from XDP, 0 from
-/// tc.
+/// the external view of a frontend first, and may be SNATed. `origin` goes into the flags of
+/// the entries a new flow creates: `CT_XDP` from XDP, 0 from tc.
 #[inline(always)]
 pub fn decide(flow: &Flow, iface: Option<IfaceConfig>, origin: u16) -> Verdict {
-    let internal = || lookup_service(flow.daddr, flow.dport_be, flow.proto, SCOPE_INTERNAL);
+    let lookup = |scope| lookup_service(flow.daddr, flow.dport_be, flow.proto, scope, flow.family);
     let svc = match iface {
-        Some(_) => {
-            lookup_service(flow.daddr, flow.dport_be, flow.proto, SCOPE_EXTERNAL).or_else(internal)
-        }
-        None => internal(),
+        Some(_) => lookup(SCOPE_EXTERNAL).or_else(|| lookup(SCOPE_INTERNAL)),
+        None => lookup(SCOPE_INTERNAL),
     };
     match svc {
         Some(svc) => forward(flow, &svc, iface, origin),
@@ -343,6 +350,35 @@ fn snat_port(
     None
 }
 
+/// The translation of a packet of an established flow (`first`: the first one tc sees of a
+/// flow XDP recorded).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn established(
+    addr: [u32; 4],
+    port_be: u16,
+    flags: u16,
+    orig_addr: [u32; 4],
+    orig_port: u16,
+    valid: bool,
+    first: bool,
+    svc_id: u32,
+) -> Verdict {
+    Verdict::Dnat {
+        addr,
+        port_be,
+        snat: Nat::when(flags & CT_SNAT != 0, orig_addr, orig_port),
+        counter: if first {
+            Counter::TranslatedNew
+        } else if valid {
+            Counter::TranslatedEstablished
+        } else {
+            Counter::TranslatedDraining
+        },
+        svc_id,
+    }
+}
+
 /// Not inlined, like `reverse`: separate BPF functions keep the stack frames of the two paths
 /// apart (the verifier allows 512 bytes along any call chain).
 // Map keys and values are passed by reference on purpose: by value they would be copied onto
@@ -369,7 +405,7 @@ fn forward(flow: &Flow, svc: &ServiceValue, iface: Option<IfaceConfig>, origin: 
     let mut reselected = false;
     if let Some(ct) = CONNTRACK.get_ptr_mut(&s.fkey) {
         // SAFETY: pointer from a successful lookup; fields copied out.
-        let (backend_id, nat_addr, nat_port, ct_svc, flags, orig_addr, orig_port) = unsafe {
+        let (backend_id, nat_addr, nat_port, ct_svc, flags, orig_addr, orig_port, last_seen) = unsafe {
             (
                 (*ct).backend_id,
                 (*ct).nat_addr,
@@ -378,6 +414,7 @@ fn forward(flow: &Flow, svc: &ServiceValue, iface: Option<IfaceConfig>, origin: 
                 (*ct).flags,
                 (*ct).orig_addr,
                 (*ct).orig_port_be,
+                (*ct).last_seen_ns,
             )
         };
         // A TCP connection whose backend was removed drains: it keeps its backend (the
@@ -394,10 +431,24 @@ fn forward(flow: &Flow, svc: &ServiceValue, iface: Option<IfaceConfig>, origin: 
                 // SAFETY: pointer from a successful lookup.
                 unsafe { (*ct).flags &= !CT_UNCOUNTED };
             }
+            // A FIN or RST marks the connection closing in both entries (the collector then
+            // frees them, and the SNAT port, soon after it goes idle); a new SYN on the tuple
+            // clears the mark.
+            let tcp = flow.proto == IPPROTO_TCP;
+            let closing = tcp && flow.tcp_flags & (TCP_FIN | TCP_RST) != 0;
+            let reopened = tcp && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+            mark_closing(ct, closing, reopened);
             // The reply direction is a separate LRU entry: under conntrack pressure it can be
             // evicted while this one lives, and the next reply would leave untranslated (the
-            // client answers it with a reset). Every packet this way keeps it (the lookup
-            // refreshes it in the LRU) or puts it back.
+            // client answers it with a reset). It is looked up, and put back when missing,
+            // when this entry's last_seen is due for its refresh (at most once per TOUCH_NS)
+            // and when a FIN, RST or SYN marks both entries: other established packets cost
+            // no lookup of it (its own replies keep it fresh in the LRU).
+            if !first && !closing && !reopened && now.wrapping_sub(last_seen) <= TOUCH_NS {
+                return established(
+                    nat_addr, nat_port, flags, orig_addr, orig_port, valid, first, svc_id,
+                );
+            }
             s.rkey = ct_key(
                 nat_addr,
                 flow.saddr,
@@ -411,13 +462,6 @@ fn forward(flow: &Flow, svc: &ServiceValue, iface: Option<IfaceConfig>, origin: 
                 s.rkey.daddr = orig_addr;
                 s.rkey.dport_be = orig_port;
             }
-            // A FIN or RST marks the connection closing in both entries (the collector then
-            // frees them, and the SNAT port, soon after it goes idle); a new SYN on the tuple
-            // clears the mark.
-            let tcp = flow.proto == IPPROTO_TCP;
-            let closing = tcp && flow.tcp_flags & (TCP_FIN | TCP_RST) != 0;
-            let reopened = tcp && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-            mark_closing(ct, closing, reopened);
             if let Some(r) = CONNTRACK.get_ptr_mut(&s.rkey) {
                 mark_closing(r, closing, reopened);
             } else {
@@ -427,19 +471,9 @@ fn forward(flow: &Flow, svc: &ServiceValue, iface: Option<IfaceConfig>, origin: 
                 }
                 let _ = CONNTRACK.insert(&s.rkey, &s.rval, 0);
             }
-            return Verdict::Dnat {
-                addr: nat_addr,
-                port_be: nat_port,
-                snat: Nat::when(flags & CT_SNAT != 0, orig_addr, orig_port),
-                counter: if first {
-                    Counter::TranslatedNew
-                } else if valid {
-                    Counter::TranslatedEstablished
-                } else {
-                    Counter::TranslatedDraining
-                },
-                svc_id,
-            };
+            return established(
+                nat_addr, nat_port, flags, orig_addr, orig_port, valid, first, svc_id,
+            );
         }
         reselected = true;
     }
@@ -513,6 +547,7 @@ fn forward(flow: &Flow, svc: &ServiceValue, iface: Option<IfaceConfig>, origin: 
         orig_port_be: sport,
         _pad: 0,
         last_seen_ns: now,
+        created_ns: now,
     };
     s.rkey = ct_key(
         baddr,

@@ -13,7 +13,7 @@ use proxy_common::{
     maglev_elements,
 };
 
-#[btf_map(name = "svc_v1")]
+#[btf_map(name = "svc_v2")]
 pub static SERVICES: HashMap<ServiceKey, ServiceValue, { limits::SERVICES as usize }> =
     HashMap::new();
 
@@ -23,7 +23,7 @@ pub static SLOTS: HashMap<SlotKey, SlotValue, { limits::SLOTS as usize }> = Hash
 #[btf_map(name = "backends_v1")]
 pub static BACKENDS: HashMap<BackendKey, Backend, { limits::BACKENDS as usize }> = HashMap::new();
 
-#[btf_map(name = "ct_v1")]
+#[btf_map(name = "ct_v2")]
 pub static CONNTRACK: LruHashMap<CtKey, CtValue, { limits::CONNTRACK as usize }> =
     LruHashMap::new();
 

@@ -161,7 +161,7 @@ fn forward<const V6: bool>(ctx: &SockAddrContext) -> i32 {
         return ALLOW;
     }
     let vport = sa.user_port as u16;
-    let Some(svc) = lookup_service(vip, vport, proto, SCOPE_INTERNAL) else {
+    let Some(svc) = lookup_service(vip, vport, proto, SCOPE_INTERNAL, family) else {
         return ALLOW;
     };
     if svc.count == 0 {

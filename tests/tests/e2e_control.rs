@@ -83,9 +83,10 @@ fn periodic_reconciliation_restores_an_entry_deleted_by_hand() {
         wait_status(&agent, "the frontend", |s| {
             has_frontend(s, "198.18.100.61", 80)
         })?;
-        // ServiceKey: address words (198.18.100.61, 0, 0, 0), port 80 big-endian, TCP, scope 0.
-        let key = "c6 12 64 3d 00 00 00 00 00 00 00 00 00 00 00 00 00 50 06 00";
-        let pin = agent.bpffs.join("svc_v1");
+        // ServiceKey: address words (198.18.100.61, 0, 0, 0), port 80 big-endian, TCP, scope 0,
+        // family AF_INET, padding.
+        let key = "c6 12 64 3d 00 00 00 00 00 00 00 00 00 00 00 00 00 50 06 00 02 00 00 00";
+        let pin = agent.bpffs.join("svc_v2");
         let out = Command::new("bpftool")
             .args(["map", "delete", "pinned"])
             .arg(&pin)
@@ -134,7 +135,7 @@ fn services_past_capacity_and_rejected_objects_are_reported() {
         ensure!(
             np.as_array().is_some_and(|v| v.len() == 1
                 && v[0]["service"] == "default/c"
-                && v[0]["reason"].as_str().unwrap_or("").contains("svc_v1")),
+                && v[0]["reason"].as_str().unwrap_or("").contains("svc_v2")),
             "status must report c: {np:#}"
         );
         let rejected = &s["sync"]["rejected"];

@@ -174,7 +174,7 @@ fn nodeport_to_another_node_is_forwarded_at_xdp() {
         // Load only what is enabled: the kernel holds node 2's tc program but no XDP program
         // of it (the programs an agent loaded are the ones using its conntrack map).
         let kinds = |a: &tests::Agent| -> Result<Vec<String>> {
-            let progs = tests::inspect::programs_using_map(&a.bpffs.join("ct_v1"))?;
+            let progs = tests::inspect::programs_using_map(&a.bpffs.join("ct_v2"))?;
             Ok(progs.into_iter().map(|(kind, _)| kind).collect())
         };
         let (k1, k2) = (kinds(&node1)?, kinds(&node2)?);
@@ -294,7 +294,7 @@ fn conntrack_collector_frees_finished_flows_and_keeps_live_ones() {
                 .as_array()
                 .into_iter()
                 .flatten()
-                .find(|m| m["name"] == "ct_v1")
+                .find(|m| m["name"] == "ct_v2")
                 .and_then(|m| m["entries"].as_u64())
                 .unwrap_or(0))
         };

@@ -913,7 +913,7 @@ fn services_past_map_capacity_are_reported_and_the_rest_keeps_working() {
             sa("198.18.101.70", 80),
             Duration::from_millis(10),
         );
-        // d..h, one frontend and one backend each: none fits (svc_v1 is full).
+        // d..h, one frontend and one backend each: none fits (svc_v2 is full).
         let extra = [
             ("d", "198.18.101.73"),
             ("e", "198.18.101.74"),
@@ -936,7 +936,7 @@ fn services_past_map_capacity_are_reported_and_the_rest_keeps_working() {
             let reason = reported
                 .get(&format!("cap/{name}"))
                 .with_context(|| format!("cap/{name} not reported: {reported:#?}"))?;
-            ensure!(reason.contains("svc_v1"), "cap/{name}: {reason}");
+            ensure!(reason.contains("svc_v2"), "cap/{name}: {reason}");
             ensure!(
                 find_status_service(&status, vip, 80, Proto::Tcp).is_none(),
                 "{vip} must not be programmed"
@@ -1087,8 +1087,9 @@ const FLOOD_FOR: Duration = Duration::from_secs(6);
 /// comes back (seen: 200 ms streams reset once in several runs). Busy streams are looked up on
 /// every packet, which refreshes them in the LRU; idle
 /// ones are evicted, and must carry on all the same: their next packet finds the same backend
-/// (the choice is a hash of the tuple) and records the flow again, and a forward packet puts
-/// back an evicted reply entry. Every stream must survive.
+/// (the choice is a hash of the tuple) and records the flow again, and a forward packet due
+/// for its entry's refresh (at most a second apart) puts back an evicted reply entry. Every
+/// stream must survive.
 #[test]
 fn conntrack_pressure_keeps_established_streams() {
     with_bed(1, |bed| {
@@ -1135,7 +1136,7 @@ fn conntrack_pressure_keeps_established_streams() {
             .as_array()
             .into_iter()
             .flatten()
-            .find(|m| m["name"] == "ct_v1")
+            .find(|m| m["name"] == "ct_v2")
             .cloned()
             .unwrap_or_default();
         eprintln!("conntrack map before: {ct}");
@@ -1225,7 +1226,7 @@ fn conntrack_pressure_keeps_established_streams() {
             .as_array()
             .into_iter()
             .flatten()
-            .find(|m| m["name"] == "ct_v1")
+            .find(|m| m["name"] == "ct_v2")
             .cloned()
             .unwrap_or_default();
         let broken = |v: &[StreamResult]| v.iter().filter(|r| r.error.is_some()).count();
@@ -1247,7 +1248,7 @@ fn conntrack_pressure_keeps_established_streams() {
                 .join("\n    ")
         };
         let mut report = format!(
-            "conntrack pressure (ct_v1 capacity 1024 = 512 flows, tc path): {} short connections \
+            "conntrack pressure (ct_v2 capacity 1024 = 512 flows, tc path): {} short connections \
              in {flood_took:?} ({flood_tally}); {:?} in all; established streams broken:",
             flood.len(),
             started.elapsed()

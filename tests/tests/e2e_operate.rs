@@ -270,10 +270,10 @@ fn metrics_and_healthz_are_scraped() {
             frontends == 2,
             "status lists {frontends} frontends: {status:#}"
         );
-        let svc_entries = sample(&m, "proxy_map_entries{map=\"svc_v1\"}")?;
+        let svc_entries = sample(&m, "proxy_map_entries{map=\"svc_v2\"}")?;
         ensure!(
             svc_entries == frontends as f64,
-            "proxy_map_entries{{map=\"svc_v1\"}} is {svc_entries}, {frontends} frontends programmed"
+            "proxy_map_entries{{map=\"svc_v2\"}} is {svc_entries}, {frontends} frontends programmed"
         );
         for map in status["maps"].as_array().context("status has no maps")? {
             let name = map["name"].as_str().context("map without a name")?;
@@ -307,7 +307,7 @@ fn metrics_and_healthz_are_scraped() {
         )?;
         check_healthy(&get(&bed.node(2).ns, hz, "/healthz")?, "node2 /healthz")?;
         let (_, m2) = scrape(&bed.node(2).ns)?;
-        ensure!(sample(&m2, "proxy_map_entries{map=\"svc_v1\"}")? == 2.0);
+        ensure!(sample(&m2, "proxy_map_entries{map=\"svc_v2\"}")? == 2.0);
 
         // Metrics are not served on the node address.
         let remote_metrics = in_netns(bed.ext_ns(), || {

@@ -188,74 +188,15 @@ fn connected_udp_sockets_to_a_removed_backend_are_ended() {
             bed.start_echo(&p, &[], &[5353])?;
             pods.push(p);
         }
-        let slice = |keep: &[&Pod]| {
-            let mut s = EndpointSlice::new("default", "udp", "x1").port("dns", 5353, Proto::Udp);
-            for p in keep {
-                s = s.endpoint(Endpoint::ready(
-                    &p.ip.to_string(),
-                    &format!("node{}", p.node),
-                ));
-            }
-            s.to_yaml()
-        };
+        let slice = |keep: &[&Pod]| udp_slice("udp", keep);
         let svc = Service::cluster_ip("default", "udp", VIP).port("dns", 53, 5353, Proto::Udp);
         bed.write_manifest("udp-svc.yaml", &svc.to_yaml())?;
         bed.write_manifest("udp-slice.yaml", &slice(&[&pods[0], &pods[1]]))?;
         let client = bed.add_pod(1, "client")?;
         let agents = bed.start_agents(SYNC)?;
 
-        let bin = tests::helper_bin("tb-client")?;
-        let target = format!("{VIP}:53");
-        let (_pid, log) = bed.spawn_full(
-            &client.ns,
-            client.cgroup.as_deref(),
-            &bin.to_string_lossy(),
-            &[
-                "--udp-connected",
-                &target,
-                "--count",
-                "600",
-                "--interval-ms",
-                "20",
-                "--timeout-ms",
-                "500",
-            ],
-            &[],
-        )?;
-        let outcomes = |min: usize| -> Result<Vec<tests::Outcome>> {
-            let deadline = std::time::Instant::now() + Duration::from_secs(20);
-            loop {
-                let text = std::fs::read_to_string(&log).unwrap_or_default();
-                // Only complete lines: the client may be mid-write.
-                let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
-                let v = tests::client::parse_client_output(complete)?;
-                if v.len() >= min {
-                    return Ok(v);
-                }
-                ensure!(
-                    std::time::Instant::now() < deadline,
-                    "client produced {} outcomes, waiting for {min}",
-                    v.len()
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        };
-        let first = outcomes(10)?;
-        let used = match &first[0] {
-            Ok(r) => r.backend.clone(),
-            Err(e) => anyhow::bail!("first request failed: {e}"),
-        };
-        for o in &first {
-            let r = o
-                .as_ref()
-                .map_err(|e| anyhow::anyhow!("before removal: {e}"))?;
-            ensure!(r.backend == used, "one connected socket, one backend");
-            ensure!(
-                r.peer == vip(VIP, 53),
-                "getpeername shows the VIP, not {}",
-                r.peer
-            );
-        }
+        let log = udp_client(bed, &client, VIP)?;
+        let used = one_backend(&log, VIP)?;
         let (removed, kept) = if pods[0].name == used {
             (&pods[0], &pods[1])
         } else {
@@ -264,35 +205,180 @@ fn connected_udp_sockets_to_a_removed_backend_are_ended() {
         let g = agents[0].generation().unwrap_or(1);
         bed.write_manifest("udp-slice.yaml", &slice(&[kept]))?;
         agents[0].wait_for_sync(g + 1, SYNC)?;
-        let at_sync = outcomes(0)?.len();
-        let after = outcomes(at_sync + 40)?;
-        let late: Vec<&tests::Outcome> = after[at_sync..].iter().collect();
-        // One exchange may have been in flight when the socket was ended.
-        let from_removed = late
-            .iter()
-            .skip(1)
-            .filter(|o| o.as_ref().is_ok_and(|r| r.backend == removed.name))
-            .count();
-        ensure!(
-            from_removed == 0,
-            "{from_removed} replies from the removed backend {} after the sync",
-            removed.name
-        );
-        ensure!(
-            late.iter().any(|o| o.is_err()) || after[..at_sync].iter().any(|o| o.is_err()),
-            "the connected socket was never ended"
-        );
-        ensure!(
-            late.iter()
-                .rev()
-                .take(10)
-                .all(|o| o.as_ref().is_ok_and(|r| r.backend == kept.name)),
-            "a new socket must reach the remaining backend {}: {:?}",
-            kept.name,
-            &late[late.len() - 10..]
-        );
+        ended_and_moved(&log, &removed.name, &kept.name)?;
         ensure!(
             agents[0].log_text().contains("ended connected UDP sockets"),
+            "agent log: {}",
+            agents[0].log_tail(20)
+        );
+        Ok(())
+    });
+}
+
+/// The slice of Service `svc`'s UDP port dns (5353) with the pods `keep` as endpoints.
+fn udp_slice(svc: &str, keep: &[&Pod]) -> String {
+    let mut s = EndpointSlice::new("default", svc, "x1").port("dns", 5353, Proto::Udp);
+    for p in keep {
+        s = s.endpoint(Endpoint::ready(
+            &p.ip.to_string(),
+            &format!("node{}", p.node),
+        ));
+    }
+    s.to_yaml()
+}
+
+/// A client process in `client` (in its cgroup: socket LB) sending over one connected UDP
+/// socket to `vip`:53 every 20 ms, reconnecting after a failure; returns its output file.
+fn udp_client(bed: &mut TestBed, client: &Pod, vip: &str) -> Result<std::path::PathBuf> {
+    let bin = tests::helper_bin("tb-client")?;
+    let target = format!("{vip}:53");
+    let (_pid, log) = bed.spawn_full(
+        &client.ns,
+        client.cgroup.as_deref(),
+        &bin.to_string_lossy(),
+        &[
+            "--udp-connected",
+            &target,
+            "--count",
+            "600",
+            "--interval-ms",
+            "20",
+            "--timeout-ms",
+            "500",
+        ],
+        &[],
+    )?;
+    Ok(log)
+}
+
+/// At least `min` outcomes of a client's output file (waits up to 20 s for them).
+fn outcomes(log: &std::path::Path, min: usize) -> Result<Vec<tests::Outcome>> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        // Only complete lines: the client may be mid-write.
+        let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+        let v = tests::client::parse_client_output(complete)?;
+        if v.len() >= min {
+            return Ok(v);
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "client produced {} outcomes, waiting for {min}",
+            v.len()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The one backend a connected client's first 10 exchanges reached, each answered from the VIP.
+fn one_backend(log: &std::path::Path, vip_addr: &str) -> Result<String> {
+    let first = outcomes(log, 10)?;
+    let used = match &first[0] {
+        Ok(r) => r.backend.clone(),
+        Err(e) => anyhow::bail!("first request failed: {e}"),
+    };
+    for o in &first {
+        let r = o
+            .as_ref()
+            .map_err(|e| anyhow::anyhow!("before removal: {e}"))?;
+        ensure!(r.backend == used, "one connected socket, one backend");
+        ensure!(
+            r.peer == vip(vip_addr, 53),
+            "getpeername shows the VIP, not {}",
+            r.peer
+        );
+    }
+    Ok(used)
+}
+
+/// Called right after the sync that removed `removed`: the client's socket was ended (an
+/// error), no reply came from `removed` after the sync, and a new socket reaches `kept`.
+fn ended_and_moved(log: &std::path::Path, removed: &str, kept: &str) -> Result<()> {
+    let at_sync = outcomes(log, 0)?.len();
+    let after = outcomes(log, at_sync + 40)?;
+    let late: Vec<&tests::Outcome> = after[at_sync..].iter().collect();
+    // One exchange may have been in flight when the socket was ended.
+    let from_removed = late
+        .iter()
+        .skip(1)
+        .filter(|o| o.as_ref().is_ok_and(|r| r.backend == removed))
+        .count();
+    ensure!(
+        from_removed == 0,
+        "{from_removed} replies from the removed backend {removed} after the sync"
+    );
+    ensure!(
+        late.iter().any(|o| o.is_err()) || after[..at_sync].iter().any(|o| o.is_err()),
+        "the connected socket was never ended"
+    );
+    ensure!(
+        late.iter()
+            .rev()
+            .take(10)
+            .all(|o| o.as_ref().is_ok_and(|r| r.backend == kept)),
+        "a new socket must reach the remaining backend {kept}: {:?}",
+        &late[late.len() - 10..]
+    );
+    Ok(())
+}
+
+/// Issue 16 bug 3: one endpoint address:port backs Services A and B. Removing it from A ends
+/// A's connected UDP socket to it (kube-proxy clears conntrack per Service port and endpoint:
+/// pkg/proxy/conntrack/cleanup.go, CleanStaleEntries), while B's socket to the same address
+/// and port keeps working untouched. Before, a backend was only ended once no UDP frontend used
+/// it, so A's socket kept talking to the endpoint A no longer had.
+#[test]
+fn a_shared_endpoint_removed_from_one_service_ends_only_that_services_udp_sockets() {
+    with_bed(|bed| {
+        const VIP_A: &str = "198.18.100.46";
+        const VIP_B: &str = "198.18.100.47";
+        let mut pods = Vec::new();
+        for (node, name) in [(1, "sh-1a"), (2, "sh-2a")] {
+            let p = bed.add_pod(node, name)?;
+            bed.start_echo(&p, &[], &[5353])?;
+            pods.push(p);
+        }
+        for (svc, vip) in [("sha", VIP_A), ("shb", VIP_B)] {
+            let s = Service::cluster_ip("default", svc, vip).port("dns", 53, 5353, Proto::Udp);
+            bed.write_manifest(&format!("{svc}-svc.yaml"), &s.to_yaml())?;
+        }
+        bed.write_manifest("sha-slice.yaml", &udp_slice("sha", &[&pods[0], &pods[1]]))?;
+        bed.write_manifest("shb-slice.yaml", &udp_slice("shb", &[]))?;
+        let client = bed.add_pod(1, "client")?;
+        let agents = bed.start_agents(SYNC)?;
+        let log_a = udp_client(bed, &client, VIP_A)?;
+        let used = one_backend(&log_a, VIP_A)?;
+        let (shared, kept) = if pods[0].name == used {
+            (&pods[0], &pods[1])
+        } else {
+            (&pods[1], &pods[0])
+        };
+        // B gets the endpoint A's socket uses, and a socket of its own to it.
+        let g = agents[0].generation().unwrap_or(1);
+        bed.write_manifest("shb-slice.yaml", &udp_slice("shb", &[shared]))?;
+        agents[0].wait_for_sync(g + 1, SYNC)?;
+        let log_b = udp_client(bed, &client, VIP_B)?;
+        ensure!(one_backend(&log_b, VIP_B)? == shared.name);
+
+        let g = agents[0].generation().unwrap_or(1);
+        bed.write_manifest("sha-slice.yaml", &udp_slice("sha", &[kept]))?;
+        agents[0].wait_for_sync(g + 1, SYNC)?;
+        let b_at_sync = outcomes(&log_b, 0)?.len();
+        ended_and_moved(&log_a, &shared.name, &kept.name)?;
+        let b = outcomes(&log_b, b_at_sync + 40)?;
+        for o in &b {
+            let r = o
+                .as_ref()
+                .map_err(|e| anyhow::anyhow!("B's socket failed: {e}"))?;
+            ensure!(
+                r.backend == shared.name,
+                "B's socket moved to {}",
+                r.backend
+            );
+        }
+        ensure!(
+            agents[0].log_text().contains("frontend_backends=1"),
             "agent log: {}",
             agents[0].log_tail(20)
         );

@@ -5,7 +5,10 @@
 //! programs replace them inside the pinned links; entries the old programs added meanwhile are
 //! copied once more after that, then the old maps are released. A layout that changed its
 //! key or value gets a new versioned name (`_v2`) instead; such maps start empty and are
-//! rebuilt from the desired state.
+//! rebuilt from the desired state, unless their old entries can be rewritten into the new
+//! layout (`rekey`): the services map is, so that a restarted agent adopts the same service
+//! ids, and through them the backend ids its conntrack entries hold (rebuilding would give
+//! every backend a new id and send established flows elsewhere).
 use std::{
     fs, io,
     os::fd::{AsRawFd as _, OwnedFd},
@@ -14,8 +17,9 @@ use std::{
 
 use aya::maps::MapData;
 use proxy_common::{
-    Backend, BackendKey, COUNTER_COUNT, CtKey, CtValue, FragKey, FragValue, ServiceKey,
-    ServiceValue, SlotKey, SlotValue, SockKey, SockValue, SvcName, limits, names,
+    Backend, BackendKey, COUNTER_COUNT, CT_VALUE_V1_SIZE, CtKey, CtValue, FragKey, FragValue,
+    SERVICE_KEY_V1_SIZE, ServiceKey, ServiceValue, SlotKey, SlotValue, SockKey, SockValue, SvcName,
+    limits, names,
 };
 
 use super::loader::{MapSizes, bpf, obj_get};
@@ -59,6 +63,42 @@ pub fn wanted_shape(name: &str, sizes: MapSizes) -> Option<(u32, u32, u32)> {
     }
 }
 
+/// The new (key, value) of an old entry of another layout version.
+type Rekey = fn(&[u8], &[u8]) -> (Vec<u8>, Vec<u8>);
+
+/// `svc_v1` -> `svc_v2`: the key gained the address family after its 20 bytes, and the value
+/// already held it.
+fn service_key_with_family(key: &[u8], value: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    let mut k = key.to_vec();
+    k.resize(std::mem::size_of::<ServiceKey>(), 0);
+    k[SERVICE_KEY_V1_SIZE] = value[std::mem::offset_of!(ServiceValue, family)];
+    (k, value.to_vec())
+}
+
+/// `ct_v1` -> `ct_v2`: the value gained `created_ns` after its 56 bytes; a flow of the older
+/// layout is taken as created when it was last seen (its true start is not known).
+fn conntrack_value_with_created(key: &[u8], value: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    let last_seen = std::mem::offset_of!(CtValue, last_seen_ns);
+    let mut v = value.to_vec();
+    v.extend_from_slice(&value[last_seen..last_seen + 8]);
+    (key.to_vec(), v)
+}
+
+/// How the entries of `file`, a map of an older layout version of `name`, become entries of
+/// `name`, if they can: by the key and value sizes of the old map.
+fn rekey_of(name: &str, file: &str, old: (u32, u32)) -> Option<Rekey> {
+    let svc_v1 = (
+        SERVICE_KEY_V1_SIZE as u32,
+        std::mem::size_of::<ServiceValue>() as u32,
+    );
+    let ct_v1 = (std::mem::size_of::<CtKey>() as u32, CT_VALUE_V1_SIZE as u32);
+    match (name, file) {
+        (names::SERVICES, "svc_v1") if old == svc_v1 => Some(service_key_with_family as Rekey),
+        (names::CONNTRACK, "ct_v1") if old == ct_v1 => Some(conntrack_value_with_created as Rekey),
+        _ => None,
+    }
+}
+
 /// A map being replaced: the old one (moved aside) and the new one's pin.
 #[derive(Debug)]
 pub struct Replaced {
@@ -67,6 +107,8 @@ pub struct Replaced {
     new: PathBuf,
     /// Entries can be copied (same key and value layout).
     copy: bool,
+    /// Entries can be rewritten into the new layout (another layout version).
+    rekey: Option<Rekey>,
 }
 
 /// Maps replaced by this start; finished once the new programs are attached.
@@ -100,6 +142,7 @@ pub fn prepare(bpffs: &Path, sizes: MapSizes) -> io::Result<Migration> {
                 old,
                 new: pin,
                 copy,
+                rekey: None,
             });
             continue;
         }
@@ -123,19 +166,32 @@ pub fn prepare(bpffs: &Path, sizes: MapSizes) -> io::Result<Migration> {
             old,
             new: pin,
             copy,
+            rekey: None,
         });
     }
     // Maps of another layout version (`ct_v0` beside `ct_v1`): their key or value changed, so
     // nothing is copied; they are released with the rest once the new programs run.
+    // Some can be rewritten into the new layout instead.
     for e in fs::read_dir(bpffs)?.flatten() {
         let file = e.file_name().to_string_lossy().into_owned();
         if let Some(name) = newer_version_of(&file) {
-            tracing::warn!(old = %file, new = name, "map of an older layout; rebuilding");
+            let old = MapData::from_pin(e.path())
+                .ok()
+                .and_then(|m| m.info().ok())
+                .map(|i| (i.key_size(), i.value_size()));
+            let rekey = old.and_then(|o| rekey_of(name, &file, o));
+            tracing::warn!(
+                old = %file,
+                new = name,
+                entries = if rekey.is_some() { "rewritten" } else { "rebuilt" },
+                "map of an older layout"
+            );
             m.replaced.push(Replaced {
                 name,
                 old: e.path(),
                 new: bpffs.join(name),
                 copy: false,
+                rekey,
             });
         }
     }
@@ -177,9 +233,15 @@ fn elem_attr(fd: &OwnedFd, key: &[u8], value_or_next: &mut [u8], flags: u64) -> 
     attr
 }
 
-/// Copies every entry of `from` into `to` (both with `key`/`value` sizes); with
-/// `keep_newer`, entries already in `to` win. Returns how many were written.
-fn copy_entries(from: &Path, to: &Path, keep_newer: bool) -> io::Result<usize> {
+/// Copies every entry of `from` into `to` (both with `key`/`value` sizes, or with the keys
+/// `rekey` makes); with `keep_newer`, entries already in `to` win. Returns how many were
+/// written.
+fn copy_entries(
+    from: &Path,
+    to: &Path,
+    keep_newer: bool,
+    rekey: Option<Rekey>,
+) -> io::Result<usize> {
     let info = MapData::from_pin(from)
         .and_then(|m| m.info())
         .map_err(io::Error::other)?;
@@ -223,7 +285,12 @@ fn copy_entries(from: &Path, to: &Path, keep_newer: bool) -> io::Result<usize> {
             None
         };
         let flags = if keep_newer { BPF_NOEXIST } else { 0 };
-        let mut attr = elem_attr(&dst, &key, &mut value, flags);
+        let mut rewritten = rekey.map(|f| f(&key, &value));
+        let (k, v): (&[u8], &mut [u8]) = match rewritten.as_mut() {
+            Some((k, v)) => (k.as_slice(), v.as_mut_slice()),
+            None => (key.as_slice(), value.as_mut_slice()),
+        };
+        let mut attr = elem_attr(&dst, k, v, flags);
         match bpf(BPF_MAP_UPDATE_ELEM, &mut attr) {
             Ok(_) => copied += 1,
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
@@ -243,8 +310,23 @@ impl Migration {
             .iter()
             .filter(|r| r.copy && r.name != names::COUNTERS)
         {
-            let n = copy_entries(&r.old, &r.new, false)?;
+            let n = copy_entries(&r.old, &r.new, false, None)?;
             tracing::info!(map = r.name, entries = n, "copied entries into the new map");
+        }
+        // The services map only once: the programs never write it, and a second pass would
+        // bring back what the first sync removed (conntrack, which they write, again in
+        // `finish`).
+        // Entries already in the new map win: an agent stopped before it released the old map
+        // had already written them (what this brings back beside them, its sync removes).
+        for r in &self.replaced {
+            if let Some(rekey) = r.rekey {
+                let n = copy_entries(&r.old, &r.new, true, Some(rekey))?;
+                tracing::info!(
+                    map = r.name,
+                    entries = n,
+                    "rewrote entries of the older layout into the new map"
+                );
+            }
         }
         Ok(())
     }
@@ -253,8 +335,18 @@ impl Migration {
     /// added meanwhile, then release the old maps.
     pub fn finish(self) -> io::Result<()> {
         for r in &self.replaced {
+            // The old programs kept writing conntrack entries of the older layout until the
+            // new ones took their links: rewrite those too (entries already there win).
+            if let Some(rekey) = r.rekey.filter(|_| r.name == names::CONNTRACK) {
+                let n = copy_entries(&r.old, &r.new, true, Some(rekey))?;
+                tracing::info!(
+                    map = r.name,
+                    entries = n,
+                    "rewrote late entries of the older layout into the new map"
+                );
+            }
             if r.copy && r.name != names::COUNTERS {
-                let n = copy_entries(&r.old, &r.new, true)?;
+                let n = copy_entries(&r.old, &r.new, true, None)?;
                 tracing::info!(
                     map = r.name,
                     entries = n,
@@ -275,9 +367,66 @@ mod tests {
     fn older_layout_versions_are_recognised() {
         assert_eq!(newer_version_of("ct_v0"), Some(names::CONNTRACK));
         assert_eq!(newer_version_of("svc_slots_v7"), Some(names::SLOTS));
-        assert_eq!(newer_version_of("ct_v1"), None, "the current one");
+        assert_eq!(newer_version_of("ct_v2"), None, "the current one");
+        assert_eq!(newer_version_of("ct_v1"), Some(names::CONNTRACK));
         assert_eq!(newer_version_of("links"), None);
-        assert_eq!(newer_version_of("old_ct_v1"), None);
+        assert_eq!(newer_version_of("old_ct_v2"), None);
         assert_eq!(newer_version_of("ct_vx"), None);
+        assert_eq!(newer_version_of("svc_v1"), Some(names::SERVICES));
+    }
+
+    /// An IPv6 `svc_v1` entry becomes the `svc_v2` key of the same frontend, family and all;
+    /// nothing else is rewritten.
+    #[test]
+    fn services_v1_entries_get_their_family() {
+        use proxy_common::{AF_INET6, IPPROTO_UDP, SCOPE_EXTERNAL};
+        let fe = ServiceKey {
+            addr: [0xc612_6601, 0, 7, 9],
+            port_be: 53u16.to_be(),
+            proto: IPPROTO_UDP,
+            scope: SCOPE_EXTERNAL,
+            family: AF_INET6,
+            _pad: [0; 3],
+        };
+        let value = ServiceValue {
+            svc_id: 7,
+            count: 2,
+            family: AF_INET6,
+            ..Default::default()
+        };
+        let bytes = |p: *const u8, n: usize| unsafe { std::slice::from_raw_parts(p, n) }.to_vec();
+        let new_key = bytes((&fe as *const ServiceKey).cast(), size_of::<ServiceKey>());
+        let value = bytes(
+            (&value as *const ServiceValue).cast(),
+            size_of::<ServiceValue>(),
+        );
+        let old_key = &new_key[..SERVICE_KEY_V1_SIZE];
+        let rekey = rekey_of(names::SERVICES, "svc_v1", (20, 16)).expect("svc_v1 is rewritten");
+        assert_eq!(rekey(old_key, &value), (new_key, value.clone()));
+        assert!(rekey_of(names::SERVICES, "svc_v1", (20, 12)).is_none());
+        assert!(rekey_of(names::CONNTRACK, "ct_v0", (36, 32)).is_none());
+    }
+
+    #[test]
+    fn conntrack_v1_entries_take_their_last_seen_time_as_created() {
+        let v = CtValue {
+            backend_id: 3,
+            svc_id: 9,
+            flags: proxy_common::CT_SNAT,
+            last_seen_ns: 0x1122_3344_5566_7788,
+            created_ns: 0x1122_3344_5566_7788,
+            ..Default::default()
+        };
+        let bytes = unsafe {
+            std::slice::from_raw_parts((&v as *const CtValue).cast::<u8>(), size_of::<CtValue>())
+        }
+        .to_vec();
+        let key = vec![7u8; size_of::<CtKey>()];
+        let rekey = rekey_of(names::CONNTRACK, "ct_v1", (40, 56)).expect("ct_v1 is rewritten");
+        assert_eq!(
+            rekey(&key, &bytes[..CT_VALUE_V1_SIZE]),
+            (key.clone(), bytes)
+        );
+        assert!(rekey_of(names::CONNTRACK, "ct_v1", (40, 48)).is_none());
     }
 }

@@ -4,9 +4,11 @@
 //! conntrack for the same reason. Here every network namespace of the processes under the
 //! socket-LB cgroup is visited, and matching sockets are destroyed with sock_diag's
 //! SOCK_DESTROY (CONFIG_INET_DIAG_DESTROY); the application's next call fails with
-//! ECONNABORTED and a new socket is balanced afresh.
+//! ECONNABORTED and a new socket is balanced afresh. A backend a frontend lost while another
+//! still uses it ends only the sockets connected through that frontend: socket LB's reverse
+//! record of the socket (by its cookie, which sock_diag reports) names the frontend.
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::BTreeMap,
     fs, io,
     net::IpAddr,
     os::{
@@ -15,6 +17,42 @@ use std::{
     },
     path::{Path, PathBuf},
 };
+
+use aya::maps::{HashMap, MapData};
+use proxy_common::{CT_REVERSE, SockKey, SockValue, names};
+
+use super::{
+    addr::{family, from_words, to_words},
+    writer::{AddrPort, StaleUdp},
+};
+
+/// Socket LB's records (`sock_v1`): which frontend a socket was connected through.
+pub struct SocketFrontends(HashMap<MapData, SockKey, SockValue>);
+
+impl SocketFrontends {
+    pub fn open(bpffs: &Path) -> io::Result<Self> {
+        let data = MapData::from_pin(bpffs.join(names::SOCKETS)).map_err(io::Error::other)?;
+        let map = aya::maps::Map::from_map_data(data)
+            .and_then(HashMap::try_from)
+            .map_err(io::Error::other)?;
+        Ok(Self(map))
+    }
+
+    /// The frontend socket `cookie` was connected through, whose backend is `peer`.
+    pub fn get(&self, cookie: u64, peer: AddrPort) -> Option<AddrPort> {
+        let f = family(peer.0);
+        let key = SockKey {
+            cookie,
+            addr: to_words(peer.0),
+            port_be: peer.1.to_be(),
+            family: f,
+            dir: CT_REVERSE,
+            _pad: 0,
+        };
+        let v = self.0.get(&key, 0).ok()?;
+        Some((from_words(v.addr, f), u16::from_be(v.port_be)))
+    }
+}
 
 const NETLINK_SOCK_DIAG: i32 = 4;
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
@@ -164,8 +202,8 @@ fn addr_of(words: &[u8], v6: bool) -> IpAddr {
     }
 }
 
-/// Destroys, in the current network namespace, connected UDP sockets whose peer is in `peers`.
-fn destroy_here(peers: &HashSet<(IpAddr, u16)>) -> io::Result<usize> {
+/// Destroys, in the current network namespace, the connected UDP sockets `stale` ends.
+fn destroy_here(stale: &StaleUdp, frontends: Option<&SocketFrontends>) -> io::Result<usize> {
     let fd = nl_socket()?;
     let mut victims: Vec<(bool, [u8; SOCKID_LEN])> = Vec::new();
     for v6 in [false, true] {
@@ -186,8 +224,11 @@ fn destroy_here(peers: &HashSet<(IpAddr, u16)>) -> io::Result<usize> {
             }
             let id: [u8; SOCKID_LEN] = p[4..4 + SOCKID_LEN].try_into().unwrap();
             let dport = u16::from_be_bytes([id[2], id[3]]);
-            let dst = addr_of(&id[20..36], v6);
-            if peers.contains(&(dst, dport)) {
+            // An IPv6 socket's IPv4-mapped peer is the IPv4 backend socket LB wrote there.
+            let dst = addr_of(&id[20..36], v6).to_canonical();
+            let word = |at: usize| u32::from_ne_bytes(id[at..at + 4].try_into().unwrap()) as u64;
+            let cookie = word(40) | word(44) << 32;
+            if stale.ends((dst, dport), || frontends?.get(cookie, (dst, dport))) {
                 victims.push((v6, id));
             }
         })?;
@@ -214,23 +255,31 @@ fn destroy_here(peers: &HashSet<(IpAddr, u16)>) -> io::Result<usize> {
     Ok(destroyed)
 }
 
-/// Destroys connected UDP sockets to `peers` in every network namespace of the processes below
-/// `cgroup`. Returns how many were destroyed.
-pub fn destroy_udp_to(cgroup: &Path, peers: &HashSet<(IpAddr, u16)>) -> io::Result<usize> {
-    if peers.is_empty() {
+/// Destroys the connected UDP sockets `stale` ends in every network namespace of the processes
+/// below `cgroup`; `frontends` (socket LB's records) tells which frontend a socket was connected
+/// through. Returns how many were destroyed.
+pub fn destroy_udp_to(
+    cgroup: &Path,
+    stale: &StaleUdp,
+    frontends: Option<&SocketFrontends>,
+) -> io::Result<usize> {
+    if stale.is_empty() {
         return Ok(0);
     }
     let mut total = 0;
     for (_, pid) in namespaces(cgroup) {
         let ns: PathBuf = format!("/proc/{pid}/ns/net").into();
-        let peers = peers.clone();
         // setns affects only the calling thread: do it on a short-lived one.
-        let r = std::thread::spawn(move || -> io::Result<usize> {
-            let f = fs::File::open(&ns)?;
-            nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
-            destroy_here(&peers)
+        let r = std::thread::scope(|scope| {
+            scope
+                .spawn(|| -> io::Result<usize> {
+                    let f = fs::File::open(&ns)?;
+                    nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
+                        .map_err(io::Error::from)?;
+                    destroy_here(stale, frontends)
+                })
+                .join()
         })
-        .join()
         .map_err(|_| io::Error::other("socket destroyer thread panicked"))?;
         match r {
             Ok(n) => total += n,

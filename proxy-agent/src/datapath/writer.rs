@@ -11,7 +11,7 @@ use aya::maps::MapError;
 use proxy_common::{
     BACKEND_LOCAL, Backend, BackendKey, BackendState, SVC_MAGLEV, SVC_NAME_LEN, SVC_NO_LOCAL,
     SVC_SOURCE_RANGES, ServiceKey, ServiceKind, ServiceValue, SlotKey, SlotValue, SourceRange,
-    SvcName,
+    SvcName, names,
 };
 
 use super::{
@@ -65,12 +65,12 @@ impl Programmed {
     pub fn read(maps: &Maps) -> Result<Self, DatapathError> {
         let mut out = Programmed::default();
         for item in maps.services.iter() {
-            let (k, v) = item.map_err(map_err("svc_v1"))?;
+            let (k, v) = item.map_err(map_err(names::SERVICES))?;
             let Some(protocol) = Protocol::from_number(k.proto) else {
                 continue;
             };
             let fe = Frontend {
-                addr: from_words(k.addr, v.family),
+                addr: from_words(k.addr, k.family),
                 port: u16::from_be(k.port_be),
                 protocol,
                 scope: if k.scope == proxy_common::SCOPE_EXTERNAL {
@@ -115,13 +115,23 @@ impl Programmed {
             let (k, v) = item.map_err(map_err("backends_v1"))?;
             out.backends.insert(k.backend_id, v);
         }
+        // A prefix has its frontend's family (see `SourceRange`): the address words cannot
+        // tell an IPv6 /8 (fd00::/8) from an IPv4 /8. A prefix without a frontend is left for
+        // the sync to remove; its family then does not matter (same key bytes either way).
+        let families: HashMap<u32, u8> = out
+            .services
+            .iter()
+            .map(|(fe, s)| (s.svc_id, family(fe.addr)))
+            .collect();
         for key in maps.source_ranges.keys() {
             let key = key.map_err(map_err("srcranges_v1"))?;
             let d = key.data();
-            let family = if key.prefix_len() > 32 + 32 || d.addr[1..] != [0, 0, 0] {
-                proxy_common::AF_INET6
-            } else {
-                proxy_common::AF_INET
+            let family = match families.get(&u32::from_be(d.svc_id_be)) {
+                Some(f) => *f,
+                None if key.prefix_len() > 32 + 32 || d.addr[1..] != [0, 0, 0] => {
+                    proxy_common::AF_INET6
+                }
+                None => proxy_common::AF_INET,
             };
             out.source_ranges.insert((
                 u32::from_be(d.svc_id_be),
@@ -152,12 +162,14 @@ fn map_err(name: &'static str) -> impl Fn(MapError) -> DatapathError {
     move |source| DatapathError::Map { name, source }
 }
 
-fn service_key(fe: &Frontend) -> ServiceKey {
+pub fn service_key(fe: &Frontend) -> ServiceKey {
     ServiceKey {
         addr: to_words(fe.addr),
         port_be: fe.port.to_be(),
         proto: fe.protocol.number(),
         scope: fe.scope.number(),
+        family: family(fe.addr),
+        _pad: [0; 3],
     }
 }
 
@@ -196,6 +208,57 @@ fn svc_name(name: &str) -> SvcName {
     n
 }
 
+/// An address and port (a UDP frontend as clients dial it, or a backend).
+pub type AddrPort = (IpAddr, u16);
+
+/// UDP backends that frontends lost in a sync, for ending the connected sockets that still talk
+/// to them. kube-proxy clears the UDP conntrack entries of a Service's removed endpoint per
+/// (Service IP and port, endpoint), even when the endpoint still serves another Service
+/// (pkg/proxy/conntrack/cleanup.go, CleanStaleEntries: an entry goes when its original
+/// destination is a Service port and its reply source is not among that port's endpoints).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct StaleUdp {
+    /// Backends no UDP frontend uses any more: every connected UDP socket to them ends.
+    pub backends: HashSet<AddrPort>,
+    /// (frontend, backend) pairs that ended while other UDP frontends still use the backend:
+    /// only sockets that socket LB connected through that frontend end.
+    pub pairs: HashSet<(AddrPort, AddrPort)>,
+}
+
+impl StaleUdp {
+    /// What changed between the (frontend, backend) pairs of the UDP frontends before and after
+    /// a sync. Frontends are (address, port): socket LB connects through the internal view, so
+    /// a backend that only an external (Local) view lost is still the frontend's.
+    pub fn between(
+        before: &HashSet<(AddrPort, AddrPort)>,
+        after: &HashSet<(AddrPort, AddrPort)>,
+    ) -> Self {
+        let used: HashSet<AddrPort> = after.iter().map(|(_, b)| *b).collect();
+        let mut out = StaleUdp::default();
+        for (fe, b) in before.difference(after) {
+            if used.contains(b) {
+                out.pairs.insert((*fe, *b));
+            } else {
+                out.backends.insert(*b);
+            }
+        }
+        out
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.backends.is_empty() && self.pairs.is_empty()
+    }
+
+    /// Whether a connected UDP socket to `peer` must end; `frontend` tells, when needed,
+    /// which frontend socket LB connected it through (none: not through socket LB, or its
+    /// record is gone).
+    pub fn ends(&self, peer: AddrPort, frontend: impl FnOnce() -> Option<AddrPort>) -> bool {
+        self.backends.contains(&peer)
+            || (self.pairs.iter().any(|(_, b)| *b == peer)
+                && frontend().is_some_and(|fe| self.pairs.contains(&(fe, peer))))
+    }
+}
+
 /// Result of one sync.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct SyncReport {
@@ -203,8 +266,8 @@ pub struct SyncReport {
     pub backends: usize,
     pub writes: usize,
     pub deletes: usize,
-    /// UDP backends no UDP frontend uses any more: connected sockets to them must be ended.
-    pub removed_udp_backends: HashSet<(IpAddr, u16)>,
+    /// UDP backends frontends lost: connected sockets to them must be ended.
+    pub stale_udp: StaleUdp,
     /// Maglev tables built and swapped in.
     pub tables_built: usize,
     /// Services (namespace/name) that could not be programmed, with the reason. A Service
@@ -316,21 +379,23 @@ impl Writer {
 
     /// Brings the maps to `desired`. A frontend whose writes fail is reported and left as it
     /// was (or absent, if new); the others are still programmed.
-    /// Endpoints of every programmed UDP frontend.
-    fn udp_backends(&self) -> HashSet<(IpAddr, u16)> {
+    /// (frontend, endpoint) of every programmed UDP frontend.
+    fn udp_pairs(&self) -> HashSet<(AddrPort, AddrPort)> {
         self.programmed
             .services
             .iter()
             .filter(|(fe, _)| fe.protocol == Protocol::Udp)
-            .flat_map(|(_, s)| s.slots.iter())
-            .filter_map(|id| self.programmed.endpoint(*id))
-            .map(|e| (e.addr, e.port))
+            .flat_map(|(fe, s)| s.slots.iter().map(move |id| (fe, id)))
+            .filter_map(|(fe, id)| {
+                let e = self.programmed.endpoint(*id)?;
+                Some(((fe.addr, fe.port), (e.addr, e.port)))
+            })
             .collect()
     }
 
     pub fn sync(&mut self, desired: &DesiredState) -> SyncReport {
         let mut report = SyncReport::default();
-        let udp_before = self.udp_backends();
+        let udp_before = self.udp_pairs();
         // Removals first: they free room for what is added.
         let stale: Vec<Frontend> = self
             .programmed
@@ -461,8 +526,7 @@ impl Writer {
         }
         report.services = self.programmed.services.len();
         report.backends = self.programmed.backends.len();
-        let udp_after = self.udp_backends();
-        report.removed_udp_backends = udp_before.difference(&udp_after).copied().collect();
+        report.stale_udp = StaleUdp::between(&udp_before, &self.udp_pairs());
         report
     }
 
@@ -494,7 +558,7 @@ impl Writer {
         let cap = self.maps.capacity;
         let checks = [
             (
-                "svc_v1",
+                names::SERVICES,
                 self.programmed.services.len() as u64,
                 services,
                 cap.services,
@@ -660,7 +724,7 @@ impl Writer {
             self.maps
                 .services
                 .insert(service_key(&after.fe), value, 0)
-                .map_err(map_err("svc_v1"))?;
+                .map_err(map_err(names::SERVICES))?;
             report.writes += 1;
         }
         self.remove_ranges(svc_id, &after.ranges, report);
@@ -747,7 +811,7 @@ impl Writer {
             Ok(()) | Err(MapError::KeyNotFound) => {}
             Err(source) => {
                 return Err(DatapathError::Map {
-                    name: "svc_v1",
+                    name: names::SERVICES,
                     source,
                 });
             }
@@ -834,4 +898,47 @@ pub fn kind_str(v: &ServiceValue) -> &'static str {
     ServiceKind::from_u8(v.kind)
         .map(|k| k.as_str())
         .unwrap_or("Unknown")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ap(s: &str) -> AddrPort {
+        let a: SocketAddr = s.parse().unwrap();
+        (a.ip(), a.port())
+    }
+
+    /// Issue 16 bug 3: an endpoint leaving Service A while it still backs Service B ends A's
+    /// sockets to it (through A), not B's; one no frontend uses ends every socket to it.
+    #[test]
+    fn stale_udp_is_per_frontend_and_backend() {
+        let (a, b, c) = (
+            ap("198.18.100.1:53"),
+            ap("198.18.100.2:53"),
+            ap("198.18.100.3:53"),
+        );
+        let (shared, only_c, other) = (
+            ap("198.19.1.2:5353"),
+            ap("198.19.1.3:5353"),
+            ap("198.19.1.4:5353"),
+        );
+        let before = HashSet::from([(a, shared), (a, other), (b, shared), (c, only_c)]);
+        let after = HashSet::from([(a, other), (b, shared)]);
+        let stale = StaleUdp::between(&before, &after);
+        assert_eq!(stale.backends, HashSet::from([only_c]));
+        assert_eq!(stale.pairs, HashSet::from([(a, shared)]));
+        assert!(
+            stale.ends(shared, || Some(a)),
+            "A's socket to the shared one"
+        );
+        assert!(!stale.ends(shared, || Some(b)), "B's socket keeps it");
+        assert!(!stale.ends(shared, || None), "a direct socket keeps it");
+        assert!(
+            stale.ends(only_c, || None),
+            "nobody's backend: every socket"
+        );
+        assert!(!stale.ends(other, || panic!("not asked")), "kept by A");
+        assert!(StaleUdp::between(&after, &after).is_empty());
+    }
 }

@@ -178,17 +178,18 @@ fn empty_xdp_prog() -> Result<OwnedFd> {
 }
 
 /// The services map key (proxy_common::ServiceKey: addr [u32; 4] network order, port_be,
-/// proto, scope) of `vip:port`/TCP, as bytes.
-fn service_key(vip: Ipv4Addr, port: u16) -> [u8; 20] {
-    let mut k = [0u8; 20];
+/// proto, scope, family, 3 bytes of padding) of `vip:port`/TCP, as bytes.
+fn service_key(vip: Ipv4Addr, port: u16) -> [u8; 24] {
+    let mut k = [0u8; 24];
     k[..4].copy_from_slice(&vip.octets());
     k[16..18].copy_from_slice(&port.to_be_bytes());
     k[18] = 6;
+    k[20] = 2; // AF_INET
     k
 }
 
 /// One `bpf_map_lookup_elem` of a constant key in `map`, then `return TC_ACT_OK`.
-fn lookup_prog(map: &OwnedFd, key: &[u8; 20]) -> Result<OwnedFd> {
+fn lookup_prog(map: &OwnedFd, key: &[u8; 24]) -> Result<OwnedFd> {
     let w = |i: usize| i32::from_le_bytes(key[i..i + 4].try_into().unwrap());
     let st = |off: i16, imm: i32| insn(0x62, 10, 0, off, imm); // *(u32 *)(r10 + off) = imm
     let prog = [
@@ -197,6 +198,7 @@ fn lookup_prog(map: &OwnedFd, key: &[u8; 20]) -> Result<OwnedFd> {
         st(-16, w(8)),
         st(-12, w(12)),
         st(-8, w(16)),
+        st(-4, w(20)),
         insn(0x18, 1, 1, 0, map.as_raw_fd()), // r1 = map (BPF_PSEUDO_MAP_FD)
         0,
         insn(0xbf, 2, 10, 0, 0),  // r2 = r10
@@ -208,7 +210,7 @@ fn lookup_prog(map: &OwnedFd, key: &[u8; 20]) -> Result<OwnedFd> {
     load_prog(&prog, "bench_lookup")
 }
 
-fn map_has(map: &OwnedFd, key: &[u8; 20]) -> bool {
+fn map_has(map: &OwnedFd, key: &[u8; 24]) -> bool {
     let mut value = [0u8; 256];
     let mut a = Attr::new();
     a.u32(0, map.as_raw_fd() as u32)
@@ -435,7 +437,7 @@ pub fn measure(
     calls: usize,
 ) -> Result<Costs> {
     let prog = tc_prog(bpffs, "tc_ingress")?;
-    let map = obj_get(&bpffs.join("svc_v1"))?;
+    let map = obj_get(&bpffs.join("svc_v2"))?;
     let key = service_key(vip, port);
     ensure!(
         map_has(&map, &key),
@@ -580,8 +582,8 @@ pub fn measure_node_port(t: &NodePortTarget, calls: usize) -> Result<NodePortCos
     .with_context(|| format!("the agent's XDP program on {}", t.iface))?;
     let tc = linked_prog(t.bpffs, |n| n == format!("tc_ingress@{}", t.iface))
         .with_context(|| format!("the agent's tc program on {}", t.iface))?;
-    let ct = obj_get(&t.bpffs.join("ct_v1"))?;
-    let svc = obj_get(&t.bpffs.join("svc_v1"))?;
+    let ct = obj_get(&t.bpffs.join("ct_v2"))?;
+    let svc = obj_get(&t.bpffs.join("svc_v2"))?;
     let key = service_key(t.node_ip, t.node_port);
     ensure!(
         map_has(&svc, &key),
@@ -685,9 +687,9 @@ pub fn measure_node_port(t: &NodePortTarget, calls: usize) -> Result<NodePortCos
     })?
 }
 
-/// Offset of `last_seen_ns` (CLOCK_MONOTONIC, ns) in proxy_common::CtValue (56 bytes).
+/// Offset of `last_seen_ns` (CLOCK_MONOTONIC, ns) in proxy_common::CtValue (64 bytes).
 const CT_LAST_SEEN: usize = 48;
-const CT_VALUE_SIZE: usize = 56;
+const CT_VALUE_SIZE: usize = 64;
 
 /// Whether a conntrack entry belongs to a NodePort flow through `node_ip` from `client`: the
 /// forward entry (client -> node) or the reverse entry of its SNAT (backend -> node).
@@ -718,7 +720,7 @@ pub fn delete_idle_node_port_flows(
     min_idle: std::time::Duration,
 ) -> Result<(usize, usize)> {
     const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
-    let ct = obj_get(&bpffs.join("ct_v1"))?;
+    let ct = obj_get(&bpffs.join("ct_v2"))?;
     let now = {
         let mut ts = libc::timespec {
             tv_sec: 0,
@@ -743,7 +745,7 @@ pub fn delete_idle_node_port_flows(
         match bpf(BPF_MAP_GET_NEXT_KEY, &mut a) {
             Ok(_) => {}
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => break,
-            Err(e) => return Err(e).context("iterating ct_v1"),
+            Err(e) => return Err(e).context("iterating the conntrack map"),
         }
         first = false;
         key = next;
