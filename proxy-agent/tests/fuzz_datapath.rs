@@ -1033,7 +1033,11 @@ mod model {
                             addr: ct.nat_addr,
                             port: ct.nat_port,
                         }],
-                        counter: if same {
+                        // A SYN on an ended connection's tuple is a new connection, on the
+                        // entries it has: counted as new, the entries kept ("renewed").
+                        counter: if reopened && ct.closing {
+                            "renewed"
+                        } else if same {
                             "translated_established"
                         } else {
                             "translated_draining"
@@ -1114,7 +1118,10 @@ mod model {
                 return;
             };
             let t = flow.tuple;
-            if *counter == "translated_established" || *counter == "translated_draining" {
+            if matches!(
+                *counter,
+                "translated_established" | "translated_draining" | "renewed"
+            ) {
                 // The datapath puts back the reply direction's entry if it was forgotten, when
                 // it looks for it: when the forward entry's refresh is due, or a FIN, RST or
                 // SYN marks both entries.
@@ -1397,7 +1404,13 @@ mod check {
                         want[flow.l4_off..flow.l4_off + 2].copy_from_slice(&p.to_be_bytes());
                     }
                 }
-                let new_flow = snat.is_some() && *counter != "translated_established";
+                // "renewed": counted as a new flow, on the entries the tuple already has.
+                let (counter, kept) = match *counter {
+                    "renewed" => ("translated_new", true),
+                    c => (c, c == "translated_established"),
+                };
+                // tc counts `snat` with every SNATed flow it counts as new, renewed ones too.
+                let new_flow = snat.is_some() && counter != "translated_established";
                 if new_flow {
                     counters_are(moved, &[counter, "snat"])?;
                 } else {
@@ -1407,7 +1420,7 @@ mod check {
                 let l3_only = if flow.has_l4 { "" } else { " (later fragment)" };
                 let v6 = if flow.v6() { " IPv6" } else { "" };
                 let s = if snat.is_some() { " + SNAT" } else { "" };
-                let chosen = (*counter != "translated_established").then_some((b, snat));
+                let chosen = (!kept).then_some((b, snat));
                 outcome(format!("DNAT{v6}: {counter}{s}{l3_only}"), chosen, problem)
             }
             Verdict::Rnat { flow, ct } => {

@@ -1954,8 +1954,12 @@ fn fin_and_rst_mark_both_conntrack_entries_closing_and_a_new_syn_clears_them() {
         let (rc, out, _) = b.run_counted(&with_tcp_flags(tcp_syn(port), flags));
         assert_eq!((rc, pkt::parse(&out).dst), (TC_ACT_OK, backend));
         assert_eq!(closing(&ct), [(fwd, true), (rev, true)], "flags {flags:#x}");
-        // A new connection on the same tuple clears the mark in both.
-        b.run(&tcp_syn(port));
+        // A new connection on the same tuple clears the mark in both, and counts as new.
+        let (_, out, moved) = b.run_counted(&tcp_syn(port));
+        assert_eq!(
+            (moved, pkt::parse(&out).dst),
+            (vec!["translated_new"], backend)
+        );
         assert_eq!(closing(&ct), [(fwd, false), (rev, false)]);
         let synack = with_tcp_flags(
             pkt::Ip::new(backend, CLIENT, pkt::TCP).frame(&pkt::l4(

@@ -437,6 +437,14 @@ fn forward(flow: &Flow, svc: &ServiceValue, iface: Option<IfaceConfig>, origin: 
             let tcp = flow.proto == IPPROTO_TCP;
             let closing = tcp && flow.tcp_flags & (TCP_FIN | TCP_RST) != 0;
             let reopened = tcp && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+            // A SYN on the tuple of a connection that ended is a new connection (it keeps the
+            // backend, which is as good as any): counted as new, and aged from now.
+            let renewed = reopened && flags & CT_CLOSING != 0;
+            if renewed {
+                // SAFETY: pointer from a successful lookup.
+                unsafe { (*ct).created_ns = now };
+            }
+            let first = first || renewed;
             mark_closing(ct, closing, reopened);
             // The reply direction is a separate LRU entry: under conntrack pressure it can be
             // evicted while this one lives, and the next reply would leave untranslated (the
