@@ -86,11 +86,43 @@ pub fn load_replacing(
     load_enabled(bpffs, sizes, Enabled::ALL)
 }
 
+/// The variant of the programs a kernel gets: code behind a feature it lacks is cut out at
+/// load time (read-only globals, which the verifier folds, so the dead branch is never
+/// checked against the kernel's helper list).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Variant {
+    /// `bpf_set_retval` (Linux 5.18): the socket hooks refuse with ECONNREFUSED, else EPERM.
+    pub set_retval: bool,
+}
+
+impl Variant {
+    /// What the running kernel supports.
+    pub fn current() -> Self {
+        Self {
+            set_retval: aya::util::KernelVersion::current()
+                .map(|v| v >= aya::util::KernelVersion::new(5, 18, 0))
+                .unwrap_or(true),
+        }
+    }
+    /// The kernel floor the README names (5.15 / 6.1): none of the newer features.
+    pub const FLOOR: Self = Self { set_retval: false };
+}
+
 /// [`load_replacing`], loading only the optional programs `enabled` names.
 pub fn load_enabled(
     bpffs: &Path,
     sizes: MapSizes,
     enabled: Enabled,
+) -> Result<(Ebpf, super::migrate::Migration), DatapathError> {
+    load_variant(bpffs, sizes, enabled, Variant::current())
+}
+
+/// [`load_enabled`] for the programs' `variant`.
+pub fn load_variant(
+    bpffs: &Path,
+    sizes: MapSizes,
+    enabled: Enabled,
+    variant: Variant,
 ) -> Result<(Ebpf, super::migrate::Migration), DatapathError> {
     fs::create_dir_all(bpffs.join(LINKS_DIR)).map_err(io_err(bpffs))?;
     let migration = super::migrate::prepare(bpffs, sizes).map_err(io_err(bpffs))?;
@@ -111,9 +143,7 @@ pub fn load_enabled(
         .map_max_entries(names::CONNTRACK, sizes.conntrack);
     // bpf_set_retval (ECONNREFUSED from the socket hooks) came with Linux 5.18; before it the
     // hooks refuse with EPERM.
-    let set_retval = aya::util::KernelVersion::current()
-        .map(|v| v >= aya::util::KernelVersion::new(5, 18, 0))
-        .unwrap_or(true) as u8;
+    let set_retval = variant.set_retval as u8;
     loader.override_global("SOCK_SET_RETVAL", &set_retval, true);
     let mut ebpf = loader.load(OBJECT)?;
     tc_program(&mut ebpf)?

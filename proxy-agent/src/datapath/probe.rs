@@ -46,8 +46,9 @@ impl Probes {
     }
 }
 
-/// The helpers each program calls (from proxy-ebpf's sources; aya's context methods map to
-/// skb_load_bytes/skb_store_bytes and the checksum helpers).
+/// The helpers each program calls (aya's context methods map to skb_load_bytes/skb_store_bytes
+/// and the checksum helpers); `tests/floor.rs` checks the lists against the helpers the loaded
+/// programs call.
 const TC_HELPERS: &[(&str, BpfHelper)] = &[
     ("ktime_get_ns", BpfHelper::BPF_FUNC_ktime_get_ns),
     ("get_prandom_u32", BpfHelper::BPF_FUNC_get_prandom_u32),
@@ -55,6 +56,9 @@ const TC_HELPERS: &[(&str, BpfHelper)] = &[
     ("skb_store_bytes", BpfHelper::BPF_FUNC_skb_store_bytes),
     ("l3_csum_replace", BpfHelper::BPF_FUNC_l3_csum_replace),
     ("l4_csum_replace", BpfHelper::BPF_FUNC_l4_csum_replace),
+    // The reject (ICMP port unreachable) resizes the packet and sends it back out.
+    ("skb_change_tail", BpfHelper::BPF_FUNC_skb_change_tail),
+    ("redirect", BpfHelper::BPF_FUNC_redirect),
 ];
 const XDP_HELPERS: &[(&str, BpfHelper)] = &[
     ("ktime_get_ns", BpfHelper::BPF_FUNC_ktime_get_ns),
@@ -65,10 +69,23 @@ const XDP_HELPERS: &[(&str, BpfHelper)] = &[
     ("redirect", BpfHelper::BPF_FUNC_redirect),
 ];
 const SOCK_HELPERS: &[(&str, BpfHelper)] = &[
+    // sessionAffinity timestamps.
+    ("ktime_get_ns", BpfHelper::BPF_FUNC_ktime_get_ns),
     ("get_prandom_u32", BpfHelper::BPF_FUNC_get_prandom_u32),
     ("get_socket_cookie", BpfHelper::BPF_FUNC_get_socket_cookie),
     ("get_netns_cookie", BpfHelper::BPF_FUNC_get_netns_cookie),
 ];
+/// The helpers the start-up probes check for a program kind ("tc", "xdp", "sock").
+pub fn probed_helpers(kind: &str) -> Vec<&'static str> {
+    let list = match kind {
+        "tc" => TC_HELPERS,
+        "xdp" => XDP_HELPERS,
+        "sock" => SOCK_HELPERS,
+        _ => &[],
+    };
+    list.iter().map(|(name, _)| *name).collect()
+}
+
 const MAPS: &[(&str, MapType)] = &[
     ("hash", MapType::Hash),
     ("lru_hash", MapType::LruHash),
