@@ -1109,6 +1109,41 @@ fn should_implement_service_kubernetes_io_service_proxy_name() {
     });
 }
 
+/// service.go: "should implement service.kubernetes.io/headless": a Service labelled
+/// `service.kubernetes.io/headless` (any value) is not served, though it has a cluster IP;
+/// adding the label to a served Service stops it, removing it serves it again.
+#[test]
+fn should_implement_service_kubernetes_io_headless() {
+    for_each_source(2, |c| {
+        const VIP: &str = "198.18.102.63";
+        const VIP2: &str = "198.18.102.64";
+        let (pod, _) = c.backend(2, "hl", &[8080], &[])?;
+        let client = c.bed.add_pod(1, "hl-client")?;
+        let headless = |s: Service| s.label("service.kubernetes.io/headless", "");
+        let s = svc("service-headless", VIP).port("", 80, 8080, Proto::Tcp);
+        let toggled = svc("service-headless-toggled", VIP2).port("", 80, 8080, Proto::Tcp);
+        c.put(headless(s).to_value())?;
+        c.put(toggled.to_value())?;
+        for name in ["service-headless", "service-headless-toggled"] {
+            c.put(slice(name, "a", &[&pod], &[("", 8080, Proto::Tcp)]))?;
+        }
+        c.start_agents(&[])?;
+        c.expect_backends_all("unlabelled", &client, Proto::Tcp, addr(VIP2, 80), &[&pod])?;
+        c.expect_down_all("labelled headless", &client, Proto::Tcp, addr(VIP, 80))?;
+        c.put(headless(toggled.clone()).to_value())?;
+        c.expect_down_all("label added", &client, Proto::Tcp, addr(VIP2, 80))?;
+        c.put(toggled.to_value())?;
+        c.expect_backends_all(
+            "label removed",
+            &client,
+            Proto::Tcp,
+            addr(VIP2, 80),
+            &[&pod],
+        )?;
+        Ok(())
+    });
+}
+
 /// service.go: "should fallback to terminating endpoints when there are no ready endpoints
 /// with internalTrafficPolicy=Cluster" and "... with internalTrafficPolicy=Local" (local
 /// terminating endpoints only), and "should not be able to connect to terminating and unready

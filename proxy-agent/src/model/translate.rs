@@ -18,6 +18,11 @@ use super::desired::{
 
 /// Label that hands a Service to another proxy (kube-proxy skips Services carrying it).
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// Label that keeps a Service away from every proxy, whatever its value (pkg/proxy/apis:
+/// LabelServiceHeadless; kube-proxy watches Services with
+/// `!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless`,
+/// cmd/kube-proxy/app/server.go).
+pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
 /// Annotation choosing how a Service's frontends choose backends: `random` or `maglev`
 /// (Maglev consistent hashing). Without it, cluster IPs use random and the external frontends
 /// (NodePorts, load-balancer IPs, externalIPs) `--external-lb-algorithm`.
@@ -472,12 +477,11 @@ fn translate_service(
     }
     // kube-proxy watches Services with `!service.kubernetes.io/service-proxy-name`; a proxy
     // started with --service-proxy-name takes exactly the Services labelled with its name.
-    let proxy_label = svc
-        .metadata
-        .labels
-        .as_ref()
-        .and_then(|l| l.get(SERVICE_PROXY_NAME_LABEL));
-    if proxy_label != opts.service_proxy_name.as_ref() {
+    let labels = svc.metadata.labels.as_ref();
+    let proxy_label = labels.and_then(|l| l.get(SERVICE_PROXY_NAME_LABEL));
+    if proxy_label != opts.service_proxy_name.as_ref()
+        || labels.is_some_and(|l| l.contains_key(HEADLESS_LABEL))
+    {
         return Ok(None);
     }
     let Some(spec) = svc.spec.as_ref() else {
@@ -1001,12 +1005,21 @@ endpoints:
                 "other proxy",
                 "spec: {clusterIP: 198.18.100.1, ports: [{port: 80}]}",
             ),
+            (
+                "headless label",
+                "spec: {clusterIP: 198.18.100.1, ports: [{port: 80}]}",
+            ),
+            (
+                "headless label, empty value",
+                "spec: {clusterIP: 198.18.100.1, ports: [{port: 80}]}",
+            ),
         ];
         for (what, spec) in cases {
-            let labels = if what == "other proxy" {
-                format!("labels: {{{SERVICE_PROXY_NAME_LABEL}: other}}")
-            } else {
-                String::new()
+            let labels = match what {
+                "other proxy" => format!("labels: {{{SERVICE_PROXY_NAME_LABEL}: other}}"),
+                "headless label" => format!("labels: {{{HEADLESS_LABEL}: \"true\"}}"),
+                "headless label, empty value" => format!("labels: {{{HEADLESS_LABEL}: \"\"}}"),
+                _ => String::new(),
             };
             let y = format!(
                 "apiVersion: v1\nkind: Service\nmetadata: {{name: s, namespace: n, {labels}}}\n{spec}\n"
