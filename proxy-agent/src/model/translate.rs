@@ -153,11 +153,19 @@ pub fn translate(inputs: &Inputs, opts: &Options) -> Translation {
             .and_then(|n| n.metadata.labels.as_ref()?.get(ZONE_LABEL).cloned()),
     };
 
+    // Claims (frontends, nodePorts, healthCheckNodePorts) are settled oldest Service first, as
+    // the apiserver's allocator gave a port to the Service created first
+    // (pkg/registry/core/service/portallocator); creation time ties, and Services without one
+    // (hand-written manifests), go by namespace/name. Without a creation time a Service counts
+    // as the newest.
     let mut services: Vec<&Service> = inputs.services.iter().collect();
-    services.sort_by_key(|s| ns_name(&s.metadata));
+    services.sort_by_key(|s| {
+        let created = s.metadata.creation_timestamp.as_ref();
+        (created.is_none(), created, ns_name(&s.metadata))
+    });
     // nodePorts of the Services accepted so far -> "ns/name", whatever this node's addresses
     // (a Service is accepted or rejected the same way on every node).
-    let mut node_ports: BTreeMap<u16, String> = BTreeMap::new();
+    let mut node_ports: BTreeMap<(u16, Protocol), String> = BTreeMap::new();
     for svc in services {
         let (ns, name) = ns_name(&svc.metadata);
         match translate_service(
@@ -172,8 +180,20 @@ pub fn translate(inputs: &Inputs, opts: &Options) -> Translation {
                 health,
                 node_ports: claimed,
             })) => {
+                // A node port taken by an earlier Service, as its nodePort (same protocol) or
+                // healthCheckNodePort: checked on every node alike, whatever its addresses.
+                if let Some((field, message)) =
+                    node_port_conflict(health.as_ref(), &claimed, &node_ports, &out.health_checks)
+                {
+                    out.errors.push(TranslateError {
+                        object: format!("Service {ns}/{name}"),
+                        field,
+                        message,
+                    });
+                    continue;
+                }
                 // A frontend already owned by another Service: reject this one whole, so no
-                // Service is ever half-programmed (the earlier one in name order keeps it).
+                // Service is ever half-programmed (the earlier one keeps it).
                 if let Some((fe, _)) = frontends
                     .iter()
                     .find(|(fe, _)| out.state.services.contains_key(fe))
@@ -204,21 +224,9 @@ pub fn translate(inputs: &Inputs, opts: &Options) -> Translation {
                     });
                     continue;
                 }
-                // Same rule for node ports that are not frontends: a healthCheckNodePort taken
-                // by an earlier Service, as its healthCheckNodePort or as a nodePort.
-                if let Some((field, message)) =
-                    node_port_conflict(health.as_ref(), &claimed, &node_ports, &out.health_checks)
-                {
-                    out.errors.push(TranslateError {
-                        object: format!("Service {ns}/{name}"),
-                        field,
-                        message,
-                    });
-                    continue;
-                }
-                for (_, np) in claimed {
+                for (_, np, proto) in claimed {
                     node_ports
-                        .entry(np)
+                        .entry((np, proto))
                         .or_insert_with(|| format!("{ns}/{name}"));
                 }
                 out.state.services.extend(frontends);
@@ -238,12 +246,13 @@ pub fn translate(inputs: &Inputs, opts: &Options) -> Translation {
 /// as nodePorts (pkg/registry/core/service/storage/alloc.go, allocHealthCheckNodePort), so in a
 /// cluster no two Services share one, and none is another Service's nodePort; hand-written
 /// manifests can still ask for it. Without this check the later Service would silently take the
-/// port's health check server over. nodePort against nodePort is a frontend conflict, checked by
-/// the caller.
+/// port's health check server over. A nodePort is another Service's nodePort only with the same
+/// protocol: kube-proxy programs TCP and UDP on one nodePort as separate rules
+/// (pkg/proxy/nftables proxier.go, one nodePort element per protocol), so they do not collide.
 fn node_port_conflict(
     health: Option<&(u16, HealthCheck)>,
-    node_ports: &[(usize, u16)],
-    taken_node_ports: &BTreeMap<u16, String>,
+    node_ports: &[(usize, u16, Protocol)],
+    taken_node_ports: &BTreeMap<(u16, Protocol), String>,
     taken_health: &BTreeMap<u16, HealthCheck>,
 ) -> Option<(String, String)> {
     if let Some((port, _)) = health {
@@ -256,14 +265,29 @@ fn node_port_conflict(
                 ),
             ));
         }
-        if let Some(owner) = taken_node_ports.get(port) {
+        if let Some(owner) = [Protocol::Tcp, Protocol::Udp]
+            .iter()
+            .find_map(|p| taken_node_ports.get(&(*port, *p)))
+        {
             return Some((
                 "spec.healthCheckNodePort".into(),
                 format!("port {port} is already a nodePort of Service {owner}"),
             ));
         }
     }
-    node_ports.iter().find_map(|(i, np)| {
+    if let Some((i, np, proto, owner)) = node_ports
+        .iter()
+        .find_map(|(i, np, proto)| Some((i, np, proto, taken_node_ports.get(&(*np, *proto))?)))
+    {
+        return Some((
+            format!("spec.ports[{i}].nodePort"),
+            format!(
+                "port {np}/{} is already a nodePort of Service {owner}",
+                proto.as_str()
+            ),
+        ));
+    }
+    node_ports.iter().find_map(|(i, np, _)| {
         let h = taken_health.get(np)?;
         Some((
             format!("spec.ports[{i}].nodePort"),
@@ -455,8 +479,8 @@ struct Translated {
     frontends: Vec<(Frontend, DesiredService)>,
     /// Its healthCheckNodePort, when this node serves one for it.
     health: Option<(u16, HealthCheck)>,
-    /// (index in spec.ports, nodePort): held on every node, whatever its addresses.
-    node_ports: Vec<(usize, u16)>,
+    /// (index in spec.ports, nodePort, protocol): held on every node, whatever its addresses.
+    node_ports: Vec<(usize, u16, Protocol)>,
 }
 
 /// `Ok(None)`: a Service this proxy does not handle. `Err`: rejected whole.
@@ -654,7 +678,7 @@ fn translate_service(
             })?),
             _ => None,
         };
-        claimed.extend(node_port.map(|np| (i, np)));
+        claimed.extend(node_port.map(|np| (i, np, proto)));
         let mut frontends: Vec<(IpAddr, u16, ServiceKind)> = vips
             .iter()
             .map(|v| (*v, port, ServiceKind::ClusterIp))
@@ -759,7 +783,7 @@ fn translate_service(
     };
     // The apiserver allocates both from one range, so they never coincide.
     if let Some((hp, _)) = &health
-        && let Some((i, _)) = claimed.iter().find(|(_, np)| np == hp)
+        && let Some((i, ..)) = claimed.iter().find(|(_, np, _)| np == hp)
     {
         return Err(err(
             "spec.healthCheckNodePort".into(),
@@ -1084,7 +1108,8 @@ endpoints:
     }
 
     /// healthCheckNodePorts and nodePorts come from one range, one Service each: the first
-    /// Service in namespace/name order keeps a port, the other is rejected whole, on every node.
+    /// Service (here: in namespace/name order, no creation times) keeps a port, the other is
+    /// rejected whole, on every node.
     /// Each row: rule, the other Service (name, spec), the error (object, field) or none, and
     /// which Service each health check port serves.
     #[test]
@@ -1229,6 +1254,172 @@ endpoints:
             t.errors[0].message,
             "port 32000 is already the healthCheckNodePort of Service default/a"
         );
+    }
+
+    /// The Service created first keeps a nodePort or healthCheckNodePort, whatever the name
+    /// order (the apiserver's allocator gave it to the first creator); equal or missing creation
+    /// times fall back to namespace/name, a missing one counting as the newest. TCP and UDP on
+    /// one nodePort number are two ports. Each row: rule, a's and the other Service's creation
+    /// time, the other's name and spec, and the rejected (object, field, message) or none.
+    #[test]
+    fn node_port_claims_go_to_the_oldest_service() {
+        let svc = |name: &str, created: Option<&str>, spec: &str| {
+            let ts = created
+                .map(|t| format!(", creationTimestamp: \"{t}\""))
+                .unwrap_or_default();
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default{ts}}}\nspec: {spec}\n"
+            )
+        };
+        const A: &str = "{type: NodePort, externalTrafficPolicy: Local, healthCheckNodePort: 32000, clusterIP: 198.18.100.90, ports: [{port: 80, nodePort: 30080}]}";
+        const SAME_NP: &str =
+            "{type: NodePort, clusterIP: 198.18.100.91, ports: [{port: 80, nodePort: 30080}]}";
+        const SAME_NP_UDP: &str = "{type: NodePort, clusterIP: 198.18.100.91, ports: [{port: 80, nodePort: 30080, protocol: UDP}]}";
+        const SAME_HC: &str = "{type: NodePort, externalTrafficPolicy: Local, healthCheckNodePort: 32000, clusterIP: 198.18.100.91, ports: [{port: 80, nodePort: 30081}]}";
+        const T1: Option<&str> = Some("2026-01-01T00:00:00Z");
+        const T2: Option<&str> = Some("2026-01-02T00:00:00Z");
+        type Row = (
+            &'static str,
+            Option<&'static str>,
+            Option<&'static str>,
+            &'static str,
+            &'static str,
+            Option<(&'static str, &'static str, &'static str)>,
+        );
+        let rows: &[Row] = &[
+            (
+                "same nodePort, the other created later though first by name",
+                T1,
+                T2,
+                "0b",
+                SAME_NP,
+                Some((
+                    "Service default/0b",
+                    "spec.ports[0].nodePort",
+                    "port 30080/TCP is already a nodePort of Service default/a",
+                )),
+            ),
+            (
+                "same nodePort, the other created earlier though later by name",
+                T2,
+                T1,
+                "b",
+                SAME_NP,
+                Some((
+                    "Service default/a",
+                    "spec.ports[0].nodePort",
+                    "port 30080/TCP is already a nodePort of Service default/b",
+                )),
+            ),
+            (
+                "same nodePort number, UDP: no conflict",
+                T1,
+                T2,
+                "0b",
+                SAME_NP_UDP,
+                None,
+            ),
+            (
+                "same nodePort number, UDP, created earlier: no conflict",
+                T2,
+                T1,
+                "b",
+                SAME_NP_UDP,
+                None,
+            ),
+            (
+                "same healthCheckNodePort, the other created later though first by name",
+                T1,
+                T2,
+                "0b",
+                SAME_HC,
+                Some((
+                    "Service default/0b",
+                    "spec.healthCheckNodePort",
+                    "port 32000 is already the healthCheckNodePort of Service default/a",
+                )),
+            ),
+            (
+                "same healthCheckNodePort, the other created earlier though later by name",
+                T2,
+                T1,
+                "b",
+                SAME_HC,
+                Some((
+                    "Service default/a",
+                    "spec.healthCheckNodePort",
+                    "port 32000 is already the healthCheckNodePort of Service default/b",
+                )),
+            ),
+            (
+                "the other has no creation time: it is the newest",
+                T1,
+                None,
+                "0b",
+                SAME_NP,
+                Some((
+                    "Service default/0b",
+                    "spec.ports[0].nodePort",
+                    "port 30080/TCP is already a nodePort of Service default/a",
+                )),
+            ),
+            (
+                "same creation time: name order",
+                T1,
+                T1,
+                "0b",
+                SAME_NP,
+                Some((
+                    "Service default/a",
+                    "spec.ports[0].nodePort",
+                    "port 30080/TCP is already a nodePort of Service default/0b",
+                )),
+            ),
+        ];
+        let no_addresses = Options {
+            node_addresses: vec![],
+            ..opts()
+        };
+        for o in [opts(), no_addresses] {
+            for (rule, a_created, created, name, spec, want) in rows {
+                let y = format!(
+                    "{}---\n{}",
+                    svc("a", *a_created, A),
+                    svc(name, *created, spec)
+                );
+                let t = translate(&objs(&y), &o);
+                let errors: Vec<(&str, &str, &str)> = t
+                    .errors
+                    .iter()
+                    .map(|e| (e.object.as_str(), e.field.as_str(), e.message.as_str()))
+                    .collect();
+                assert_eq!(errors, want.iter().copied().collect::<Vec<_>>(), "{rule}");
+                let programmed = |svc: &str| t.state.services.values().any(|d| d.service == svc);
+                let other = format!("default/{name}");
+                match want.map(|(obj, ..)| obj) {
+                    Some("Service default/a") => {
+                        assert!(!programmed("default/a") && programmed(&other), "{rule}")
+                    }
+                    Some(_) => assert!(programmed("default/a") && !programmed(&other), "{rule}"),
+                    None => {
+                        assert!(programmed("default/a") && programmed(&other), "{rule}");
+                        let np = |p| {
+                            t.state
+                                .services
+                                .keys()
+                                .filter(|f| f.port == 30080 && f.protocol == p)
+                                .count()
+                        };
+                        let want_each = o.node_addresses.len() * 2;
+                        assert_eq!(
+                            (np(Protocol::Tcp), np(Protocol::Udp)),
+                            (want_each, o.node_addresses.len()),
+                            "{rule}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     #[test]
