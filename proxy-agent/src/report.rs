@@ -61,6 +61,10 @@ pub struct SyncReport {
     /// version that parsed, if any.
     #[serde(default)]
     pub source_errors: Vec<SourceError>,
+    /// Frontends (`service` is the frontend's name) programmed with a fallback, and why: e.g.
+    /// Maglev asked for more backends than its table has slots, served by random choice.
+    #[serde(default)]
+    pub fallbacks: Vec<NotProgrammed>,
 }
 
 /// One file per bpffs directory, so agents of several emulated nodes do not collide.

@@ -438,6 +438,14 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
                 missing_hooks: ifaces.missing(),
                 kernel: Some(kernel.clone()),
                 source_errors: source_errors.clone(),
+                fallbacks: report
+                    .fallbacks
+                    .iter()
+                    .map(|(service, reason)| report::NotProgrammed {
+                        service: service.clone(),
+                        reason: reason.clone(),
+                    })
+                    .collect(),
             });
             report::write(&cfg.bpffs, written);
             if let (Some(p), Some(inputs)) = (events.as_mut(), last_inputs.as_ref()) {

@@ -10,7 +10,7 @@ use k8s_openapi::api::{
     core::v1::{Endpoints, Node, Service, ServicePort},
     discovery::v1::EndpointSlice,
 };
-use proxy_common::{ServiceKind, limits::MAX_BACKENDS_PER_SERVICE};
+use proxy_common::ServiceKind;
 
 use super::desired::{
     DesiredService, DesiredState, Endpoint, EndpointState, Frontend, LbAlgorithm, Protocol, Scope,
@@ -694,15 +694,6 @@ fn translate_service(
         for (addr, fport, kind) in frontends {
             let eps = endpoints_for(endpoints, &pname, proto, addr.is_ipv4());
             let cat = categorize(&eps, node);
-            if eps.len() > MAX_BACKENDS_PER_SERVICE as usize {
-                return Err(err(
-                    "endpoints".into(),
-                    format!(
-                        "{} endpoints for port {pname:?} exceed the per-Service limit of {MAX_BACKENDS_PER_SERVICE}",
-                        eps.len()
-                    ),
-                ));
-            }
             local_endpoints.extend(
                 cat.local
                     .iter()
@@ -1420,6 +1411,30 @@ endpoints:
                 }
             }
         }
+    }
+
+    /// kube-proxy has no per-Service endpoint limit: 5,000 endpoints (five slices of 1,000, as
+    /// the EndpointSlice controller splits them) are all backends of the port.
+    #[test]
+    fn large_services_are_not_rejected() {
+        let mut y = String::from(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: big, namespace: default}\nspec: {clusterIP: 198.18.100.95, ports: [{port: 80, targetPort: 8080}]}\n",
+        );
+        for s in 0..5 {
+            y.push_str(&format!("---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: big-{s}, namespace: default, labels: {{kubernetes.io/service-name: big}}}}\naddressType: IPv4\nports: [{{port: 8080}}]\nendpoints:\n"));
+            for e in 0..1000u32 {
+                let n = s * 1000 + e;
+                y.push_str(&format!(
+                    "- addresses: [198.19.{}.{}]\n",
+                    100 + n / 250,
+                    1 + n % 250
+                ));
+            }
+        }
+        let t = translate(&objs(&y), &opts());
+        assert!(t.errors.is_empty(), "{:?}", t.errors);
+        let eps = &t.state.services[&fe("198.18.100.95", 80, Protocol::Tcp)].endpoints;
+        assert_eq!(eps.len(), 5_000);
     }
 
     #[test]
