@@ -17,6 +17,26 @@ pub struct Rejected {
     pub message: String,
 }
 
+/// A manifest (or part of one) the source could not read: the file, the object when its kind
+/// and name are known ("Service ns/name"), where in the file ("document 2, line 7"), and why.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct SourceError {
+    pub file: String,
+    pub object: String,
+    pub field: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for SourceError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.file, self.field)?;
+        if !self.object.is_empty() {
+            write!(f, ": {}", self.object)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct NotProgrammed {
     pub service: String,
@@ -37,6 +57,14 @@ pub struct SyncReport {
     /// The kernel's features as probed at start and the choice made for each hook.
     #[serde(default)]
     pub kernel: Option<crate::datapath::probe::Report>,
+    /// Manifests that did not parse (manifests source); a file in this list serves its last
+    /// version that parsed, if any.
+    #[serde(default)]
+    pub source_errors: Vec<SourceError>,
+    /// Frontends (`service` is the frontend's name) programmed with a fallback, and why: e.g.
+    /// Maglev asked for more backends than its table has slots, served by random choice.
+    #[serde(default)]
+    pub fallbacks: Vec<NotProgrammed>,
 }
 
 /// One file per bpffs directory, so agents of several emulated nodes do not collide.

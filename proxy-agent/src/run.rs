@@ -82,16 +82,17 @@ enum Source {
 }
 
 impl Source {
-    /// New inputs when something changed (and, for the API, once every store is listed).
-    fn poll(&mut self) -> Option<Inputs> {
+    /// New inputs when something changed (and, for the API, once every store is listed), with
+    /// what the source could not read.
+    fn poll(&mut self) -> Option<(Inputs, Vec<report::SourceError>)> {
         match self {
             Self::Manifests(m) => m.poll(false).map(|loaded| {
                 for e in &loaded.errors {
-                    tracing::error!(error = %e, "manifest rejected");
+                    tracing::error!(file = %e.file, object = %e.object, field = %e.field, error = %e.message, "manifest rejected");
                 }
-                loaded.inputs
+                (loaded.inputs, loaded.errors)
             }),
-            Self::Kube(k) => k.poll(),
+            Self::Kube(k) => k.poll().map(|i| (i, Vec::new())),
         }
     }
 
@@ -337,6 +338,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     // None until the source has delivered a complete picture once: never sync from nothing.
     let mut desired: Option<DesiredState> = None;
     let mut rejected: Vec<report::Rejected> = Vec::new();
+    let mut source_errors: Vec<report::SourceError> = Vec::new();
     let source_name = match source {
         Source::Manifests(_) => "manifests",
         Source::Kube(_) => "kube",
@@ -361,7 +363,11 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
 
         // Node addresses decide NodePort frontends; a change re-translates the last inputs.
         let now_view = external_view(&cfg);
-        let mut changed = source.poll();
+        let mut changed = source.poll().map(|(inputs, errors)| {
+            health.set_source_errors(&errors);
+            source_errors = errors;
+            inputs
+        });
         if now_view != view {
             tracing::info!(addresses = ?now_view.node_addresses, "external addresses");
             if let Err(e) = external::program_interfaces(writer.maps_mut(), &now_view.snat) {
@@ -436,6 +442,15 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
                     .collect(),
                 missing_hooks: ifaces.missing(),
                 kernel: Some(kernel.clone()),
+                source_errors: source_errors.clone(),
+                fallbacks: report
+                    .fallbacks
+                    .iter()
+                    .map(|(service, reason)| report::NotProgrammed {
+                        service: service.clone(),
+                        reason: reason.clone(),
+                    })
+                    .collect(),
             });
             report::write(&cfg.bpffs, written);
             if let (Some(p), Some(inputs)) = (events.as_mut(), last_inputs.as_ref()) {

@@ -62,6 +62,8 @@ struct State {
     rejected: usize,
     /// Required hooks that are not attached: the node does not proxy what they carry.
     missing_hooks: Vec<String>,
+    /// Manifest errors per file at the last load.
+    source_errors: std::collections::BTreeMap<String, usize>,
 }
 
 /// Shared between the sync loop and the HTTP endpoints.
@@ -132,6 +134,15 @@ impl Health {
         s.rejected = rejected;
     }
 
+    /// What the source could not read at its last load, counted per file.
+    pub fn set_source_errors(&self, errors: &[crate::report::SourceError]) {
+        let mut s = self.state.lock().unwrap();
+        s.source_errors.clear();
+        for e in errors {
+            *s.source_errors.entry(e.file.clone()).or_default() += 1;
+        }
+    }
+
     /// The hooks the configuration requires that are not attached right now (empty: all are).
     pub fn set_missing_hooks(&self, missing: Vec<String>) {
         self.state.lock().unwrap().missing_hooks = missing;
@@ -194,6 +205,14 @@ impl Health {
                 "# HELP proxy_services_not_programmed Services that did not fit the maps at the last sync\n# TYPE proxy_services_not_programmed gauge\nproxy_services_not_programmed {}\n# HELP proxy_objects_rejected Invalid objects rejected at the last sync\n# TYPE proxy_objects_rejected gauge\nproxy_objects_rejected {}",
                 s.not_programmed, s.rejected
             );
+            let _ = writeln!(
+                out,
+                "# HELP proxy_manifest_errors Manifest documents that did not parse at the last load, per file (the file serves its last good version)\n# TYPE proxy_manifest_errors gauge"
+            );
+            for (file, n) in &s.source_errors {
+                let file = file.replace('\\', "\\\\").replace('"', "\\\"");
+                let _ = writeln!(out, "proxy_manifest_errors{{file=\"{file}\"}} {n}");
+            }
         }
         if let Ok(counters) = read_counters(&self.bpffs) {
             let _ = writeln!(

@@ -203,6 +203,12 @@ pub fn print_table(s: &Status) {
         for e in &r.rejected {
             println!("  REJECTED {}: {}: {}", e.object, e.field, e.message);
         }
+        for f in &r.fallbacks {
+            println!("  FALLBACK {}: {}", f.service, f.reason);
+        }
+        for e in &r.source_errors {
+            println!("  SOURCE ERROR {e}");
+        }
     }
     println!("\nMAPS");
     for m in &s.maps {

@@ -24,8 +24,8 @@
 //!   the hostile objects (adding rejected objects never changes another Service's frontends or
 //!   backends); every error names an object of the input ("Service ns/name", "EndpointSlice
 //!   ns/name", "Endpoints ns/name") that is a hostile one, with a field path; every programmed
-//!   frontend has a port, its endpoints are sorted, unique, of its family, with ports, within the
-//!   per-Service limit; every valid frontend uses the backend selection its Service's annotation
+//!   frontend has a port, its endpoints are sorted, unique, of its family, with ports (no
+//!   per-Service endpoint limit: kube-proxy has none); every valid frontend uses the backend selection its Service's annotation
 //!   asks for, or else random for cluster IPs and `--external-lb-algorithm` for the others.
 //! - `error_field_paths_exist_in_their_objects`: each error's field path exists in the object it
 //!   names (only its last field may be absent; `name[key]` is a map key).
@@ -69,7 +69,7 @@ use proxy_agent::model::{
         LB_ALGORITHM_ANNOTATION, SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL, ZONE_LABEL,
     },
 };
-use proxy_common::{ServiceKind, limits::MAX_BACKENDS_PER_SERVICE};
+use proxy_common::ServiceKind;
 use rand::{Rng, SeedableRng, rngs::StdRng, seq::IndexedRandom};
 
 const NODES: [&str; 3] = ["node1", "node2", "node3"];
@@ -933,47 +933,6 @@ impl Gen {
                 subsets,
             });
         }
-        if self.rng.random_bool(0.03) {
-            // Well-formed but over the per-Service backend limit.
-            inputs.services.push(Service {
-                metadata: meta(Some("x"), Some("bad-big"), BTreeMap::new()),
-                spec: Some(ServiceSpec {
-                    cluster_ip: Some("198.18.200.50".into()),
-                    ports: Some(vec![ServicePort {
-                        name: Some("a".into()),
-                        port: 80,
-                        ..Default::default()
-                    }]),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            });
-            let n = MAX_BACKENDS_PER_SERVICE as usize + self.rng.random_range(1..100);
-            inputs.slices.push(EndpointSlice {
-                metadata: meta(
-                    Some("x"),
-                    Some("bad-big-1"),
-                    BTreeMap::from([(SERVICE_NAME_LABEL.to_string(), "bad-big".to_string())]),
-                ),
-                address_type: "IPv4".into(),
-                endpoints: Some(
-                    (0..n)
-                        .map(|i| SliceEndpoint {
-                            addresses: vec![
-                                Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 19, 64, 0)) + i as u32)
-                                    .to_string(),
-                            ],
-                            ..Default::default()
-                        })
-                        .collect(),
-                ),
-                ports: Some(vec![EndpointPort {
-                    name: Some("a".into()),
-                    port: Some(8080),
-                    ..Default::default()
-                }]),
-            });
-        }
         for _ in 0..self.rng.random_range(0..=2) {
             let name = self.pick(&["node2", "node3", ""]);
             if name == opts.node_name {
@@ -1178,9 +1137,6 @@ fn check_state(t: &Translation) -> Result<(), String> {
     for (fe, ds) in &t.state.services {
         if fe.port == 0 {
             return Err(format!("{fe} ({}): port 0", ds.name));
-        }
-        if ds.endpoints.len() > MAX_BACKENDS_PER_SERVICE as usize {
-            return Err(format!("{fe}: {} endpoints", ds.endpoints.len()));
         }
         if !ds.endpoints.windows(2).all(|w| w[0] < w[1]) {
             return Err(format!("{fe}: endpoints not sorted and unique"));

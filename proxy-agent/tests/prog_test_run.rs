@@ -2122,3 +2122,34 @@ fn per_service_counters_count_each_frontends_packets_flows_and_drops() {
     assert_eq!(stats(&b, VIP, 80)["packets"], 12);
     assert_eq!(maps::read_svc_stats(&b.bpffs).unwrap().len(), 2);
 }
+
+/// Issue 16 bug 7: a frontend with 5,000 endpoints (more than the 4,096 the agent used to
+/// allow) is served by the kernel program over all of them: new flows reach endpoints past the
+/// 4,096th slot.
+#[test]
+fn a_service_with_5000_endpoints_reaches_all_of_them() {
+    let mut b = bed();
+    let addr_of = |n: u32| Ipv4Addr::new(198, 19, 100 + (n / 250) as u8, 1 + (n % 250) as u8);
+    let eps: Vec<Endpoint> = (0..5_000).map(|n| ep(addr_of(n), 8080)).collect();
+    let report = b
+        .writer
+        .sync(&desired(&[(fe(VIP, 80, Protocol::Tcp), eps)]));
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    let index: BTreeMap<Ipv4Addr, u32> = (0..5_000).map(|n| (addr_of(n), n)).collect();
+    let mut seen = std::collections::BTreeSet::new();
+    for sport in 20_000..22_000 {
+        let (rc, out) = b.run(&tcp_syn(sport));
+        assert_eq!(rc, TC_ACT_OK);
+        let s = pkt::parse(&out);
+        let n = *index
+            .get(&s.dst)
+            .unwrap_or_else(|| panic!("not an endpoint: {s:?}"));
+        assert_eq!(s.dport, 8080);
+        seen.insert(n);
+    }
+    assert!(seen.len() > 1_000, "{} endpoints reached", seen.len());
+    assert!(
+        seen.iter().any(|n| *n >= 4_096),
+        "no flow reached an endpoint past the 4,096th"
+    );
+}

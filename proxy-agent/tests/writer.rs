@@ -462,4 +462,57 @@ fn an_ipv6_source_range_survives_a_restart() {
     assert_eq!(w.sync(&want).writes, 0, "nothing to rewrite");
     w.reread().unwrap();
     assert_eq!(held(&w), expected, "still in the trie");
+
+/// Issue 16 bug 7: a frontend with 5,000 backends is programmed whole (5,000 slots, the
+/// datapath picks `hash % count`); Maglev with more backends than table slots falls back to the
+/// random choice over the slots and says so, and gets its table back when the table is large
+/// enough again.
+#[test]
+fn large_services_are_programmed_and_maglev_falls_back_when_the_table_is_too_small() {
+    let b = bed(MapSizes::default());
+    let mut w = writer(&b);
+    let mut want = state(1, 1, 1);
+    let fe = *want.services.keys().next().unwrap();
+    let ds = want.services.get_mut(&fe).unwrap();
+    ds.endpoints = (0..5_000u32)
+        .map(|n| Endpoint {
+            addr: IpAddr::from([198, 19, 100 + (n / 250) as u8, 1 + (n % 250) as u8]),
+            port: 8080,
+            state: EndpointState::Active,
+            local: false,
+        })
+        .collect();
+    let r = w.sync(&want);
+    assert!(r.failed.is_empty() && r.fallbacks.is_empty(), "{r:?}");
+    let svc = &w.programmed().services[&fe];
+    assert_eq!((svc.slots.len(), svc.value.count), (5_000, 5_000));
+    let maps = Maps::open(&b.bpffs).unwrap();
+    let key = proxy_common::SlotKey {
+        svc_id: svc.svc_id,
+        slot: 4_999,
+    };
+    assert!(
+        maps.slots.get(&key, 0).is_ok(),
+        "the last slot is in the map"
+    );
+
+    // Maglev with the default 16,381-slot table: a table.
+    want.services.get_mut(&fe).unwrap().algorithm = LbAlgorithm::Maglev;
+    let r = w.sync(&want);
+    assert_eq!((r.tables_built, r.fallbacks.len()), (1, 0), "{r:?}");
+    let svc_id = w.programmed().services[&fe].svc_id;
+    assert!(w.programmed().tables.contains_key(&svc_id));
+    // A 4,999-slot table is too small for 5,000 backends: random over the slots, reported.
+    w.set_maglev_table_size(4_999).unwrap();
+    let r = w.sync(&want);
+    assert!(r.failed.is_empty(), "{r:?}");
+    assert_eq!(r.fallbacks.len(), 1, "{r:?}");
+    assert!(r.fallbacks[0].1.contains("random"), "{r:?}");
+    let svc = &w.programmed().services[&fe];
+    assert_eq!(svc.algorithm(), LbAlgorithm::Random);
+    assert_eq!(svc.value.count, 5_000);
+    assert!(
+        !w.programmed().tables.contains_key(&svc_id),
+        "the old table is gone"
+    );
 }

@@ -167,3 +167,68 @@ fn services_past_capacity_and_rejected_objects_are_reported() {
         Ok(())
     });
 }
+
+/// The "bad input" rule (issue 16 bug 11): a manifest that stops parsing mid-edit keeps its last
+/// good objects programmed and does not hold up another file's change; the error is in `status`
+/// (file, where, why; table and JSON) and in `proxy_manifest_errors{file}`; once the broken file
+/// is deleted only its objects go.
+#[test]
+fn a_broken_manifest_keeps_its_last_good_objects_and_is_reported() {
+    with_bed(|bed| {
+        const KEEP: &str = "198.18.100.231";
+        const OTHER: &str = "198.18.100.232";
+        service(bed, "keep", KEEP, &[80])?;
+        service(bed, "other", OTHER, &[80])?;
+        let agents = bed.start_agents(SYNC)?;
+        let a = &agents[0];
+        wait_status(a, "both Services", |s| {
+            has_frontend(s, KEEP, 80) && has_frontend(s, OTHER, 80)
+        })?;
+        // Half-written: the file ends inside a flow mapping.
+        bed.write_manifest(
+            "keep-svc.yaml",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: keep, namespace: default\n",
+        )?;
+        service(bed, "other", OTHER, &[80, 81])?;
+        let s = wait_status(a, "the other file's change and the error", |s| {
+            has_frontend(s, OTHER, 81)
+                && s["sync"]["source_errors"].as_array().is_some_and(|e| {
+                    e.len() == 1
+                        && e[0]["file"]
+                            .as_str()
+                            .is_some_and(|f| f.ends_with("keep-svc.yaml"))
+                        && e[0]["field"].as_str().is_some_and(|f| f.contains("line"))
+                })
+        })?;
+        ensure!(
+            has_frontend(&s, KEEP, 80),
+            "the broken file's Service went: {s:#}"
+        );
+        let table = a.status_table()?;
+        ensure!(
+            table.contains("SOURCE ERROR") && table.contains("keep-svc.yaml"),
+            "{table}"
+        );
+        let metrics = http_get(&bed.node(1).ns, "127.0.0.1:10249".parse()?, "/metrics")?;
+        ensure!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with("proxy_manifest_errors{file=\"")
+                    && l.contains("keep-svc.yaml\"}")
+                    && l.ends_with(" 1")),
+            "no proxy_manifest_errors for keep-svc.yaml:\n{metrics}"
+        );
+        bed.remove_manifest("keep-svc.yaml")?;
+        let s = wait_status(a, "the deleted file's Service gone, the error too", |s| {
+            !has_frontend(s, KEEP, 80)
+                && s["sync"]["source_errors"]
+                    .as_array()
+                    .is_some_and(|e| e.is_empty())
+        })?;
+        ensure!(
+            has_frontend(&s, OTHER, 80) && has_frontend(&s, OTHER, 81),
+            "{s:#}"
+        );
+        Ok(())
+    })
+}

@@ -1109,6 +1109,41 @@ fn should_implement_service_kubernetes_io_service_proxy_name() {
     });
 }
 
+/// service.go: "should implement service.kubernetes.io/headless": a Service labelled
+/// `service.kubernetes.io/headless` (any value) is not served, though it has a cluster IP;
+/// adding the label to a served Service stops it, removing it serves it again.
+#[test]
+fn should_implement_service_kubernetes_io_headless() {
+    for_each_source(2, |c| {
+        const VIP: &str = "198.18.102.63";
+        const VIP2: &str = "198.18.102.64";
+        let (pod, _) = c.backend(2, "hl", &[8080], &[])?;
+        let client = c.bed.add_pod(1, "hl-client")?;
+        let headless = |s: Service| s.label("service.kubernetes.io/headless", "");
+        let s = svc("service-headless", VIP).port("", 80, 8080, Proto::Tcp);
+        let toggled = svc("service-headless-toggled", VIP2).port("", 80, 8080, Proto::Tcp);
+        c.put(headless(s).to_value())?;
+        c.put(toggled.to_value())?;
+        for name in ["service-headless", "service-headless-toggled"] {
+            c.put(slice(name, "a", &[&pod], &[("", 8080, Proto::Tcp)]))?;
+        }
+        c.start_agents(&[])?;
+        c.expect_backends_all("unlabelled", &client, Proto::Tcp, addr(VIP2, 80), &[&pod])?;
+        c.expect_down_all("labelled headless", &client, Proto::Tcp, addr(VIP, 80))?;
+        c.put(headless(toggled.clone()).to_value())?;
+        c.expect_down_all("label added", &client, Proto::Tcp, addr(VIP2, 80))?;
+        c.put(toggled.to_value())?;
+        c.expect_backends_all(
+            "label removed",
+            &client,
+            Proto::Tcp,
+            addr(VIP2, 80),
+            &[&pod],
+        )?;
+        Ok(())
+    });
+}
+
 /// service.go: "should fallback to terminating endpoints when there are no ready endpoints
 /// with internalTrafficPolicy=Cluster" and "... with internalTrafficPolicy=Local" (local
 /// terminating endpoints only), and "should not be able to connect to terminating and unready
@@ -1764,5 +1799,75 @@ fn established_connections_outlive_the_last_endpoint() {
         let start = Instant::now();
         let out = c.requests(&client, Path::Tc, Proto::Tcp, addr(VIP, 90), 1, T)?;
         expect_refused("a new connection", &out, start.elapsed())
+    });
+}
+
+/// Issue 16 bug 9 (not an upstream case: the apiserver never hands out one nodePort twice, but
+/// manifests and a restored cluster can ask for it): a Service asking for a nodePort another
+/// Service holds is rejected by name, never served by the other; the one created first keeps the
+/// port though it comes later by name, and `status` names the rejected Service, the field and the
+/// holder. UDP on the same nodePort number is another port (kube-proxy programs it apart).
+#[test]
+fn node_port_conflict_keeps_the_oldest_service() {
+    for_each_source(2, |c| {
+        let (first, _) = c.backend(1, "np-first", &[8080], &[])?;
+        let (later, _) = c.backend(2, "np-later", &[8080], &[5353])?;
+        let created = |s: Service, t: &str| {
+            let mut v = s.to_value();
+            v["metadata"]["creationTimestamp"] = json!(t);
+            v
+        };
+        let np = |name: &str, vip: &str, proto: Proto, target: u16| {
+            let p = if proto == Proto::Tcp { "TCP" } else { "UDP" };
+            svc(name, vip).type_("NodePort").spec(
+                "ports",
+                json!([{"port": 80, "targetPort": target, "protocol": p, "nodePort": 30191}]),
+            )
+        };
+        c.put(created(
+            np("zz-first", "198.18.102.65", Proto::Tcp, 8080),
+            "2026-01-01T00:00:00Z",
+        ))?;
+        c.put(created(
+            np("aa-later", "198.18.102.66", Proto::Tcp, 8080),
+            "2026-01-02T00:00:00Z",
+        ))?;
+        c.put(created(
+            np("ab-udp", "198.18.102.67", Proto::Udp, 5353),
+            "2026-01-03T00:00:00Z",
+        ))?;
+        c.put(slice("zz-first", "a", &[&first], &[("", 8080, Proto::Tcp)]))?;
+        c.put(slice("aa-later", "a", &[&later], &[("", 8080, Proto::Tcp)]))?;
+        c.put(slice("ab-udp", "a", &[&later], &[("", 5353, Proto::Udp)]))?;
+        c.start_agents(&[])?;
+        for node in [1u8, 2] {
+            let at = SocketAddr::new(node_ip(node).into(), 30191);
+            c.expect_external(
+                "the first holder keeps the nodePort",
+                Proto::Tcp,
+                at,
+                &[&first],
+            )?;
+            c.expect_external("UDP on the same number", Proto::Udp, at, &[&later])?;
+        }
+        for a in &c.agents {
+            eventually("status names the rejected Service", || {
+                let st = a.status_json()?;
+                let rejected = st["sync"]["rejected"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default();
+                let hit = rejected.iter().any(|r| {
+                    r["object"] == "Service default/aa-later"
+                        && r["field"] == "spec.ports[0].nodePort"
+                        && r["message"]
+                            .as_str()
+                            .is_some_and(|m| m.contains("default/zz-first"))
+                });
+                ensure!(hit && rejected.len() == 1, "rejected: {rejected:?}");
+                Ok(())
+            })?;
+        }
+        Ok(())
     });
 }

@@ -273,6 +273,9 @@ pub struct SyncReport {
     /// Services (namespace/name) that could not be programmed, with the reason. A Service
     /// is programmed whole or not changed at all.
     pub failed: Vec<(String, String)>,
+    /// Frontends (display name) programmed with another backend choice than asked, and why:
+    /// Maglev with more backends than table slots falls back to random.
+    pub fallbacks: Vec<(String, String)>,
 }
 
 pub struct Writer {
@@ -655,7 +658,22 @@ impl Writer {
                 report.writes += 1;
             }
         }
+        // A Maglev table of M slots cannot give each of more than M backends a slot: such a
+        // frontend is programmed with the random choice over all its slots instead (kube-proxy
+        // has no per-Service endpoint limit, so it is served, not rejected).
         let maglev = ds.algorithm == LbAlgorithm::Maglev;
+        let too_many = maglev && slots.len() > self.maglev_table_size as usize;
+        if too_many {
+            report.fallbacks.push((
+                ds.name.clone(),
+                format!(
+                    "maglev: {} backends exceed the {}-slot Maglev table; random choice instead",
+                    slots.len(),
+                    self.maglev_table_size
+                ),
+            ));
+        }
+        let maglev = maglev && !too_many;
         let table = if maglev && !slots.is_empty() {
             self.changed_table(svc_id, &ds.endpoints, &slots)?
         } else {

@@ -10,7 +10,7 @@ use k8s_openapi::api::{
     core::v1::{Endpoints, Node, Service, ServicePort},
     discovery::v1::EndpointSlice,
 };
-use proxy_common::{ServiceKind, limits::MAX_BACKENDS_PER_SERVICE};
+use proxy_common::ServiceKind;
 
 use super::desired::{
     DesiredService, DesiredState, Endpoint, EndpointState, Frontend, LbAlgorithm, Protocol, Scope,
@@ -18,6 +18,11 @@ use super::desired::{
 
 /// Label that hands a Service to another proxy (kube-proxy skips Services carrying it).
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// Label that keeps a Service away from every proxy, whatever its value (pkg/proxy/apis:
+/// LabelServiceHeadless; kube-proxy watches Services with
+/// `!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless`,
+/// cmd/kube-proxy/app/server.go).
+pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
 /// Annotation choosing how a Service's frontends choose backends: `random` or `maglev`
 /// (Maglev consistent hashing). Without it, cluster IPs use random and the external frontends
 /// (NodePorts, load-balancer IPs, externalIPs) `--external-lb-algorithm`.
@@ -148,11 +153,19 @@ pub fn translate(inputs: &Inputs, opts: &Options) -> Translation {
             .and_then(|n| n.metadata.labels.as_ref()?.get(ZONE_LABEL).cloned()),
     };
 
+    // Claims (frontends, nodePorts, healthCheckNodePorts) are settled oldest Service first, as
+    // the apiserver's allocator gave a port to the Service created first
+    // (pkg/registry/core/service/portallocator); creation time ties, and Services without one
+    // (hand-written manifests), go by namespace/name. Without a creation time a Service counts
+    // as the newest.
     let mut services: Vec<&Service> = inputs.services.iter().collect();
-    services.sort_by_key(|s| ns_name(&s.metadata));
+    services.sort_by_key(|s| {
+        let created = s.metadata.creation_timestamp.as_ref();
+        (created.is_none(), created, ns_name(&s.metadata))
+    });
     // nodePorts of the Services accepted so far -> "ns/name", whatever this node's addresses
     // (a Service is accepted or rejected the same way on every node).
-    let mut node_ports: BTreeMap<u16, String> = BTreeMap::new();
+    let mut node_ports: BTreeMap<(u16, Protocol), String> = BTreeMap::new();
     for svc in services {
         let (ns, name) = ns_name(&svc.metadata);
         match translate_service(
@@ -167,8 +180,20 @@ pub fn translate(inputs: &Inputs, opts: &Options) -> Translation {
                 health,
                 node_ports: claimed,
             })) => {
+                // A node port taken by an earlier Service, as its nodePort (same protocol) or
+                // healthCheckNodePort: checked on every node alike, whatever its addresses.
+                if let Some((field, message)) =
+                    node_port_conflict(health.as_ref(), &claimed, &node_ports, &out.health_checks)
+                {
+                    out.errors.push(TranslateError {
+                        object: format!("Service {ns}/{name}"),
+                        field,
+                        message,
+                    });
+                    continue;
+                }
                 // A frontend already owned by another Service: reject this one whole, so no
-                // Service is ever half-programmed (the earlier one in name order keeps it).
+                // Service is ever half-programmed (the earlier one keeps it).
                 if let Some((fe, _)) = frontends
                     .iter()
                     .find(|(fe, _)| out.state.services.contains_key(fe))
@@ -199,21 +224,9 @@ pub fn translate(inputs: &Inputs, opts: &Options) -> Translation {
                     });
                     continue;
                 }
-                // Same rule for node ports that are not frontends: a healthCheckNodePort taken
-                // by an earlier Service, as its healthCheckNodePort or as a nodePort.
-                if let Some((field, message)) =
-                    node_port_conflict(health.as_ref(), &claimed, &node_ports, &out.health_checks)
-                {
-                    out.errors.push(TranslateError {
-                        object: format!("Service {ns}/{name}"),
-                        field,
-                        message,
-                    });
-                    continue;
-                }
-                for (_, np) in claimed {
+                for (_, np, proto) in claimed {
                     node_ports
-                        .entry(np)
+                        .entry((np, proto))
                         .or_insert_with(|| format!("{ns}/{name}"));
                 }
                 out.state.services.extend(frontends);
@@ -233,12 +246,13 @@ pub fn translate(inputs: &Inputs, opts: &Options) -> Translation {
 /// as nodePorts (pkg/registry/core/service/storage/alloc.go, allocHealthCheckNodePort), so in a
 /// cluster no two Services share one, and none is another Service's nodePort; hand-written
 /// manifests can still ask for it. Without this check the later Service would silently take the
-/// port's health check server over. nodePort against nodePort is a frontend conflict, checked by
-/// the caller.
+/// port's health check server over. A nodePort is another Service's nodePort only with the same
+/// protocol: kube-proxy programs TCP and UDP on one nodePort as separate rules
+/// (pkg/proxy/nftables proxier.go, one nodePort element per protocol), so they do not collide.
 fn node_port_conflict(
     health: Option<&(u16, HealthCheck)>,
-    node_ports: &[(usize, u16)],
-    taken_node_ports: &BTreeMap<u16, String>,
+    node_ports: &[(usize, u16, Protocol)],
+    taken_node_ports: &BTreeMap<(u16, Protocol), String>,
     taken_health: &BTreeMap<u16, HealthCheck>,
 ) -> Option<(String, String)> {
     if let Some((port, _)) = health {
@@ -251,14 +265,29 @@ fn node_port_conflict(
                 ),
             ));
         }
-        if let Some(owner) = taken_node_ports.get(port) {
+        if let Some(owner) = [Protocol::Tcp, Protocol::Udp]
+            .iter()
+            .find_map(|p| taken_node_ports.get(&(*port, *p)))
+        {
             return Some((
                 "spec.healthCheckNodePort".into(),
                 format!("port {port} is already a nodePort of Service {owner}"),
             ));
         }
     }
-    node_ports.iter().find_map(|(i, np)| {
+    if let Some((i, np, proto, owner)) = node_ports
+        .iter()
+        .find_map(|(i, np, proto)| Some((i, np, proto, taken_node_ports.get(&(*np, *proto))?)))
+    {
+        return Some((
+            format!("spec.ports[{i}].nodePort"),
+            format!(
+                "port {np}/{} is already a nodePort of Service {owner}",
+                proto.as_str()
+            ),
+        ));
+    }
+    node_ports.iter().find_map(|(i, np, _)| {
         let h = taken_health.get(np)?;
         Some((
             format!("spec.ports[{i}].nodePort"),
@@ -450,8 +479,8 @@ struct Translated {
     frontends: Vec<(Frontend, DesiredService)>,
     /// Its healthCheckNodePort, when this node serves one for it.
     health: Option<(u16, HealthCheck)>,
-    /// (index in spec.ports, nodePort): held on every node, whatever its addresses.
-    node_ports: Vec<(usize, u16)>,
+    /// (index in spec.ports, nodePort, protocol): held on every node, whatever its addresses.
+    node_ports: Vec<(usize, u16, Protocol)>,
 }
 
 /// `Ok(None)`: a Service this proxy does not handle. `Err`: rejected whole.
@@ -472,12 +501,11 @@ fn translate_service(
     }
     // kube-proxy watches Services with `!service.kubernetes.io/service-proxy-name`; a proxy
     // started with --service-proxy-name takes exactly the Services labelled with its name.
-    let proxy_label = svc
-        .metadata
-        .labels
-        .as_ref()
-        .and_then(|l| l.get(SERVICE_PROXY_NAME_LABEL));
-    if proxy_label != opts.service_proxy_name.as_ref() {
+    let labels = svc.metadata.labels.as_ref();
+    let proxy_label = labels.and_then(|l| l.get(SERVICE_PROXY_NAME_LABEL));
+    if proxy_label != opts.service_proxy_name.as_ref()
+        || labels.is_some_and(|l| l.contains_key(HEADLESS_LABEL))
+    {
         return Ok(None);
     }
     let Some(spec) = svc.spec.as_ref() else {
@@ -650,7 +678,7 @@ fn translate_service(
             })?),
             _ => None,
         };
-        claimed.extend(node_port.map(|np| (i, np)));
+        claimed.extend(node_port.map(|np| (i, np, proto)));
         let mut frontends: Vec<(IpAddr, u16, ServiceKind)> = vips
             .iter()
             .map(|v| (*v, port, ServiceKind::ClusterIp))
@@ -666,15 +694,6 @@ fn translate_service(
         for (addr, fport, kind) in frontends {
             let eps = endpoints_for(endpoints, &pname, proto, addr.is_ipv4());
             let cat = categorize(&eps, node);
-            if eps.len() > MAX_BACKENDS_PER_SERVICE as usize {
-                return Err(err(
-                    "endpoints".into(),
-                    format!(
-                        "{} endpoints for port {pname:?} exceed the per-Service limit of {MAX_BACKENDS_PER_SERVICE}",
-                        eps.len()
-                    ),
-                ));
-            }
             local_endpoints.extend(
                 cat.local
                     .iter()
@@ -755,7 +774,7 @@ fn translate_service(
     };
     // The apiserver allocates both from one range, so they never coincide.
     if let Some((hp, _)) = &health
-        && let Some((i, _)) = claimed.iter().find(|(_, np)| np == hp)
+        && let Some((i, ..)) = claimed.iter().find(|(_, np, _)| np == hp)
     {
         return Err(err(
             "spec.healthCheckNodePort".into(),
@@ -1001,12 +1020,21 @@ endpoints:
                 "other proxy",
                 "spec: {clusterIP: 198.18.100.1, ports: [{port: 80}]}",
             ),
+            (
+                "headless label",
+                "spec: {clusterIP: 198.18.100.1, ports: [{port: 80}]}",
+            ),
+            (
+                "headless label, empty value",
+                "spec: {clusterIP: 198.18.100.1, ports: [{port: 80}]}",
+            ),
         ];
         for (what, spec) in cases {
-            let labels = if what == "other proxy" {
-                format!("labels: {{{SERVICE_PROXY_NAME_LABEL}: other}}")
-            } else {
-                String::new()
+            let labels = match what {
+                "other proxy" => format!("labels: {{{SERVICE_PROXY_NAME_LABEL}: other}}"),
+                "headless label" => format!("labels: {{{HEADLESS_LABEL}: \"true\"}}"),
+                "headless label, empty value" => format!("labels: {{{HEADLESS_LABEL}: \"\"}}"),
+                _ => String::new(),
             };
             let y = format!(
                 "apiVersion: v1\nkind: Service\nmetadata: {{name: s, namespace: n, {labels}}}\n{spec}\n"
@@ -1071,7 +1099,8 @@ endpoints:
     }
 
     /// healthCheckNodePorts and nodePorts come from one range, one Service each: the first
-    /// Service in namespace/name order keeps a port, the other is rejected whole, on every node.
+    /// Service (here: in namespace/name order, no creation times) keeps a port, the other is
+    /// rejected whole, on every node.
     /// Each row: rule, the other Service (name, spec), the error (object, field) or none, and
     /// which Service each health check port serves.
     #[test]
@@ -1216,6 +1245,196 @@ endpoints:
             t.errors[0].message,
             "port 32000 is already the healthCheckNodePort of Service default/a"
         );
+    }
+
+    /// The Service created first keeps a nodePort or healthCheckNodePort, whatever the name
+    /// order (the apiserver's allocator gave it to the first creator); equal or missing creation
+    /// times fall back to namespace/name, a missing one counting as the newest. TCP and UDP on
+    /// one nodePort number are two ports. Each row: rule, a's and the other Service's creation
+    /// time, the other's name and spec, and the rejected (object, field, message) or none.
+    #[test]
+    fn node_port_claims_go_to_the_oldest_service() {
+        let svc = |name: &str, created: Option<&str>, spec: &str| {
+            let ts = created
+                .map(|t| format!(", creationTimestamp: \"{t}\""))
+                .unwrap_or_default();
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default{ts}}}\nspec: {spec}\n"
+            )
+        };
+        const A: &str = "{type: NodePort, externalTrafficPolicy: Local, healthCheckNodePort: 32000, clusterIP: 198.18.100.90, ports: [{port: 80, nodePort: 30080}]}";
+        const SAME_NP: &str =
+            "{type: NodePort, clusterIP: 198.18.100.91, ports: [{port: 80, nodePort: 30080}]}";
+        const SAME_NP_UDP: &str = "{type: NodePort, clusterIP: 198.18.100.91, ports: [{port: 80, nodePort: 30080, protocol: UDP}]}";
+        const SAME_HC: &str = "{type: NodePort, externalTrafficPolicy: Local, healthCheckNodePort: 32000, clusterIP: 198.18.100.91, ports: [{port: 80, nodePort: 30081}]}";
+        const T1: Option<&str> = Some("2026-01-01T00:00:00Z");
+        const T2: Option<&str> = Some("2026-01-02T00:00:00Z");
+        type Row = (
+            &'static str,
+            Option<&'static str>,
+            Option<&'static str>,
+            &'static str,
+            &'static str,
+            Option<(&'static str, &'static str, &'static str)>,
+        );
+        let rows: &[Row] = &[
+            (
+                "same nodePort, the other created later though first by name",
+                T1,
+                T2,
+                "0b",
+                SAME_NP,
+                Some((
+                    "Service default/0b",
+                    "spec.ports[0].nodePort",
+                    "port 30080/TCP is already a nodePort of Service default/a",
+                )),
+            ),
+            (
+                "same nodePort, the other created earlier though later by name",
+                T2,
+                T1,
+                "b",
+                SAME_NP,
+                Some((
+                    "Service default/a",
+                    "spec.ports[0].nodePort",
+                    "port 30080/TCP is already a nodePort of Service default/b",
+                )),
+            ),
+            (
+                "same nodePort number, UDP: no conflict",
+                T1,
+                T2,
+                "0b",
+                SAME_NP_UDP,
+                None,
+            ),
+            (
+                "same nodePort number, UDP, created earlier: no conflict",
+                T2,
+                T1,
+                "b",
+                SAME_NP_UDP,
+                None,
+            ),
+            (
+                "same healthCheckNodePort, the other created later though first by name",
+                T1,
+                T2,
+                "0b",
+                SAME_HC,
+                Some((
+                    "Service default/0b",
+                    "spec.healthCheckNodePort",
+                    "port 32000 is already the healthCheckNodePort of Service default/a",
+                )),
+            ),
+            (
+                "same healthCheckNodePort, the other created earlier though later by name",
+                T2,
+                T1,
+                "b",
+                SAME_HC,
+                Some((
+                    "Service default/a",
+                    "spec.healthCheckNodePort",
+                    "port 32000 is already the healthCheckNodePort of Service default/b",
+                )),
+            ),
+            (
+                "the other has no creation time: it is the newest",
+                T1,
+                None,
+                "0b",
+                SAME_NP,
+                Some((
+                    "Service default/0b",
+                    "spec.ports[0].nodePort",
+                    "port 30080/TCP is already a nodePort of Service default/a",
+                )),
+            ),
+            (
+                "same creation time: name order",
+                T1,
+                T1,
+                "0b",
+                SAME_NP,
+                Some((
+                    "Service default/a",
+                    "spec.ports[0].nodePort",
+                    "port 30080/TCP is already a nodePort of Service default/0b",
+                )),
+            ),
+        ];
+        let no_addresses = Options {
+            node_addresses: vec![],
+            ..opts()
+        };
+        for o in [opts(), no_addresses] {
+            for (rule, a_created, created, name, spec, want) in rows {
+                let y = format!(
+                    "{}---\n{}",
+                    svc("a", *a_created, A),
+                    svc(name, *created, spec)
+                );
+                let t = translate(&objs(&y), &o);
+                let errors: Vec<(&str, &str, &str)> = t
+                    .errors
+                    .iter()
+                    .map(|e| (e.object.as_str(), e.field.as_str(), e.message.as_str()))
+                    .collect();
+                assert_eq!(errors, want.iter().copied().collect::<Vec<_>>(), "{rule}");
+                let programmed = |svc: &str| t.state.services.values().any(|d| d.service == svc);
+                let other = format!("default/{name}");
+                match want.map(|(obj, ..)| obj) {
+                    Some("Service default/a") => {
+                        assert!(!programmed("default/a") && programmed(&other), "{rule}")
+                    }
+                    Some(_) => assert!(programmed("default/a") && !programmed(&other), "{rule}"),
+                    None => {
+                        assert!(programmed("default/a") && programmed(&other), "{rule}");
+                        let np = |p| {
+                            t.state
+                                .services
+                                .keys()
+                                .filter(|f| f.port == 30080 && f.protocol == p)
+                                .count()
+                        };
+                        let want_each = o.node_addresses.len() * 2;
+                        assert_eq!(
+                            (np(Protocol::Tcp), np(Protocol::Udp)),
+                            (want_each, o.node_addresses.len()),
+                            "{rule}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// kube-proxy has no per-Service endpoint limit: 5,000 endpoints (five slices of 1,000, as
+    /// the EndpointSlice controller splits them) are all backends of the port.
+    #[test]
+    fn large_services_are_not_rejected() {
+        let mut y = String::from(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: big, namespace: default}\nspec: {clusterIP: 198.18.100.95, ports: [{port: 80, targetPort: 8080}]}\n",
+        );
+        for s in 0..5 {
+            y.push_str(&format!("---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: big-{s}, namespace: default, labels: {{kubernetes.io/service-name: big}}}}\naddressType: IPv4\nports: [{{port: 8080}}]\nendpoints:\n"));
+            for e in 0..1000u32 {
+                let n = s * 1000 + e;
+                y.push_str(&format!(
+                    "- addresses: [198.19.{}.{}]\n",
+                    100 + n / 250,
+                    1 + n % 250
+                ));
+            }
+        }
+        let t = translate(&objs(&y), &opts());
+        assert!(t.errors.is_empty(), "{:?}", t.errors);
+        let eps = &t.state.services[&fe("198.18.100.95", 80, Protocol::Tcp)].endpoints;
+        assert_eq!(eps.len(), 5_000);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The manifest source: Kubernetes YAML/JSON files or directories, reloaded when they change.
 use std::{
+    collections::BTreeMap,
     fs,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
@@ -11,13 +12,29 @@ use k8s_openapi::api::{
 };
 use serde::Deserialize;
 
-use crate::model::Inputs;
+use crate::{model::Inputs, report::SourceError};
 
-/// Objects read from the files, plus one message per document that could not be used.
+/// Objects read from the files, plus one error per document that could not be used.
 #[derive(Debug, Default)]
 pub struct Loaded {
     pub inputs: Inputs,
-    pub errors: Vec<String>,
+    pub errors: Vec<SourceError>,
+}
+
+fn path_error(p: &Path, message: String) -> SourceError {
+    SourceError {
+        file: p.display().to_string(),
+        message,
+        ..Default::default()
+    }
+}
+
+/// Where in the file: the document, and the line and column when the parser knows them.
+fn at(doc: &str, e: &serde_yaml::Error) -> String {
+    match e.location() {
+        Some(l) => format!("{doc}, line {} column {}", l.line(), l.column()),
+        None => doc.to_string(),
+    }
 }
 
 fn is_manifest(p: &Path) -> bool {
@@ -28,8 +45,8 @@ fn is_manifest(p: &Path) -> bool {
 }
 
 /// Every manifest file under `paths` (files as given, directories recursively), sorted.
-fn files(paths: &[PathBuf], errors: &mut Vec<String>) -> Vec<PathBuf> {
-    fn walk(p: &Path, out: &mut Vec<PathBuf>, errors: &mut Vec<String>) {
+fn files(paths: &[PathBuf], errors: &mut Vec<SourceError>) -> Vec<PathBuf> {
+    fn walk(p: &Path, out: &mut Vec<PathBuf>, errors: &mut Vec<SourceError>) {
         match fs::read_dir(p) {
             Ok(rd) => {
                 for e in rd.flatten() {
@@ -45,7 +62,7 @@ fn files(paths: &[PathBuf], errors: &mut Vec<String>) -> Vec<PathBuf> {
                     }
                 }
             }
-            Err(e) => errors.push(format!("{}: {e}", p.display())),
+            Err(e) => errors.push(path_error(p, e.to_string())),
         }
     }
     let mut out = Vec::new();
@@ -55,7 +72,7 @@ fn files(paths: &[PathBuf], errors: &mut Vec<String>) -> Vec<PathBuf> {
         } else if p.exists() {
             out.push(p.clone());
         } else {
-            errors.push(format!("{}: no such file or directory", p.display()));
+            errors.push(path_error(p, "no such file or directory".into()));
         }
     }
     out.sort();
@@ -69,18 +86,21 @@ pub fn parse_into(text: &str, origin: &str, loaded: &mut Loaded) {
         let value = match serde_yaml::Value::deserialize(doc) {
             Ok(v) => v,
             Err(e) => {
-                loaded
-                    .errors
-                    .push(format!("{origin}: document {i}: invalid YAML: {e}"));
+                loaded.errors.push(SourceError {
+                    file: origin.into(),
+                    object: String::new(),
+                    field: at(&format!("document {i}"), &e),
+                    message: format!("invalid YAML: {e}"),
+                });
                 // The stream cannot be resumed after a syntax error.
                 return;
             }
         };
-        add_value(value, &format!("{origin}: document {i}"), loaded);
+        add_value(value, origin, &format!("document {i}"), loaded);
     }
 }
 
-fn add_value(value: serde_yaml::Value, at: &str, loaded: &mut Loaded) {
+fn add_value(value: serde_yaml::Value, origin: &str, doc: &str, loaded: &mut Loaded) {
     if value.is_null() {
         return;
     }
@@ -95,7 +115,18 @@ fn add_value(value: serde_yaml::Value, at: &str, loaded: &mut Loaded) {
         .and_then(|n| n.as_str())
         .unwrap_or("<unnamed>")
         .to_string();
-    let bad = |e: serde_yaml::Error| format!("{at}: {kind} {name}: {e}");
+    let namespace = value
+        .get("metadata")
+        .and_then(|m| m.get("namespace"))
+        .and_then(|n| n.as_str())
+        .map(|n| format!("{n}/"))
+        .unwrap_or_default();
+    let bad = |e: serde_yaml::Error| SourceError {
+        file: origin.into(),
+        object: format!("{kind} {namespace}{name}"),
+        field: at(doc, &e),
+        message: e.to_string(),
+    };
     match kind.as_str() {
         "Service" => match serde_yaml::from_value::<Service>(value) {
             Ok(o) => loaded.inputs.services.push(o),
@@ -116,7 +147,7 @@ fn add_value(value: serde_yaml::Value, at: &str, loaded: &mut Loaded) {
         "List" | "ServiceList" | "EndpointSliceList" | "EndpointsList" => {
             if let Some(items) = value.get("items").and_then(|i| i.as_sequence()) {
                 for (j, item) in items.iter().enumerate() {
-                    add_value(item.clone(), &format!("{at} items[{j}]"), loaded);
+                    add_value(item.clone(), origin, &format!("{doc} items[{j}]"), loaded);
                 }
             }
         }
@@ -132,7 +163,12 @@ pub fn parse_documents(text: &str, origin: &str) -> Result<Inputs, String> {
     if l.errors.is_empty() {
         Ok(l.inputs)
     } else {
-        Err(l.errors.join("; "))
+        Err(l
+            .errors
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; "))
     }
 }
 
@@ -145,6 +181,8 @@ pub struct ManifestSource {
     paths: Vec<PathBuf>,
     /// `None` until the first load.
     fingerprint: Option<Vec<FileId>>,
+    /// Each file's objects as of its last version that parsed without an error.
+    last_good: BTreeMap<PathBuf, Inputs>,
 }
 
 impl ManifestSource {
@@ -152,10 +190,11 @@ impl ManifestSource {
         Self {
             paths,
             fingerprint: None,
+            last_good: BTreeMap::new(),
         }
     }
 
-    fn current_fingerprint(&self) -> (Vec<FileId>, Vec<String>) {
+    fn current_fingerprint(&self) -> (Vec<FileId>, Vec<SourceError>) {
         let mut errors = Vec::new();
         let fp = files(&self.paths, &mut errors)
             .into_iter()
@@ -168,6 +207,10 @@ impl ManifestSource {
     }
 
     /// Reloads everything if any file changed (or on the first call); `None` if unchanged.
+    ///
+    /// A file that stops parsing (an edit half-written, a typo) keeps its last good objects, so
+    /// its Services stay as they were and no other file is touched; its errors are reported.
+    /// A file that never parsed contributes what it could. A deleted file's objects go.
     pub fn poll(&mut self, force: bool) -> Option<Loaded> {
         let (fp, errors) = self.current_fingerprint();
         if !force && self.fingerprint.as_ref() == Some(&fp) {
@@ -177,12 +220,34 @@ impl ManifestSource {
             errors,
             ..Default::default()
         };
+        let mut last_good = BTreeMap::new();
         for (path, ..) in &fp {
+            let mut file = Loaded::default();
             match fs::read_to_string(path) {
-                Ok(text) => parse_into(&text, &path.display().to_string(), &mut loaded),
-                Err(e) => loaded.errors.push(format!("{}: {e}", path.display())),
+                Ok(text) => parse_into(&text, &path.display().to_string(), &mut file),
+                Err(e) => file.errors.push(path_error(path, e.to_string())),
             }
+            let inputs = if file.errors.is_empty() {
+                last_good.insert(path.clone(), file.inputs.clone());
+                file.inputs
+            } else if let Some(good) = self.last_good.remove(path) {
+                for e in &mut file.errors {
+                    e.message
+                        .push_str(" (serving the file's last good version)");
+                }
+                last_good.insert(path.clone(), good.clone());
+                good
+            } else {
+                file.inputs
+            };
+            let l = &mut loaded.inputs;
+            l.services.extend(inputs.services);
+            l.slices.extend(inputs.slices);
+            l.endpoints.extend(inputs.endpoints);
+            l.nodes.extend(inputs.nodes);
+            loaded.errors.extend(file.errors);
         }
+        self.last_good = last_good;
         self.fingerprint = Some(fp);
         Some(loaded)
     }
@@ -199,8 +264,21 @@ mod tests {
         parse_into(text, "f.yaml", &mut l);
         assert_eq!(l.inputs.services.len(), 1);
         assert_eq!(l.errors.len(), 1);
+        let e = &l.errors[0];
+        assert_eq!(
+            (e.file.as_str(), e.object.as_str(), e.field.as_str()),
+            ("f.yaml", "Service a", "document 0"),
+            "{e}"
+        );
+        let mut l = Loaded::default();
+        parse_into(
+            "kind: Service\nmetadata: {name: x\n  bad: [\n",
+            "g.yaml",
+            &mut l,
+        );
+        assert_eq!(l.errors.len(), 1);
         assert!(
-            l.errors[0].starts_with("f.yaml: document 0: Service a:"),
+            l.errors[0].field.starts_with("document 0, line "),
             "{}",
             l.errors[0]
         );
@@ -224,6 +302,72 @@ mod tests {
         assert_eq!(src.poll(false).unwrap().inputs.services.len(), 2);
         fs::remove_file(dir.join("a.yaml")).unwrap();
         assert_eq!(src.poll(false).unwrap().inputs.services.len(), 1);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The "bad input" rule: a file that stops parsing keeps its last good objects and is
+    /// reported; another file's edits still apply; deleting the broken file removes only its
+    /// objects.
+    #[test]
+    fn a_broken_file_keeps_its_last_good_objects() {
+        let dir = std::env::temp_dir().join(format!("pxmanifest-bad-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let svc = |name: &str, ip: &str| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: n}}\nspec: {{clusterIP: {ip}, ports: [{{port: 80}}]}}\n"
+            )
+        };
+        let ips = |l: &Loaded| -> Vec<String> {
+            let mut v: Vec<String> = l
+                .inputs
+                .services
+                .iter()
+                .filter_map(|s| s.spec.as_ref()?.cluster_ip.clone())
+                .collect();
+            v.sort();
+            v
+        };
+        fs::write(dir.join("a.yaml"), svc("a", "198.18.100.1")).unwrap();
+        fs::write(dir.join("b.yaml"), svc("b", "198.18.100.2")).unwrap();
+        let mut src = ManifestSource::new(vec![dir.clone()]);
+        assert!(src.poll(false).unwrap().errors.is_empty());
+        // a.yaml half-written (a syntax error), b.yaml edited meanwhile.
+        fs::write(
+            dir.join("a.yaml"),
+            "apiVersion: v1\nkind: Service\nmetadata: {name: a\n",
+        )
+        .unwrap();
+        fs::write(dir.join("b.yaml"), svc("b", "198.18.100.3")).unwrap();
+        let l = src.poll(false).unwrap();
+        assert_eq!(ips(&l), ["198.18.100.1", "198.18.100.3"]);
+        assert_eq!(l.errors.len(), 1, "{:?}", l.errors);
+        assert!(l.errors[0].file.ends_with("a.yaml"), "{}", l.errors[0]);
+        assert!(
+            l.errors[0].message.contains("last good version"),
+            "{}",
+            l.errors[0]
+        );
+        // A bad field in a file that parsed before: the same.
+        fs::write(
+            dir.join("a.yaml"),
+            "apiVersion: v1\nkind: Service\nmetadata: {name: a, namespace: n}\nspec: {ports: [{port: eighty}]}\n",
+        )
+        .unwrap();
+        let l = src.poll(false).unwrap();
+        assert_eq!(ips(&l), ["198.18.100.1", "198.18.100.3"]);
+        assert_eq!(l.errors[0].object, "Service n/a");
+        // Fixed: the new version; deleted: only its objects go.
+        fs::write(dir.join("a.yaml"), svc("a", "198.18.100.4")).unwrap();
+        let l = src.poll(false).unwrap();
+        assert_eq!(
+            (ips(&l), l.errors.len()),
+            (
+                vec!["198.18.100.3".to_string(), "198.18.100.4".to_string()],
+                0
+            )
+        );
+        fs::remove_file(dir.join("a.yaml")).unwrap();
+        assert_eq!(ips(&src.poll(false).unwrap()), ["198.18.100.3"]);
         fs::remove_dir_all(&dir).unwrap();
     }
 }
