@@ -87,8 +87,6 @@ pub mod limits {
     /// kernel's default ephemeral range (32768-60999) and the NodePort range.
     pub const SNAT_PORT_MIN: u16 = 61_000;
     pub const SNAT_PORT_COUNT: u16 = 4_536;
-    /// Backends of one Service port (one slot each).
-    pub const MAX_BACKENDS_PER_SERVICE: u32 = 4_096;
 }
 
 pub const AF_INET: u8 = 2;
