@@ -462,6 +462,7 @@ fn an_ipv6_source_range_survives_a_restart() {
     assert_eq!(w.sync(&want).writes, 0, "nothing to rewrite");
     w.reread().unwrap();
     assert_eq!(held(&w), expected, "still in the trie");
+}
 
 /// Issue 16 bug 7: a frontend with 5,000 backends is programmed whole (5,000 slots, the
 /// datapath picks `hash % count`); Maglev with more backends than table slots falls back to the
